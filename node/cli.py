@@ -1,0 +1,364 @@
+"""`nodectl`: set up a node, run the daemon, and ask it about the cluster.
+
+Client commands find the daemon like Ollama's `OLLAMA_HOST`: `--host HOST:PORT`,
+else `$ENJAMBRE_HOST`, else the API address in the config (`--config`,
+`$ENJAMBRE_CONFIG`, default path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node import __version__
+
+DEFAULT_API = ("127.0.0.1", 7422)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 1."""
+
+
+# ---------------------------------------------------------------------------- init / secret
+
+
+def _secret_text(args: argparse.Namespace) -> tuple[str, bool]:
+    """The cluster secret text for init, and whether it is new."""
+    from node.identity import IdentityError, generate_secret, parse_secret
+
+    if args.new_cluster:
+        return generate_secret(), True
+    if args.secret_file:
+        try:
+            text = Path(args.secret_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot read secret file {args.secret_file}: {exc.strerror}") from None
+        origin = str(args.secret_file)
+    elif os.environ.get("ENJAMBRE_SECRET"):
+        text, origin = os.environ["ENJAMBRE_SECRET"], "$ENJAMBRE_SECRET"
+    else:
+        raise CliError(
+            "say which cluster this node joins: --new-cluster for the first machine, or "
+            "--secret-file FILE (or $ENJAMBRE_SECRET) holding the secret another node printed"
+        )
+    try:
+        parse_secret(text)
+    except IdentityError as exc:
+        raise CliError(f"{origin}: {exc}") from None
+    return text.strip(), False
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, default_data_dir, load_config, parse_hostport, render_config, write_config
+    from node.identity import NodeKey, write_secret_file
+
+    config_path = Path(args.config or _default_config_path()).expanduser().absolute()
+    if config_path.exists() and not args.force:
+        raise CliError(f"{config_path} already exists; use --force to overwrite it (the node keeps its key)")
+    secret, is_new = _secret_text(args)
+    for hp in args.bootstrap:
+        try:
+            parse_hostport(hp)
+        except (ConfigError, ValueError) as exc:
+            raise CliError(f"--bootstrap {hp}: {exc}") from None
+    data_dir = Path(args.data_dir).expanduser().absolute() if args.data_dir else default_data_dir()
+    secret_path = config_path.parent / "cluster.secret"
+    key_path = data_dir / "node.key"
+    values: dict[str, dict[str, Any]] = {
+        "node": {"name": args.name or socket.gethostname(), "data_dir": str(data_dir), "key_file": str(key_path)},
+        "cluster": {"secret_file": str(secret_path)},
+        "network": {
+            "listen": args.listen, "peer_port": args.peer_port, "dht_port": args.dht_port,
+            "bootstrap": list(args.bootstrap), "discovery": not args.no_discovery,
+        },
+        "api": {"host": args.api_host, "port": args.api_port},
+    }
+    if args.max_memory:
+        values["resources"] = {"max_memory": args.max_memory}
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_secret_file(secret_path, secret)
+    if key_path.exists():
+        key = NodeKey.load(key_path)
+    else:
+        key = NodeKey.generate()
+        key.save(key_path)
+    write_config(config_path, render_config(values))
+    try:
+        load_config(config_path)
+    except ConfigError as exc:  # a flag value the schema refuses
+        config_path.unlink()
+        raise CliError(str(exc)) from None
+    print(f"config:  {config_path}")
+    print(f"node id: {key.node_id}")
+    if is_new:
+        print("\nNew cluster secret (copy it to every other machine of this cluster, e.g. into a file, then run")
+        print("`nodectl init --secret-file FILE` there; `nodectl secret` prints it again):\n")
+        print(f"    {secret}\n")
+    print(f"start the node with: nodectl serve --config {config_path}")
+    return 0
+
+
+def _default_config_path() -> Path:
+    from node.config import default_config_path
+
+    return default_config_path()
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from node.config import ConfigError, load_config
+
+    path = Path(args.config or _default_config_path()).expanduser()
+    if not path.exists():
+        raise CliError(f"no config at {path}; create one with `nodectl init` (or pass --config)")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    from node.identity import IdentityError, format_secret, read_secret_file
+
+    cfg = _load(args)
+    try:
+        print(format_secret(read_secret_file(cfg.cluster.secret_file)))
+    except IdentityError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.daemon import Daemon, DaemonError
+    from node.logs import configure_logging
+
+    cfg = _load(args)
+    configure_logging(args.log_level or cfg.log.level, cfg.log.format)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        runner = asyncio.run
+    daemon = Daemon(cfg)
+    try:
+        runner(daemon.run_until_signalled())
+    except DaemonError as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from node import service
+
+    return service.main(args.service_args)
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
+    """(host, port, token) of the daemon to talk to."""
+    from node.config import parse_hostport
+
+    token = args.token or os.environ.get("ENJAMBRE_TOKEN")
+    explicit = args.host or os.environ.get("ENJAMBRE_HOST")
+    if explicit:
+        text = explicit.removeprefix("http://")
+        try:
+            host, port = parse_hostport(text, default_port=DEFAULT_API[1])
+        except ValueError as exc:
+            raise CliError(f"bad daemon address {explicit!r}: {exc}") from None
+        return host, port, token
+    path = Path(args.config or _default_config_path()).expanduser()
+    if not path.exists():
+        return DEFAULT_API[0], DEFAULT_API[1], token
+    cfg = _load(args)
+    host, port = cfg.api.host, cfg.api.port
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if port == 0:  # the daemon picked a port and wrote it down
+        from node.daemon import read_runtime
+
+        runtime = read_runtime(cfg.node.data_dir) or {}
+        port = int(runtime.get("api_port", 0))
+    if token is None and cfg.api.token_file is not None:
+        try:
+            token = Path(cfg.api.token_file).read_text().strip()
+        except OSError:
+            token = None
+    return host, port, token
+
+
+def _call(args: argparse.Namespace, method: str, path: str) -> Any:
+    host, port, token = _api_address(args)
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    not_running = (
+        f"no enjambre daemon is answering at {shown}; start one with `nodectl serve` "
+        "(or `systemctl start enjambre`), or point --host / $ENJAMBRE_HOST at a running one"
+    )
+    if port == 0:
+        raise CliError(not_running)
+    req = urllib.request.Request(f"http://{shown}{path}", method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise CliError(f"daemon at {shown} answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ConnectionRefusedError | FileNotFoundError):
+            raise CliError(not_running) from None
+        raise CliError(f"{not_running} ({reason})") from None
+
+
+def _gib(n: Any) -> str:
+    return f"{float(n) / 2**30:.1f}" if isinstance(n, int | float) else "?"
+
+
+def _ago(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    return "now" if seconds < 1 else f"{seconds:.0f}s ago"
+
+
+def render_status(data: dict[str, Any]) -> str:
+    nodes = data.get("nodes", [])
+    header = ["", "NAME", "ID", "ADDRESS", "STATE", "DEVICE", "MEMORY GiB used/allowed/total", "TFLOPS", "SEEN"]
+    rows = [header]
+    for n in nodes:
+        addr = (n.get("addresses") or ["?"])[0]
+        rows.append([
+            "*" if n.get("id") == data.get("self") else "",
+            str(n.get("name", "?")),
+            str(n.get("id", ""))[:12],
+            f"{addr}:{n.get('peer_port', '?')}",
+            str(n.get("state", "?")),
+            str(n.get("device", "?"))[:32],
+            f"{_gib(n.get('memory_used'))} / {_gib(n.get('memory_allowed'))} / {_gib(n.get('memory_total'))}",
+            f"{float(n.get('tflops', 0.0)):.2f}",
+            _ago(n.get("last_seen_s")),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    mem_allowed = sum(float(n.get("memory_allowed", 0)) for n in nodes)
+    mem_total = sum(float(n.get("memory_total", 0)) for n in nodes)
+    tflops = sum(float(n.get("tflops", 0.0)) for n in nodes)
+    lines.append("")
+    lines.append(
+        f"cluster {data.get('cluster', '?')}: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
+        f"{_gib(mem_allowed)} GiB allowed of {_gib(mem_total)} GiB, {tflops:.2f} TFLOPS  (* = this node)"
+    )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = _call(args, "GET", "/api/cluster/status")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(render_status(data))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    data = _call(args, "POST", f"/api/cluster/ping/{args.node_id}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{data['name']} ({data['id'][:12]}) at {data['address']}: "
+              f"connect {data['connect_ms']:.2f} ms, round trip {data['rtt_ms']:.2f} ms over mutual TLS")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nodectl", description="enjambre: one private LLM server from the machines on your LAN")
+    p.add_argument("--version", action="version", version=f"enjambre {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="node config (default $ENJAMBRE_CONFIG or ~/.config/enjambre/node.toml)")
+
+    def client(sp: argparse.ArgumentParser) -> None:
+        with_config(sp)
+        sp.add_argument("--host", help="daemon API as HOST:PORT (default $ENJAMBRE_HOST, else the config's)")
+        sp.add_argument("--token", help="API bearer token (default $ENJAMBRE_TOKEN, else the config's token_file)")
+        sp.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the daemon")
+        sp.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("init", help="write this node's config and key")
+    with_config(s)
+    s.add_argument("--data-dir", help="where the node keeps its key and pieces")
+    s.add_argument("--name", help="a name for this node (default: host name)")
+    s.add_argument("--listen", default="127.0.0.1", help="address this node binds and advertises to peers")
+    s.add_argument("--peer-port", type=int, default=7420, help="TCP port for encrypted node-to-node streams")
+    s.add_argument("--dht-port", type=int, default=7421, help="UDP port for the DHT")
+    s.add_argument("--api-host", default="127.0.0.1", help="address of the local HTTP API")
+    s.add_argument("--api-port", type=int, default=7422, help="port of the local HTTP API")
+    s.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
+                   help="another node's DHT address (its --listen and --dht-port); repeatable")
+    s.add_argument("--no-discovery", action="store_true", help="do not use the LAN multicast beacon")
+    s.add_argument("--max-memory", help='memory this node may use, e.g. "8GiB" (default: a safe share of free memory)')
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--new-cluster", action="store_true", help="start a new cluster and print its secret")
+    group.add_argument("--secret-file", help="file holding the secret of the cluster to join")
+    s.add_argument("--force", action="store_true", help="overwrite an existing config")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("secret", help="print the cluster secret, to copy it to another machine")
+    with_config(s)
+    s.set_defaults(func=cmd_secret)
+
+    s = sub.add_parser("serve", help="run the node daemon in the foreground")
+    with_config(s)
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("status", help="show the cluster")
+    client(s)
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("ping", help="measure the encrypted round trip to another node")
+    client(s)
+    s.add_argument("node_id", help="node id or a unique prefix (see `nodectl status`)")
+    s.set_defaults(func=cmd_ping)
+
+    s = sub.add_parser("service", help="install the systemd unit or launchd agent")
+    s.add_argument("service_args", nargs=argparse.REMAINDER, help="arguments for the installer (try: install --help)")
+    s.set_defaults(func=cmd_service)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"nodectl: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
