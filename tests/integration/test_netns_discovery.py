@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from nsutil import Host, bridged_hosts, netns_unusable_reason
 
 from node.identity import generate_secret
 
@@ -68,97 +68,50 @@ NODE_CODE = textwrap.dedent(
 ) % {"n": N}
 
 
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=20)
-
-
-def _netns_usable() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs the `ip` command (iproute2)"
-    probe = f"enjprobe{os.getpid()}"
-    try:
-        _run("ip", "netns", "add", probe)
-        _run("ip", "netns", "del", probe)
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"`ip netns` does not work here ({exc})"
-    return None
-
-
 def test_beacon_discovery_and_dht_across_namespaces() -> None:
-    reason = _netns_usable()
+    reason = netns_unusable_reason()
     if reason is not None:
         pytest.skip(reason)
-    tag = f"{os.getpid() % 100000}"
-    hub = f"enjhub{tag}"
-    spaces = [f"enjn{i}x{tag}" for i in range(N)]
     procs: list[subprocess.Popen[str]] = []
-    created: list[str] = []
-    try:
-        _run("ip", "netns", "add", hub)
-        created.append(hub)
-        _run("ip", "-n", hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        _run("ip", "-n", hub, "link", "set", "br0", "up")
-        for i, ns in enumerate(spaces):
-            _run("ip", "netns", "add", ns)
-            created.append(ns)
-            _run("ip", "-n", hub, "link", "add", f"p{i}", "type", "veth", "peer", "name", f"v{i}")
-            _run("ip", "-n", hub, "link", "set", f"p{i}", "master", "br0")
-            _run("ip", "-n", hub, "link", "set", f"p{i}", "up")
-            _run("ip", "-n", hub, "link", "set", f"v{i}", "netns", ns)
-            _run("ip", "-n", ns, "addr", "add", f"10.77.0.{i + 1}/24", "dev", f"v{i}")
-            _run("ip", "-n", ns, "link", "set", f"v{i}", "up")
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        env = {**os.environ, "ENJ_SECRET": generate_secret(), "PYTHONPATH": str(ROOT)}
-        for i, ns in enumerate(spaces):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        ns,
-                        sys.executable,
-                        "-c",
-                        NODE_CODE,
-                        str(i),
-                        f"10.77.0.{i + 1}",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
-                )
+    with bridged_hosts(N, "10.77.0", "d") as hosts:
+        try:
+            _run_nodes(hosts, procs)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    try:
+                        if proc.stdin is not None:
+                            proc.stdin.close()
+                        proc.wait(timeout=5)
+                    except (subprocess.TimeoutExpired, OSError):
+                        proc.kill()
+                        proc.wait(timeout=5)
+
+
+def _run_nodes(hosts: list[Host], procs: list[subprocess.Popen[str]]) -> None:
+    env = {**os.environ, "ENJ_SECRET": generate_secret(), "PYTHONPATH": str(ROOT)}
+    for i, host in enumerate(hosts):
+        procs.append(
+            subprocess.Popen(
+                host.command(sys.executable, "-c", NODE_CODE, str(i), host.address),
+                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True,
             )
-        results = []
-        for proc in procs:
-            assert proc.stdout is not None
-            # Logs go to stdout too; the result is the line marked RESULT.
-            for line in proc.stdout:
-                if line.startswith("RESULT "):
-                    results.append(json.loads(line[len("RESULT ") :]))
-                    break
-            else:
-                raise AssertionError("a namespace node exited without a result")
-        ids = sorted(r["node_id"] for r in results)
-        for r in results:
-            assert r["ok"], f"node {r['node']} did not discover the others"
-            assert r["members"] == ids
-            assert r["greetings"] == [f"from {i}" for i in range(N)]
-            assert r["beacon"]["peers_seen"] == N - 1
-            assert r["peers"] == N - 1
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                try:
-                    if proc.stdin is not None:
-                        proc.stdin.close()
-                    proc.wait(timeout=5)
-                except (subprocess.TimeoutExpired, OSError):
-                    proc.kill()
-                    proc.wait(timeout=5)
-        for ns in reversed(created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        )
+    results = []
+    for proc in procs:
+        assert proc.stdout is not None
+        # Logs go to stdout too; the result is the line marked RESULT.
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                results.append(json.loads(line[len("RESULT ") :]))
+                break
+        else:
+            raise AssertionError("a namespace node exited without a result")
+    ids = sorted(r["node_id"] for r in results)
+    for r in results:
+        assert r["ok"], f"node {r['node']} did not discover the others"
+        assert r["members"] == ids
+        assert r["greetings"] == [f"from {i}" for i in range(N)]
+        assert r["beacon"]["peers_seen"] == N - 1
+        assert r["peers"] == N - 1

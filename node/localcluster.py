@@ -1,0 +1,203 @@
+"""Several real daemons on this machine, on loopback: the demo and the integration tests.
+
+Each node gets its own config, key and data dir under one root, every port is
+picked by the OS (port 0) and read back from the daemon's runtime file, and
+every node after the first bootstraps from the first node's DHT address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.daemon import read_runtime
+
+
+class ClusterTimeout(TimeoutError):
+    pass
+
+
+@dataclass
+class LocalNode:
+    index: int
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Any = None
+    node_id: str = ""
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "node.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def api(self) -> str:
+        return f"127.0.0.1:{self.runtime['api_port']}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+
+class LocalCluster:
+    """Start, stop and query N daemons on 127.0.0.1 (always `close()` it)."""
+
+    def __init__(self, root: Path, *, python: str = sys.executable, env: dict[str, str] | None = None,
+                 refresh_interval: float = 1.0, record_ttl: float = 6.0, name_prefix: str = "node") -> None:
+        self.root = Path(root)
+        self.python = python
+        self.env = {**os.environ, **(env or {})}
+        self.refresh_interval = refresh_interval
+        self.record_ttl = record_ttl
+        self.name_prefix = name_prefix
+        self.nodes: list[LocalNode] = []
+        self.secret_file = self.root / "cluster.secret.txt"
+
+    # ------------------------------------------------------------------ setup
+
+    def _nodectl(self, *args: str) -> str:
+        out = subprocess.run([self.python, "-m", "node.cli", *args], env=self.env, capture_output=True,
+                             text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"nodectl {args[0]} failed: {out.stderr.strip()}")
+        return out.stdout
+
+    def add_node(self, *, secret_file: Path | None = None, bootstrap: list[str] | None = None) -> LocalNode:
+        node = LocalNode(index=len(self.nodes), root=self.root / f"{self.name_prefix}{len(self.nodes)}")
+        node.root.mkdir(parents=True, exist_ok=True)
+        if bootstrap is None and self.nodes:
+            first = self.nodes[0]
+            bootstrap = [f"127.0.0.1:{first.runtime['dht_port']}"]
+        args = ["init", "--config", str(node.config), "--data-dir", str(node.data_dir),
+                "--name", f"{self.name_prefix}{node.index}", "--listen", "127.0.0.1",
+                "--peer-port", "0", "--dht-port", "0", "--api-port", "0", "--no-discovery",
+                "--max-memory", "1GiB"]
+        for b in bootstrap or []:
+            args += ["--bootstrap", b]
+        own_secret = secret_file or (self.secret_file if self.secret_file.exists() else None)
+        if own_secret is None:
+            args.append("--new-cluster")
+        else:
+            args += ["--secret-file", str(own_secret)]
+        self._nodectl(*args)
+        if own_secret is None:
+            secret = self._nodectl("secret", "--config", str(node.config)).strip()
+            self.secret_file.write_text(secret + "\n")
+            self.secret_file.chmod(0o600)
+        with node.config.open("a") as f:
+            f.write(f"\n[dht]\nrefresh_interval = {self.refresh_interval}\nrecord_ttl = {self.record_ttl}\n")
+        self.nodes.append(node)
+        return node
+
+    def start(self, node: LocalNode, *, timeout: float = 60.0) -> None:
+        (node.data_dir / "daemon.json").unlink(missing_ok=True)
+        node.log = node.log_path.open("ab")
+        node.proc = subprocess.Popen(
+            [self.python, "-m", "node.cli", "serve", "--config", str(node.config)],
+            stdout=node.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"node {node.index} exited ({node.proc.returncode}):\n{self.tail(node)}")
+            runtime = read_runtime(node.data_dir)
+            if runtime and runtime.get("pid") == node.proc.pid:
+                node.runtime = runtime
+                node.node_id = str(runtime["node_id"])
+                with contextlib.suppress(OSError, ValueError):
+                    if self.get(node, "/healthz").get("state") == "ready":
+                        return
+            time.sleep(0.1)
+        raise ClusterTimeout(f"node {node.index} did not become ready in {timeout:.0f}s:\n{self.tail(node)}")
+
+    def launch(self, n: int, *, timeout: float = 90.0) -> list[LocalNode]:
+        """Create and start n nodes (the first one bootstraps the others)."""
+        first = self.add_node()
+        self.start(first, timeout=timeout)
+        rest = [self.add_node() for _ in range(n - 1)]
+        for node in rest:
+            self.start(node, timeout=timeout)
+        return self.nodes
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self, node: LocalNode, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if node.proc is None:
+            return None
+        if node.proc.poll() is None:
+            node.proc.send_signal(sig)
+        try:
+            code = node.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            code = node.proc.wait(5)
+        if node.log is not None:
+            node.log.close()
+        node.proc = None
+        return code
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            self.stop(node, timeout=10)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, node: LocalNode, path: str, *, method: str = "GET", timeout: float = 10.0) -> Any:
+        req = urllib.request.Request(f"http://{node.api}{path}", method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def status(self, node: LocalNode) -> dict[str, Any]:
+        return dict(self.get(node, "/api/cluster/status"))
+
+    def seen_by(self, node: LocalNode) -> set[str]:
+        return {n["id"] for n in self.status(node)["nodes"]}
+
+    def wait_until(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except (OSError, ValueError, KeyError) as exc:
+                last = exc
+            time.sleep(0.25)
+        raise ClusterTimeout(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+
+    def wait_converged(self, nodes: list[LocalNode] | None = None, timeout: float = 60.0) -> None:
+        """Until every running node sees exactly the running nodes."""
+        live = [n for n in (nodes or self.nodes) if n.proc is not None]
+        want = {n.node_id for n in live}
+        self.wait_until(lambda: all(self.seen_by(n) == want for n in live), timeout,
+                        f"{len(live)} nodes to see each other")
+
+    @staticmethod
+    def tail(node: LocalNode, lines: int = 30) -> str:
+        try:
+            return "\n".join(node.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

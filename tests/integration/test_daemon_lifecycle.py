@@ -1,0 +1,99 @@
+"""One real daemon: readiness, systemd notifications, the data-dir lock, clean stop, the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from node.identity import generate_secret, write_secret_file
+from node.localcluster import LocalCluster
+
+
+def _nodectl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_notify_lock_and_clean_stop(cluster: LocalCluster, tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    cluster.env["NOTIFY_SOCKET"] = str(sock_path)
+    try:
+        node = cluster.add_node()
+        cluster.start(node)
+        assert b"READY=1" in sock.recv(4096)
+
+        # A second daemon on the same config and data dir refuses to start.
+        second = _nodectl("serve", "--config", str(node.config))
+        assert second.returncode == 1
+        assert "already running" in second.stderr and str(node.proc.pid) in second.stderr  # type: ignore[union-attr]
+
+        t0 = time.monotonic()
+        assert cluster.stop(node, signal.SIGTERM) == 0
+        assert time.monotonic() - t0 < 10
+        messages = b""
+        while b"STOPPING=1" not in messages:
+            messages += sock.recv(4096)
+        assert not (node.data_dir / "daemon.json").exists()
+        # Everything was released: the same node starts again with the same id.
+        old_id = node.node_id
+        cluster.start(node)
+        assert node.node_id == old_id
+    finally:
+        sock.close()
+
+
+def test_api_errors_are_json(cluster: LocalCluster) -> None:
+    (node,) = cluster.launch(1)
+    for method, path, code in [
+        ("GET", "/api/nope", 404),
+        ("GET", "/api/cluster/ping/abcd", 405),
+        ("POST", "/api/cluster/ping/zz-not-hex", 400),
+        ("POST", "/api/cluster/ping/abcdef", 404),
+    ]:
+        req = urllib.request.Request(f"http://{node.api}{path}", method=method)
+        try:
+            urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == code, (path, exc.code)
+            assert "error" in json.loads(exc.read())
+        else:
+            raise AssertionError(f"{method} {path} should fail")
+    metrics = urllib.request.urlopen(f"http://{node.api}/metrics", timeout=10).read().decode()
+    assert "# TYPE enjambre_peers_known gauge" in metrics
+
+
+def test_ping_over_mutual_tls(cluster: LocalCluster) -> None:
+    a, b = cluster.launch(2)
+    cluster.wait_converged(timeout=60)
+    out = _nodectl("ping", b.node_id[:10], "--json", env={"ENJAMBRE_CONFIG": str(a.config)})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["id"] == b.node_id and data["name"] == "node1"
+    assert data["rtt_ms"] > 0
+
+
+def test_status_without_daemon_says_how_to_start(tmp_path: Path) -> None:
+    out = _nodectl("status", "--host", "127.0.0.1:9")
+    assert out.returncode == 1
+    assert "nodectl serve" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_broken_config_is_refused_clearly(tmp_path: Path) -> None:
+    secret = tmp_path / "cluster.secret"
+    write_secret_file(secret, generate_secret())
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[cluster]\nsecret_file = "{secret}"\n[network]\npeer_port = "seven"\n')
+    out = _nodectl("serve", "--config", str(cfg))
+    assert out.returncode == 1
+    assert "peer_port" in out.stderr and "Traceback" not in out.stderr
