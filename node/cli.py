@@ -58,7 +58,14 @@ def _secret_text(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, default_data_dir, load_config, parse_hostport, render_config, write_config
+    from node.config import (
+        ConfigError,
+        default_data_dir,
+        load_config,
+        parse_hostport,
+        render_config,
+        write_config,
+    )
     from node.identity import NodeKey, write_secret_file
 
     config_path = Path(args.config or _default_config_path()).expanduser().absolute()
