@@ -1,0 +1,104 @@
+"""JAX inference engine: runs a contiguous range of a model's transformer layers.
+
+No networking here; the pipeline calls these public functions:
+
+- ``load_config(model_dir) -> ModelConfig`` (or ``parse_config(dict)``): validate config.json.
+- ``WeightSource.from_dir(model_dir)`` / ``WeightSource.from_reader(read_range, files)``:
+  tensors read lazily through ``read_range(file_name, offset, length) -> bytes``.
+- ``load_partition(source, config, PartitionSpec(start, end, has_embedding, has_head),
+  dtype=None, max_context=4096, prefill_chunk=512) -> Partition``: reads only that
+  partition's tensors. ``split_layers(num_layers, k)`` gives k contiguous specs.
+- New session: ``cache = partition.new_cache(slots)``; a cache holds ``slots`` sessions,
+  each session owns one slot index.
+- Prefill: ``cache, out = partition.prefill(cache, inputs, start_pos=0, slot=s)``;
+  inputs are token ids [n] on the first partition, hidden states [n, hidden] elsewhere;
+  out is hidden [n, hidden], or on the last partition float32 logits [vocab] of the last
+  prompt position. Long prompts run in chunks padded to power-of-two buckets.
+- Decode step: ``cache, out = partition.decode(cache, inputs, positions)`` advances every
+  slot at once: inputs [slots] token ids or [slots, hidden]; positions [slots], -1 for
+  idle slots; out [slots, hidden] or logits [slots, vocab]. The cache passed in is
+  donated: always continue with the returned one.
+- Sample: ``SamplerState(SamplingParams(...), vocab_size)`` per session, then
+  ``tokens, logprobs = sample_batch(logits[B, V], states)``; ``state.is_stop(token)``.
+- Memory needed: ``memory_needed(config, start, end, has_embedding, has_head, dtype,
+  context, batch) -> bytes`` (weights in dtype + KV cache).
+- In-process chains: ``load_chain(source, config, specs)`` and ``generate(chain, prompt,
+  sampling, max_tokens)`` yield (token, logprob).
+- ``enable_compilation_cache(directory)``: persist compiled steps across processes.
+
+Errors a user can cause are ``EngineError`` subclasses: ConfigError, UnsupportedModelError,
+WeightsError, MissingTensorError, ShapeMismatchError, ContextOverflowError,
+PartitionError, SamplingError.
+"""
+
+from __future__ import annotations
+
+import os
+
+from node.engine.cache import KVCache
+from node.engine.config import (
+    ConfigError,
+    ContextOverflowError,
+    EngineError,
+    MissingTensorError,
+    ModelConfig,
+    PartitionError,
+    ShapeMismatchError,
+    UnsupportedModelError,
+    WeightsError,
+    load_config,
+    parse_config,
+)
+from node.engine.memory import memory_needed, partition_param_count
+from node.engine.model import Chain, Partition, generate, load_chain, load_partition
+from node.engine.sampling import (
+    Categorical,
+    Greedy,
+    SamplerState,
+    SamplingError,
+    SamplingParams,
+    sample_batch,
+)
+from node.engine.weights import PartitionSpec, ReadRange, WeightSource, split_layers
+
+
+def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
+    """Persist XLA compilations in `directory` so later processes skip recompiling."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+__all__ = [
+    "Categorical",
+    "Chain",
+    "ConfigError",
+    "ContextOverflowError",
+    "EngineError",
+    "Greedy",
+    "KVCache",
+    "MissingTensorError",
+    "ModelConfig",
+    "Partition",
+    "PartitionError",
+    "PartitionSpec",
+    "ReadRange",
+    "SamplerState",
+    "SamplingError",
+    "SamplingParams",
+    "ShapeMismatchError",
+    "UnsupportedModelError",
+    "WeightSource",
+    "WeightsError",
+    "enable_compilation_cache",
+    "generate",
+    "load_chain",
+    "load_config",
+    "load_partition",
+    "memory_needed",
+    "parse_config",
+    "partition_param_count",
+    "sample_batch",
+    "split_layers",
+]

@@ -1,0 +1,272 @@
+"""Model configuration: Hugging Face config.json -> a validated, hashable ModelConfig.
+
+Owns the engine's error types too, since every later stage (weights, model, sampling)
+reports problems through them. Every architectural number the engine uses comes from
+the checkpoint's config.json; the only defaults are the ones transformers itself applies
+when a key is absent (documented next to each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on bad input."""
+
+
+class ConfigError(EngineError):
+    """config.json is missing, malformed, or lacks a key the engine needs."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The architecture or one of its features is not implemented by this engine."""
+
+
+class WeightsError(EngineError):
+    """A safetensors file is malformed or does not match the config."""
+
+
+class MissingTensorError(WeightsError):
+    """A tensor the partition needs is in no safetensors file."""
+
+
+class ShapeMismatchError(WeightsError):
+    """A tensor's shape disagrees with what the config implies."""
+
+
+class ContextOverflowError(EngineError):
+    """A prompt or generation would run past the session's context length."""
+
+
+class PartitionError(EngineError):
+    """A partition's layer range or flags are invalid, or it was fed the wrong input."""
+
+
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+_MODEL_TYPES = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (rope_scaling / rope_parameters)."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 1.0
+    original_max_position_embeddings: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one decoder-only transformer, as the engine runs it.
+
+    Frozen and hashable so it can be a static argument of jitted functions: one
+    compilation serves every partition and session of the same model shape.
+    """
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies (float32, length head_dim/2), scaling applied as transformers does."""
+        dim = self.head_dim
+        inv = 1.0 / (
+            self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+        )
+        rs = self.rope_scaling
+        if rs is None or rs.rope_type == "default":
+            return inv.astype(np.float32)
+        if rs.rope_type == "linear":
+            return (inv / rs.factor).astype(np.float32)
+        # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
+        old_ctx = rs.original_max_position_embeddings
+        low_wavelen = old_ctx / rs.low_freq_factor
+        high_wavelen = old_ctx / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (old_ctx / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _require(raw: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in raw or raw[key] is None:
+        raise ConfigError(
+            f"config.json has no {key!r}; the engine needs it to build the model. "
+            "Use the config.json that came with the checkpoint."
+        )
+    value = raw[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"config.json key {key!r} should be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _parse_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers < 5 writes rope_theta + rope_scaling; 5.x writes rope_parameters
+    # (with rope_theta inside). Read both spellings, the newer one winning.
+    params = raw.get("rope_parameters")
+    scaling = raw.get("rope_scaling")
+    source = params if isinstance(params, Mapping) else scaling
+    theta_raw = None
+    if isinstance(params, Mapping):
+        theta_raw = params.get("rope_theta")
+    if theta_raw is None:
+        theta_raw = raw.get("rope_theta")
+    # transformers' default when a config omits it (early Llama configs do).
+    theta = 10000.0 if theta_raw is None else float(theta_raw)
+    if source is None:
+        return theta, None
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"config.json rope_scaling should be an object, got {source!r}")
+    rope_type = source.get("rope_type", source.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE scaling type {rope_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return theta, None
+    try:
+        factor = float(source["factor"])
+        if rope_type == "linear":
+            return theta, RopeScaling("linear", factor=factor)
+        return theta, RopeScaling(
+            "llama3",
+            factor=factor,
+            low_freq_factor=float(source["low_freq_factor"]),
+            high_freq_factor=float(source["high_freq_factor"]),
+            original_max_position_embeddings=int(source["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"config.json {rope_type} rope scaling lacks {exc.args[0]!r}") from None
+
+
+def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
+    """Validate a parsed config.json and turn it into a ModelConfig."""
+    archs = raw.get("architectures")
+    if archs:
+        if not isinstance(archs, list) or len(archs) != 1:
+            raise UnsupportedModelError(
+                f"config.json architectures should name one class, got {archs!r}"
+            )
+        arch = archs[0]
+    elif raw.get("model_type") in _MODEL_TYPES:
+        arch = _MODEL_TYPES[raw["model_type"]]
+    else:
+        raise ConfigError("config.json has neither 'architectures' nor a known 'model_type'")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+    if raw.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported")
+    model_type = SUPPORTED_ARCHITECTURES[arch]
+
+    hidden = _require(raw, "hidden_size", int)
+    layers = _require(raw, "num_hidden_layers", int)
+    heads = _require(raw, "num_attention_heads", int)
+    kv_heads = raw.get("num_key_value_heads") or heads  # transformers: absent means MHA
+    head_dim = raw.get("head_dim") or hidden // heads
+    if heads % kv_heads:
+        raise ConfigError(
+            f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
+    theta, scaling = _parse_rope(raw)
+
+    sliding: int | None = None
+    if model_type == "mistral":
+        sliding = raw.get("sliding_window")
+    elif model_type == "qwen2":
+        types = raw.get("layer_types") or []
+        if raw.get("use_sliding_window") or any(t != "full_attention" for t in types):
+            raise UnsupportedModelError(
+                "Qwen2 sliding-window attention (use_sliding_window/layer_types) is not supported"
+            )
+    dtype = raw.get("dtype") or raw.get("torch_dtype")
+    return ModelConfig(
+        architecture=arch,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        intermediate_size=_require(raw, "intermediate_size", int),
+        vocab_size=_require(raw, "vocab_size", int),
+        rms_norm_eps=_require(raw, "rms_norm_eps", float),
+        rope_theta=theta,
+        max_position_embeddings=_require(raw, "max_position_embeddings", int),
+        # All three architectures default to untied in transformers.
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+        o_bias=model_type != "qwen2" and bool(raw.get("attention_bias", False)),
+        rope_scaling=scaling,
+        sliding_window=int(sliding) if sliding else None,
+        torch_dtype=str(dtype) if dtype else None,
+    )
+
+
+def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
+    """Read and validate MODEL_DIR/config.json."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist; point the engine at a Hugging Face model directory"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} should hold a JSON object")
+    return parse_config(raw)

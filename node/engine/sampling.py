@@ -1,0 +1,245 @@
+"""Token sampling on the last partition: greedy, temperature, top-k, top-p, min-p,
+repetition penalty, per-request seeds, stop tokens and log-probabilities.
+
+The building blocks are small pure functions on logits; `Greedy` and `Categorical` are
+(logits, rng) -> token strategies built from them (gemma-sampler style). `sample_batch`
+runs one jitted, vmapped step over a decode batch where every row has its own settings,
+so requests with different parameters share one compilation.
+
+Log-probabilities are those of the model's distribution (log-softmax of the raw logits),
+not of the temperature-scaled, filtered one, matching what OpenAI-style APIs report.
+Randomness is reproducible: row i at step t uses fold_in(PRNGKey(seed), t).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from node.engine.config import EngineError
+
+
+class SamplingError(EngineError):
+    """Sampling parameters are out of range."""
+
+
+def log_softmax(logits: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def apply_repetition_penalty(
+    logits: jax.Array, seen: jax.Array, penalty: jax.Array | float
+) -> jax.Array:
+    """transformers' rule: seen tokens' logits are divided by `penalty` if positive, else multiplied."""
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: jax.Array, k: jax.Array | int) -> jax.Array:
+    """Keep the k largest logits (ties at the k-th value kept); k <= 0 disables."""
+    vocab = logits.shape[-1]
+    kth = jnp.sort(logits)[..., ::-1][..., jnp.clip(k - 1, 0, vocab - 1)]
+    return jnp.where((k > 0) & (logits < kth), -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: jax.Array | float) -> jax.Array:
+    """Keep the smallest set of top tokens whose probability reaches p (always >= 1 token)."""
+    ordered = jnp.sort(logits)[::-1]
+    probs = jax.nn.softmax(ordered)
+    keep = (jnp.cumsum(probs) - probs) < p
+    cutoff = ordered[jnp.maximum(jnp.sum(keep) - 1, 0)]
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def min_p_filter(logits: jax.Array, min_p: jax.Array | float) -> jax.Array:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    probs = jax.nn.softmax(logits)
+    return jnp.where(probs < min_p * jnp.max(probs), -jnp.inf, logits)
+
+
+def filtered_logits(
+    logits: jax.Array,
+    temperature: jax.Array | float,
+    top_k: jax.Array | int,
+    top_p: jax.Array | float,
+    min_p: jax.Array | float,
+) -> jax.Array:
+    """Temperature, then top-k, top-p, min-p (transformers' order), on one row [V]."""
+    x = logits.astype(jnp.float32) / temperature
+    x = top_k_filter(x, top_k)
+    x = top_p_filter(x, top_p)
+    return min_p_filter(x, min_p)
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """Always the most likely token."""
+
+    def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
+        del rng
+        return jnp.argmax(logits, axis=-1)
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """Sample from the temperature-scaled distribution restricted by top-k/top-p/min-p."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
+        x = filtered_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)
+        return jax.random.categorical(rng, x)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def strategy(self) -> Greedy | Categorical:
+        if self.temperature == 0:
+            return Greedy()
+        return Categorical(self.temperature, self.top_k, self.top_p, self.min_p)
+
+
+@dataclass
+class SamplerState:
+    """Per-session sampling state: settings, seed, step counter, tokens seen so far."""
+
+    params: SamplingParams
+    vocab_size: int
+    seed: int = -1
+    step: int = 0
+    seen: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(31)
+        if self.params.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = np.zeros(self.vocab_size, dtype=bool)
+
+    def observe(self, tokens: Iterable[int]) -> None:
+        """Record tokens (prompt or generated) for the repetition penalty."""
+        if self.seen is not None:
+            self.seen[np.asarray(list(tokens), dtype=np.int64)] = True
+
+    def is_stop(self, token: int) -> bool:
+        return token in self.params.stop_token_ids
+
+
+@jax.jit
+def _greedy_batch(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    tokens = jnp.argmax(logits, axis=-1)
+    logprobs = jnp.take_along_axis(log_softmax(logits), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
+
+
+def _sample_row(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    penalty: jax.Array,
+    seen: jax.Array,
+    seed: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    logits = logits.astype(jnp.float32)
+    logprobs = log_softmax(logits)
+    x = apply_repetition_penalty(logits, seen, penalty)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    greedy = temperature <= 0
+    sampled = jax.random.categorical(
+        rng, filtered_logits(x, jnp.where(greedy, 1.0, temperature), top_k, top_p, min_p)
+    )
+    token = jnp.where(greedy, jnp.argmax(x), sampled)
+    return token, logprobs[token]
+
+
+@partial(jax.jit)
+def _sample_batch(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    penalty: jax.Array,
+    seen: jax.Array,
+    seed: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    return jax.vmap(_sample_row)(
+        logits, temperature, top_k, top_p, min_p, penalty, seen, seed, step
+    )
+
+
+def sample_batch(
+    logits: jax.Array, states: Sequence[SamplerState]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick one token per row of logits [B, V] with each row's own settings.
+
+    Advances every state's step counter and records the tokens for repetition penalties.
+    Returns (tokens int64 [B], logprobs float32 [B]) as numpy arrays.
+    """
+    if logits.ndim != 2 or logits.shape[0] != len(states):
+        raise SamplingError(
+            f"need one sampler state per logits row, got {logits.shape} and {len(states)}"
+        )
+    plain_greedy = all(
+        s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in states
+    )
+    if plain_greedy:
+        tok, lp = _greedy_batch(logits)
+    else:
+        vocab = logits.shape[1]
+        seen = np.zeros((len(states), vocab), dtype=bool)
+        for i, s in enumerate(states):
+            if s.seen is not None:
+                seen[i] = s.seen
+        tok, lp = _sample_batch(
+            logits,
+            jnp.asarray([s.params.temperature for s in states], jnp.float32),
+            jnp.asarray([s.params.top_k for s in states], jnp.int32),
+            jnp.asarray([s.params.top_p for s in states], jnp.float32),
+            jnp.asarray([s.params.min_p for s in states], jnp.float32),
+            jnp.asarray([s.params.repetition_penalty for s in states], jnp.float32),
+            jnp.asarray(seen),
+            jnp.asarray([s.seed for s in states], jnp.uint32),
+            jnp.asarray([s.step for s in states], jnp.uint32),
+        )
+    tokens = np.asarray(tok).astype(np.int64)
+    logprobs = np.asarray(lp).astype(np.float32)
+    for s, t in zip(states, tokens, strict=True):
+        s.step += 1
+        s.observe([int(t)])
+    return tokens, logprobs

@@ -1,0 +1,319 @@
+"""Benchmark the JAX engine (and transformers on the same weights) on a random model.
+
+    python scripts/bench_engine.py [--shape qwen0.5b|llama8b] [--dtypes float32,bfloat16]
+        [--no-transformers] [--quick] [--json]
+
+Measures, per dtype: decode tok/s at batch 1 (128-token prompt, 128 new tokens), prefill
+tok/s (512-token prompt), aggregate decode tok/s at batch 8, the same two for transformers
+generate (torch, CPU), and the memory-bandwidth ceiling for batch-1 decode: measured copy
+bandwidth / bytes read per decode step (weights actually touched + the KV cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from node.engine import (
+    Chain,
+    ModelConfig,
+    Partition,
+    PartitionSpec,
+    SamplingParams,
+    WeightSource,
+    generate,
+    load_partition,
+    parse_config,
+    partition_param_count,
+)
+from node.engine.weights import Params
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "intermediate_size": 4864,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "hidden_act": "silu",
+    },
+    "llama8b": {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "hidden_act": "silu",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+    "quick": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "hidden_act": "silu",
+    },
+}
+
+
+def random_params(cfg: ModelConfig, dtype: str, seed: int = 0) -> Params:
+    """Random weights built on the device in the engine's layout (no checkpoint needed)."""
+    H, F, V, Q, KV = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.q_size, cfg.kv_size
+    key = jax.random.PRNGKey(seed)
+
+    def rnd(shape: tuple[int, ...]) -> jax.Array:
+        nonlocal key
+        key, sub = jax.random.split(key)
+        return (0.02 * jax.random.normal(sub, shape, jnp.float32)).astype(dtype)
+
+    layers = []
+    for _ in range(cfg.num_layers):
+        layers.append(
+            {
+                "ln1": jnp.ones((H,), dtype),
+                "wqkv": rnd((H, Q + 2 * KV)),
+                "bqkv": rnd((Q + 2 * KV,)) if cfg.qkv_bias else None,
+                "wo": rnd((Q, H)),
+                "bo": rnd((H,)) if cfg.o_bias else None,
+                "ln2": jnp.ones((H,), dtype),
+                "wgu": rnd((H, 2 * F)),
+                "wd": rnd((F, H)),
+            }
+        )
+    embed = rnd((V, H))
+    head = None if cfg.tie_word_embeddings else rnd((H, V))
+    params = {"embed": embed, "layers": layers, "final_norm": jnp.ones((H,), dtype), "head": head}
+    n = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+    assert n == partition_param_count(cfg, PartitionSpec.whole(cfg)), (
+        "layout drifted from weights.py"
+    )
+    return params
+
+
+def measure_bandwidth() -> float:
+    """Bytes/s of the best of a large on-device copy (read + write counted) and a large
+    sum (read only): XLA CPU runs elementwise copies on one thread, reductions faster."""
+    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MiB
+    best = 0.0
+    for fn, traffic in ((jax.jit(lambda a: a + 1.0), 2 * x.nbytes), (jax.jit(jnp.sum), x.nbytes)):
+        fn(x).block_until_ready()
+        fastest = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            fn(x).block_until_ready()
+            fastest = min(fastest, time.perf_counter() - t)
+        best = max(best, traffic / fastest)
+    return best
+
+
+def bytes_per_decode_step(part: Partition, context: int) -> int:
+    """Weights a batch-1 step reads (one embedding row, not the table, unless the table is
+    also the head) plus the KV cache up to `context` tokens."""
+    cfg, total = part.config, 0
+    for leaf in jax.tree_util.tree_leaves(part.params):
+        total += int(leaf.nbytes)
+    if part.params["head"] is not None and part.params["embed"] is not None:
+        total -= int(part.params["embed"].nbytes)
+    itemsize = jnp.dtype(part.dtype).itemsize
+    return total + 2 * cfg.num_layers * context * cfg.kv_size * itemsize
+
+
+def engine_numbers(
+    chain: Chain, prompt: int, new: int, prefill_len: int, batch: int
+) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    vocab = chain.config.vocab_size
+    ids = [int(x) for x in rng.integers(0, vocab, prompt)]
+    greedy = SamplingParams()
+    list(generate(chain, ids, greedy, 4))  # compile prefill bucket + decode + sampler
+    t = time.perf_counter()
+    out = list(generate(chain, ids, greedy, new + 1))
+    t_first = time.perf_counter()
+    # Time decode alone: run again and subtract the prefill+first token time.
+    caches = chain.new_caches(1)
+    t0 = time.perf_counter()
+    caches, logits = chain.prefill(caches, ids)
+    np.asarray(logits)
+    t_prefill_short = time.perf_counter() - t0
+    decode_s = (t_first - t) - t_prefill_short
+    res = {"decode_tok_s": new / decode_s}
+    assert len(out) == new + 1
+
+    long_ids = [int(x) for x in rng.integers(0, vocab, prefill_len)]
+    caches, logits = chain.prefill(caches, long_ids)  # compile this bucket
+    np.asarray(logits)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        caches, logits = chain.prefill(caches, long_ids)
+        np.asarray(logits)
+        best = min(best, time.perf_counter() - t0)
+    res["prefill_tok_s"] = prefill_len / best
+    del caches
+
+    caches = chain.new_caches(batch)
+    toks = np.zeros(batch, np.int32)
+    for slot in range(batch):
+        sid = [int(x) for x in rng.integers(0, vocab, prompt)]
+        caches, logits = chain.prefill(caches, sid, slot=slot)
+        toks[slot] = int(np.argmax(np.asarray(logits)))
+    pos = np.full(batch, prompt, np.int32)
+    caches, logits = chain.decode(caches, toks, pos)  # compile
+    toks = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+    pos += 1
+    t0 = time.perf_counter()
+    steps = new - 1
+    for _ in range(steps):
+        caches, logits = chain.decode(caches, toks, pos)
+        toks = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+        pos += 1
+    res[f"batch{batch}_tok_s"] = batch * steps / (time.perf_counter() - t0)
+    return res
+
+
+def transformers_numbers(
+    model: Any, vocab: int, prompt: int, new: int, prefill_len: int
+) -> dict[str, float]:
+    import torch
+
+    rng = np.random.default_rng(0)
+    ids = torch.tensor([rng.integers(0, vocab, prompt).tolist()])
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw)
+        t2 = time.perf_counter()
+        long_ids = torch.tensor([rng.integers(0, vocab, prefill_len).tolist()])
+        model(long_ids)
+        t3 = time.perf_counter()
+        model(long_ids)
+        t4 = time.perf_counter()
+    return {
+        "transformers_decode_tok_s": new / ((t2 - t1) - (t1 - t0)),
+        "transformers_prefill_tok_s": prefill_len / (t4 - t3),
+    }
+
+
+def run_dtype(
+    raw: dict[str, Any], dtype: str, args: argparse.Namespace, sizes: dict[str, int]
+) -> dict[str, float]:
+    cfg = parse_config(raw)
+    spec = PartitionSpec.whole(cfg)
+    context = 1024 if not args.quick else 256
+    hf = None
+    if args.transformers:
+        import safetensors.torch
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        hf_cfg = transformers.AutoConfig.for_model(
+            cfg.model_type, **{k: v for k, v in raw.items() if k != "architectures"}
+        )
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval().to(getattr(torch, dtype))
+        state = {
+            k: v.contiguous()
+            for k, v in hf.state_dict().items()
+            if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+        }
+        blob = safetensors.torch.save(state)
+        del state
+        source = WeightSource.from_reader(lambda f, o, n: blob[o : o + n], ["model.safetensors"])
+        part = load_partition(
+            source, cfg, spec, dtype=dtype, max_context=context, prefill_chunk=512
+        )
+        del blob, source
+    else:
+        part = Partition(cfg, spec, random_params(cfg, dtype), dtype, context, 512)
+    chain = Chain([part])
+    res = engine_numbers(chain, sizes["prompt"], sizes["new"], sizes["prefill"], sizes["batch"])
+    res["batch8_tok_s"] = res.pop(f"batch{sizes['batch']}_tok_s")
+    step_bytes = bytes_per_decode_step(part, sizes["prompt"] + sizes["new"] // 2)
+    res["bandwidth_gb_s"] = measure_bandwidth() / 1e9
+    res["bandwidth_ceiling_tok_s"] = res["bandwidth_gb_s"] * 1e9 / step_bytes
+    res["weights_gb"] = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params)) / 1e9
+    del chain, part
+    if hf is not None:
+        res.update(
+            transformers_numbers(
+                hf, cfg.vocab_size, sizes["prompt"], sizes["new"], sizes["prefill"]
+            )
+        )
+        res["decode_vs_transformers"] = res["decode_tok_s"] / res["transformers_decode_tok_s"]
+    res["batch8_vs_batch1"] = res["batch8_tok_s"] / res["decode_tok_s"]
+    res["decode_vs_ceiling"] = res["decode_tok_s"] / res["bandwidth_ceiling_tok_s"]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--shape", choices=["qwen0.5b", "llama8b"], default="qwen0.5b")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--no-transformers", dest="transformers", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke test")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    raw = dict(SHAPES["quick" if args.quick else args.shape])
+    sizes = (
+        {"prompt": 16, "new": 16, "prefill": 64, "batch": 8}
+        if args.quick
+        else {"prompt": 128, "new": 128, "prefill": 512, "batch": 8}
+    )
+    results: dict[str, dict[str, float]] = {}
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        results[dtype] = run_dtype(raw, dtype, args, sizes)
+        print(f"[{dtype} done]", file=sys.stderr, flush=True)
+    meta = {"device": str(jax.devices()[0]), "shape": "quick" if args.quick else args.shape}
+    if args.json:
+        print(json.dumps({**results, "meta": meta}, indent=2))
+        return 0
+    keys = sorted({k for r in results.values() for k in r})
+    print(f"device {meta['device']}, shape {meta['shape']}")
+    print(f"{'metric':32s}" + "".join(f"{d:>14s}" for d in results))
+    for k in keys:
+        print(f"{k:32s}" + "".join(f"{results[d].get(k, float('nan')):14.2f}" for d in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

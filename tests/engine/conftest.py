@@ -1,0 +1,121 @@
+"""Shared fixtures for the engine tests: tiny random checkpoints written by transformers
+itself (the correctness oracle), loaded once per session so compiled functions are shared."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from node.engine import (  # noqa: E402
+    Chain,
+    ModelConfig,
+    PartitionSpec,
+    WeightSource,
+    load_chain,
+    load_config,
+)
+
+MAX_CONTEXT = 128
+PREFILL_CHUNK = 32
+
+
+@dataclass
+class TinyModel:
+    path: Path
+    config: ModelConfig
+    hf: object  # the transformers model, float32, eval mode
+
+    def source(self) -> WeightSource:
+        return WeightSource.from_dir(self.path)
+
+    def chain(self, specs: list[PartitionSpec] | None = None) -> Chain:
+        return load_chain(
+            self.source(),
+            self.config,
+            specs or [PartitionSpec.whole(self.config)],
+            dtype="float32",
+            max_context=MAX_CONTEXT,
+            prefill_chunk=PREFILL_CHUNK,
+        )
+
+
+def _save(model: object, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyModel]:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=320,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        tie_word_embeddings=False,
+        attention_bias=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    path = tmp_path_factory.mktemp("tiny_llama")
+    _save(model, path)
+    yield TinyModel(path, load_config(path), model)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyModel]:
+    torch.manual_seed(1)
+    cfg = transformers.Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=384,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    )
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    # Random init leaves biases at zero; make them matter so the test can fail.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("tiny_qwen")
+    _save(model, path)
+    yield TinyModel(path, load_config(path), model)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen"])
+def tiny(request: pytest.FixtureRequest) -> TinyModel:
+    name = "tiny_llama" if request.param == "llama" else "tiny_qwen"
+    model: TinyModel = request.getfixturevalue(name)
+    return model
+
+
+@pytest.fixture(scope="session")
+def whole_chain(tiny: TinyModel) -> Chain:
+    return tiny.chain()

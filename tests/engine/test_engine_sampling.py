@@ -1,0 +1,136 @@
+"""Sampling strategies: support restrictions, penalties, seeds and log-probabilities."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from node.engine import (
+    Categorical,
+    Greedy,
+    SamplerState,
+    SamplingError,
+    SamplingParams,
+    sample_batch,
+)
+from node.engine.sampling import (
+    apply_repetition_penalty,
+    min_p_filter,
+    top_k_filter,
+    top_p_filter,
+)
+
+V = 64
+LOGITS = jnp.asarray(np.random.default_rng(0).normal(0, 2, V).astype(np.float32))
+
+
+def _support(filtered: jax.Array) -> set[int]:
+    return {int(i) for i in np.flatnonzero(np.isfinite(np.asarray(filtered)))}
+
+
+def _draws(params: SamplingParams, n: int, logits: jax.Array = LOGITS) -> set[int]:
+    state = SamplerState(params, V)
+    batch = jnp.tile(logits[None], (n, 1))
+    # n rows with one shared seed but different step counters: n independent draws.
+    states = [SamplerState(params, V, seed=state.seed, step=i) for i in range(n)]
+    tokens, _ = sample_batch(batch, states)
+    return {int(t) for t in tokens}
+
+
+def test_top_k_support() -> None:
+    top5 = set(np.argsort(-np.asarray(LOGITS))[:5].tolist())
+    assert _support(top_k_filter(LOGITS, 5)) == top5
+    assert _support(top_k_filter(LOGITS, 0)) == set(range(V))
+    assert _draws(SamplingParams(temperature=5.0, top_k=5, seed=1), 400) == top5
+
+
+def test_top_p_support() -> None:
+    probs = np.asarray(jax.nn.softmax(LOGITS))
+    order = np.argsort(-probs)
+    cum = np.cumsum(probs[order])
+    n = int(np.searchsorted(cum, 0.7) + 1)  # smallest prefix reaching 0.7
+    expected = set(order[:n].tolist())
+    assert _support(top_p_filter(LOGITS, 0.7)) == expected
+    assert _support(top_p_filter(LOGITS, 1e-6)) == {int(order[0])}
+    assert _draws(SamplingParams(temperature=1.0, top_p=0.7, seed=2), 400) <= expected
+
+
+def test_min_p_support() -> None:
+    probs = np.asarray(jax.nn.softmax(LOGITS))
+    expected = set(np.flatnonzero(probs >= 0.2 * probs.max()).tolist())
+    assert _support(min_p_filter(LOGITS, 0.2)) == expected
+    assert _draws(SamplingParams(temperature=1.0, min_p=0.2, seed=3), 400) <= expected
+
+
+def test_strategy_classes() -> None:
+    key = jax.random.PRNGKey(0)
+    assert int(Greedy()(LOGITS, key)) == int(np.argmax(LOGITS))
+    top3 = set(np.argsort(-np.asarray(LOGITS))[:3].tolist())
+    draws = {int(Categorical(2.0, top_k=3)(LOGITS, jax.random.PRNGKey(i))) for i in range(100)}
+    assert draws == top3
+    assert SamplingParams().strategy == Greedy()
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    def run(seed: int) -> list[int]:
+        state = SamplerState(SamplingParams(temperature=1.5, seed=seed), V)
+        return [int(sample_batch(LOGITS[None], [state])[0][0]) for _ in range(20)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    assert SamplerState(SamplingParams(temperature=1.0), V).seed >= 0
+
+
+def test_repetition_penalty() -> None:
+    logits = jnp.asarray([2.0, -2.0, 1.0, 0.5])
+    seen = jnp.asarray([True, True, False, False])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [1.0, -4.0, 1.0, 0.5])
+    # Greedy with a penalty avoids the seen top token.
+    top = int(np.argmax(LOGITS))
+    state = SamplerState(SamplingParams(repetition_penalty=1e6), V)
+    state.observe([top])
+    tok, _ = sample_batch(LOGITS[None], [state])
+    assert int(tok[0]) != top
+    assert state.seen is not None and state.seen[int(tok[0])]
+
+
+def test_logprobs_are_log_softmax() -> None:
+    logits = jnp.stack([LOGITS, LOGITS * 0.5])
+    states = [
+        SamplerState(SamplingParams(), V),
+        SamplerState(SamplingParams(temperature=1.0, seed=1), V),
+    ]
+    tokens, logprobs = sample_batch(logits, states)
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(logprobs, ref[np.arange(2), tokens], rtol=1e-5)
+    # Pure-greedy batches take the fast path; same values.
+    tokens, logprobs = sample_batch(logits, [SamplerState(SamplingParams(), V)] * 2)
+    np.testing.assert_allclose(logprobs, ref[np.arange(2), tokens], rtol=1e-5)
+    assert tokens.tolist() == np.argmax(np.asarray(logits), axis=-1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ],
+)
+def test_bad_parameters(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(SamplingError, match=match):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_state_count_must_match_rows() -> None:
+    with pytest.raises(SamplingError, match="one sampler state per logits row"):
+        sample_batch(LOGITS[None], [])
+
+
+def test_stop_tokens() -> None:
+    state = SamplerState(SamplingParams(stop_token_ids=frozenset({3, 9})), V)
+    assert state.is_stop(9) and not state.is_stop(4)
