@@ -35,6 +35,8 @@ from protocol.messages import PROTOCOL_VERSION
 log = structlog.get_logger("enjambre.daemon")
 
 RUNTIME_FILE = "daemon.json"
+# Entries of DHTNode.metrics that are levels, not counts.
+_DHT_GAUGES = frozenset({"peers_known", "records_held"})
 LOCK_FILE = "daemon.lock"
 
 
@@ -332,7 +334,11 @@ class Daemon:
         dht, transport, beacon = self.dht, self.transport, self.beacon
         assert dht is not None and transport is not None
         m.gauge_callback("enjambre_peers_known", "Peers in the DHT routing table", dht.peers_known)
-        m.counters_from_dict("enjambre_dht", "DHT counters", lambda: dht.metrics)
+        m.gauge_callback("enjambre_dht_records_held", "Records this node stores for the DHT",
+                         lambda: dht.metrics.get("records_held", 0))
+        m.counters_from_dict("enjambre_dht", "DHT counters", lambda: {
+            k: v for k, v in dht.metrics.items() if k not in _DHT_GAUGES
+        })
         m.counters_from_dict("enjambre_transport", "Transport counters", transport.stats_dict)
         if beacon is not None:
             m.counters_from_dict("enjambre_beacon", "LAN beacon counters", lambda: beacon.metrics)

@@ -71,6 +71,12 @@ def test_api_errors_are_json(cluster: LocalCluster) -> None:
             raise AssertionError(f"{method} {path} should fail")
     metrics = urllib.request.urlopen(f"http://{node.api}/metrics", timeout=10).read().decode()
     assert "# TYPE enjambre_peers_known gauge" in metrics
+    assert "# TYPE enjambre_dht_records_held gauge" in metrics
+    assert "enjambre_dht_peers_known_total" not in metrics  # a level is not a counter
+    for counter in ("enjambre_dht_requests_sent_total", "enjambre_dht_dropped_total",
+                    "enjambre_dht_rpc_failures_total", "enjambre_transport_bytes_sent_total",
+                    "enjambre_transport_bytes_received_total"):
+        assert f"# TYPE {counter} counter" in metrics, counter
 
 
 def test_ping_over_mutual_tls(cluster: LocalCluster) -> None:
