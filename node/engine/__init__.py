@@ -20,10 +20,17 @@ No networking here; the pipeline calls these public functions:
   donated: always continue with the returned one.
 - Sample: ``SamplerState(SamplingParams(...), vocab_size)`` per session, then
   ``tokens, logprobs = sample_batch(logits[B, V], states)``; ``state.is_stop(token)``.
+- Fast path when one partition holds the whole model (embedding and head):
+  ``cache, tokens, logprobs = partition.decode_steps(cache, tokens, positions, states, k)``
+  runs k decode steps with sampling on the device in one compiled loop (one host sync per
+  k tokens; same tokens as decode + sample_batch step by step); tokens/logprobs are
+  [slots, k] numpy. Every active slot needs position + k <= max_context. The caller
+  discards tokens after a stop token. ``Chain.decode_steps`` for a one-partition chain.
 - Memory needed: ``memory_needed(config, start, end, has_embedding, has_head, dtype,
   context, batch) -> bytes`` (weights in dtype + KV cache).
 - In-process chains: ``load_chain(source, config, specs)`` and ``generate(chain, prompt,
-  sampling, max_tokens)`` yield (token, logprob).
+  sampling, max_tokens, block=16)`` yield (token, logprob); a one-partition chain decodes
+  in device blocks of ``block`` tokens (decode_steps), block=0 or a split chain step by step.
 - ``enable_compilation_cache(directory)``: persist compiled steps across processes.
 
 Errors a user can cause are ``EngineError`` subclasses: ConfigError, UnsupportedModelError,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -156,11 +155,18 @@ class SamplerState:
         return token in self.params.stop_token_ids
 
 
-@jax.jit
-def _greedy_batch(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+# Settings for an idle decode slot (None in a states list): greedy, never advanced.
+_IDLE = SamplerState(SamplingParams(), 1, seed=0)
+
+
+def greedy_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Argmax token and its log-probability for every row of logits [B, V]."""
     tokens = jnp.argmax(logits, axis=-1)
     logprobs = jnp.take_along_axis(log_softmax(logits), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+_greedy_batch = jax.jit(greedy_rows)
 
 
 def _sample_row(
@@ -186,21 +192,85 @@ def _sample_row(
     return token, logprobs[token]
 
 
-@partial(jax.jit)
-def _sample_batch(
-    logits: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
-    penalty: jax.Array,
-    seen: jax.Array,
-    seed: jax.Array,
-    step: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    return jax.vmap(_sample_row)(
-        logits, temperature, top_k, top_p, min_p, penalty, seen, seed, step
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class RowSettings:
+    """Per-row sampling settings as arrays [B] (seen [B, V]), ready for a jitted step.
+
+    Built on the host with `row_settings`; `step` is each row's step counter for the next
+    token, so a multi-step decode adds its loop index to it.
+    """
+
+    temperature: jax.Array | np.ndarray
+    top_k: jax.Array | np.ndarray
+    top_p: jax.Array | np.ndarray
+    min_p: jax.Array | np.ndarray
+    penalty: jax.Array | np.ndarray
+    seen: jax.Array | np.ndarray
+    seed: jax.Array | np.ndarray
+    step: jax.Array | np.ndarray
+
+
+def is_plain_greedy(states: Sequence[SamplerState | None]) -> bool:
+    """True when every row is greedy without repetition penalty: argmax alone will do."""
+    return all(
+        s is None or (s.params.temperature == 0 and s.params.repetition_penalty == 1.0)
+        for s in states
     )
+
+
+def row_settings(states: Sequence[SamplerState | None], vocab: int) -> RowSettings:
+    """Numpy arrays of every row's settings; None rows (idle slots) sample greedily.
+
+    Numpy, not jnp: jit moves numpy arguments to the device in its C++ dispatch path,
+    far cheaper than one jnp.asarray call per array.
+    """
+    rows = [s if s is not None else _IDLE for s in states]
+    seen = np.zeros((len(rows), vocab), dtype=bool)
+    for i, s in enumerate(rows):
+        if s.seen is not None:
+            seen[i] = s.seen
+    return RowSettings(
+        temperature=np.asarray([s.params.temperature for s in rows], np.float32),
+        top_k=np.asarray([s.params.top_k for s in rows], np.int32),
+        top_p=np.asarray([s.params.top_p for s in rows], np.float32),
+        min_p=np.asarray([s.params.min_p for s in rows], np.float32),
+        penalty=np.asarray([s.params.repetition_penalty for s in rows], np.float32),
+        seen=seen,
+        seed=np.asarray([s.seed for s in rows], np.uint32),
+        step=np.asarray([s.step for s in rows], np.uint32),
+    )
+
+
+def sample_rows(
+    logits: jax.Array, rows: RowSettings, step_offset: jax.Array | int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """Traceable: one token and its logprob per row of logits [B, V], row i at step
+    rows.step[i] + step_offset (so fold_in(PRNGKey(seed), step) as in sample_batch)."""
+    step = jnp.asarray(rows.step, jnp.uint32) + jnp.asarray(step_offset, jnp.uint32)
+    return jax.vmap(_sample_row)(
+        logits,
+        jnp.asarray(rows.temperature),
+        jnp.asarray(rows.top_k),
+        jnp.asarray(rows.top_p),
+        jnp.asarray(rows.min_p),
+        jnp.asarray(rows.penalty),
+        jnp.asarray(rows.seen),
+        jnp.asarray(rows.seed),
+        step,
+    )
+
+
+_sample_batch = jax.jit(sample_rows)
+
+
+def advance(states: Sequence[SamplerState | None], tokens: np.ndarray) -> None:
+    """Record sampled tokens [B, steps] (or [B]): step counters and repetition state."""
+    tokens = np.asarray(tokens).reshape(len(states), -1)
+    for s, row in zip(states, tokens, strict=True):
+        if s is not None:
+            s.step += row.shape[0]
+            s.observe(int(t) for t in row)
 
 
 def sample_batch(
@@ -215,31 +285,11 @@ def sample_batch(
         raise SamplingError(
             f"need one sampler state per logits row, got {logits.shape} and {len(states)}"
         )
-    plain_greedy = all(
-        s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in states
-    )
-    if plain_greedy:
+    if is_plain_greedy(states):
         tok, lp = _greedy_batch(logits)
     else:
-        vocab = logits.shape[1]
-        seen = np.zeros((len(states), vocab), dtype=bool)
-        for i, s in enumerate(states):
-            if s.seen is not None:
-                seen[i] = s.seen
-        tok, lp = _sample_batch(
-            logits,
-            jnp.asarray([s.params.temperature for s in states], jnp.float32),
-            jnp.asarray([s.params.top_k for s in states], jnp.int32),
-            jnp.asarray([s.params.top_p for s in states], jnp.float32),
-            jnp.asarray([s.params.min_p for s in states], jnp.float32),
-            jnp.asarray([s.params.repetition_penalty for s in states], jnp.float32),
-            jnp.asarray(seen),
-            jnp.asarray([s.seed for s in states], jnp.uint32),
-            jnp.asarray([s.step for s in states], jnp.uint32),
-        )
+        tok, lp = _sample_batch(logits, row_settings(states, logits.shape[1]))
     tokens = np.asarray(tok).astype(np.int64)
     logprobs = np.asarray(lp).astype(np.float32)
-    for s, t in zip(states, tokens, strict=True):
-        s.step += 1
-        s.observe([int(t)])
+    advance(states, tokens)
     return tokens, logprobs
