@@ -1,12 +1,17 @@
 """Benchmark the JAX engine (and transformers on the same weights) on a random model.
 
     python scripts/bench_engine.py [--shape qwen0.5b|llama8b] [--dtypes float32,bfloat16]
-        [--no-transformers] [--quick] [--json]
+        [--no-transformers] [--only-decode] [--quick] [--json]
 
-Measures, per dtype: decode tok/s at batch 1 (128-token prompt, 128 new tokens), prefill
-tok/s (512-token prompt), aggregate decode tok/s at batch 8, the same two for transformers
-generate (torch, CPU), and the memory-bandwidth ceiling for batch-1 decode: measured copy
-bandwidth / bytes read per decode step (weights actually touched + the KV cache).
+Measures, per dtype, with 128-token prompts and 128 new tokens (greedy):
+- decode_tok_s / batch8_tok_s: the single-step path pipelines use (decode, then
+  sample_batch and a host round trip per token), at batch 1 and aggregate at batch 8;
+- decode_multistep_tok_s / batch8_multistep_tok_s: the one-partition fast path
+  (decode_steps: blocks of 16 steps with sampling on the device);
+- unless --only-decode: generate() end to end, prefill tok/s (512-token prompt), and
+  transformers generate (torch, CPU) on the same weights;
+- the memory-bandwidth ceiling for batch-1 decode: measured copy bandwidth / bytes read per
+  decode step (weights actually touched + the KV cache).
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from node.engine import (
     ModelConfig,
     Partition,
     PartitionSpec,
+    SamplerState,
     SamplingParams,
     WeightSource,
     generate,
     load_partition,
     parse_config,
     partition_param_count,
+    sample_batch,
 )
 from node.engine.weights import Params
 
@@ -127,18 +134,59 @@ def random_params(cfg: ModelConfig, dtype: str, seed: int = 0) -> Params:
 
 def measure_bandwidth() -> float:
     """Bytes/s of the best of a large on-device copy (read + write counted) and a large
-    sum (read only): XLA CPU runs elementwise copies on one thread, reductions faster."""
-    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MiB
+    sum (read only): XLA CPU runs elementwise copies on one thread, reductions faster.
+
+    On an accelerator a 256 MiB copy takes ~0.1 ms, so launch and sync overhead would
+    dominate: there the buffer is 2 GiB and each timed region runs several launches back
+    to back (synchronising once), best of several regions."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = (64 if on_cpu else 512) * 1024 * 1024  # float32: 256 MiB on CPU, 2 GiB otherwise
+    iters, regions = (1, 5) if on_cpu else (8, 5)
+    x = jnp.ones((n,), jnp.float32)
     best = 0.0
     for fn, traffic in ((jax.jit(lambda a: a + 1.0), 2 * x.nbytes), (jax.jit(jnp.sum), x.nbytes)):
         fn(x).block_until_ready()
         fastest = float("inf")
-        for _ in range(5):
+        for _ in range(regions):
             t = time.perf_counter()
-            fn(x).block_until_ready()
-            fastest = min(fastest, time.perf_counter() - t)
+            outs = [fn(x) for _ in range(iters)]
+            jax.block_until_ready(outs)
+            fastest = min(fastest, (time.perf_counter() - t) / iters)
+            del outs
         best = max(best, traffic / fastest)
+    del x
     return best
+
+
+def weights_gemv_seconds(part: Partition) -> float:
+    """Seconds for XLA to multiply one row vector by every matrix a decode step reads (the
+    layer matrices and the head), nothing else: the floor for a batch-1 step given XLA's
+    own matrix-vector kernels, to tell kernel speed from overhead. Several launches run
+    back to back per timed region, as in measure_bandwidth."""
+    mats = [
+        w
+        for layer in part.params["layers"]
+        for w in (layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"])
+    ]
+    head = part.params["head"]
+    mats.append(head if head is not None else part.params["embed"].T)
+
+    @jax.jit
+    def gemvs(ws: list[jax.Array]) -> jax.Array:
+        total = jnp.zeros((), jnp.float32)
+        for w in ws:
+            v = jnp.ones((1, w.shape[0]), w.dtype)
+            total = total + jnp.sum((v @ w).astype(jnp.float32))
+        return total
+
+    gemvs(mats).block_until_ready()
+    iters = 1 if jax.devices()[0].platform == "cpu" else 8
+    fastest = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready([gemvs(mats) for _ in range(iters)])
+        fastest = min(fastest, (time.perf_counter() - t) / iters)
+    return fastest
 
 
 def bytes_per_decode_step(part: Partition, context: int) -> int:
@@ -153,28 +201,85 @@ def bytes_per_decode_step(part: Partition, context: int) -> int:
     return total + 2 * cfg.num_layers * context * cfg.kv_size * itemsize
 
 
+BLOCK = 16  # decode_steps block in the multi-step measurements
+
+
+def _prefilled(
+    chain: Chain, prompts: list[list[int]]
+) -> tuple[list[Any], np.ndarray, np.ndarray, list[SamplerState]]:
+    """A cache with one prompt per slot, and each slot's first greedy token."""
+    states = [SamplerState(SamplingParams(), chain.config.vocab_size) for _ in prompts]
+    caches = chain.new_caches(len(prompts))
+    toks = np.zeros(len(prompts), np.int32)
+    for slot, ids in enumerate(prompts):
+        caches, logits = chain.prefill(caches, ids, slot=slot)
+        toks[slot] = int(sample_batch(logits[None], [states[slot]])[0][0])
+    pos = np.asarray([len(p) for p in prompts], np.int32)
+    return caches, toks, pos, states
+
+
+def single_step_tok_s(chain: Chain, prompts: list[list[int]], new: int) -> float:
+    """Aggregate tok/s of the pipeline's loop: decode, sample_batch (host sync), repeat."""
+    caches, toks, pos, states = _prefilled(chain, prompts)
+    for _ in range(2):  # compile and warm
+        caches, logits = chain.decode(caches, toks, pos)
+        toks = sample_batch(logits, states)[0].astype(np.int32)
+        pos = pos + 1
+    t0 = time.perf_counter()
+    for _ in range(new):
+        caches, logits = chain.decode(caches, toks, pos)
+        toks = sample_batch(logits, states)[0].astype(np.int32)
+        pos = pos + 1
+    return len(prompts) * new / (time.perf_counter() - t0)
+
+
+def multi_step_tok_s(chain: Chain, prompts: list[list[int]], new: int) -> float:
+    """Aggregate tok/s of decode_steps in blocks of BLOCK steps (one host sync a block)."""
+    caches, toks, pos, states = _prefilled(chain, prompts)
+    caches, out, _ = chain.decode_steps(caches, toks, pos, states, BLOCK)  # compile
+    toks, pos = out[:, -1].astype(np.int32), pos + BLOCK
+    blocks = max(1, new // BLOCK)
+    t0 = time.perf_counter()
+    for _ in range(blocks):
+        caches, out, _ = chain.decode_steps(caches, toks, pos, states, BLOCK)
+        toks, pos = out[:, -1].astype(np.int32), pos + BLOCK
+    return len(prompts) * blocks * BLOCK / (time.perf_counter() - t0)
+
+
 def engine_numbers(
-    chain: Chain, prompt: int, new: int, prefill_len: int, batch: int
+    chain: Chain, prompt: int, new: int, prefill_len: int, batch: int, only_decode: bool
 ) -> dict[str, float]:
     rng = np.random.default_rng(0)
     vocab = chain.config.vocab_size
-    ids = [int(x) for x in rng.integers(0, vocab, prompt)]
+
+    def ids(n: int) -> list[int]:
+        return [int(x) for x in rng.integers(0, vocab, n)]
+
+    res: dict[str, float] = {}
+    for b, key in ((1, "decode"), (batch, f"batch{batch}")):
+        prompts = [ids(prompt) for _ in range(b)]
+        res[f"{key}_tok_s"] = single_step_tok_s(chain, prompts, new)
+        print(f"  {key} single-step done", file=sys.stderr, flush=True)
+        res[f"{key}_multistep_tok_s"] = multi_step_tok_s(chain, prompts, new)
+        print(f"  {key} multi-step done", file=sys.stderr, flush=True)
+    if only_decode:
+        return res
+
     greedy = SamplingParams()
-    list(generate(chain, ids, greedy, 4))  # compile prefill bucket + decode + sampler
-    t = time.perf_counter()
-    out = list(generate(chain, ids, greedy, new + 1))
-    t_first = time.perf_counter()
-    # Time decode alone: run again and subtract the prefill+first token time.
+    first = ids(prompt)
+    list(generate(chain, first, greedy, new + 1))  # compile every block size it uses
     caches = chain.new_caches(1)
     t0 = time.perf_counter()
-    caches, logits = chain.prefill(caches, ids)
+    caches, logits = chain.prefill(caches, first)
     np.asarray(logits)
     t_prefill_short = time.perf_counter() - t0
-    decode_s = (t_first - t) - t_prefill_short
-    res = {"decode_tok_s": new / decode_s}
+    t = time.perf_counter()
+    out = list(generate(chain, first, greedy, new + 1))
     assert len(out) == new + 1
+    # generate() end to end, the prompt's prefill time taken out.
+    res["generate_tok_s"] = new / (time.perf_counter() - t - t_prefill_short)
 
-    long_ids = [int(x) for x in rng.integers(0, vocab, prefill_len)]
+    long_ids = ids(prefill_len)
     caches, logits = chain.prefill(caches, long_ids)  # compile this bucket
     np.asarray(logits)
     best = float("inf")
@@ -184,25 +289,6 @@ def engine_numbers(
         np.asarray(logits)
         best = min(best, time.perf_counter() - t0)
     res["prefill_tok_s"] = prefill_len / best
-    del caches
-
-    caches = chain.new_caches(batch)
-    toks = np.zeros(batch, np.int32)
-    for slot in range(batch):
-        sid = [int(x) for x in rng.integers(0, vocab, prompt)]
-        caches, logits = chain.prefill(caches, sid, slot=slot)
-        toks[slot] = int(np.argmax(np.asarray(logits)))
-    pos = np.full(batch, prompt, np.int32)
-    caches, logits = chain.decode(caches, toks, pos)  # compile
-    toks = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
-    pos += 1
-    t0 = time.perf_counter()
-    steps = new - 1
-    for _ in range(steps):
-        caches, logits = chain.decode(caches, toks, pos)
-        toks = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
-        pos += 1
-    res[f"batch{batch}_tok_s"] = batch * steps / (time.perf_counter() - t0)
     return res
 
 
@@ -239,7 +325,7 @@ def run_dtype(
     spec = PartitionSpec.whole(cfg)
     context = 1024 if not args.quick else 256
     hf = None
-    if args.transformers:
+    if args.transformers and not args.only_decode:
         import safetensors.torch
         import torch
         import transformers
@@ -264,10 +350,14 @@ def run_dtype(
     else:
         part = Partition(cfg, spec, random_params(cfg, dtype), dtype, context, 512)
     chain = Chain([part])
-    res = engine_numbers(chain, sizes["prompt"], sizes["new"], sizes["prefill"], sizes["batch"])
-    res["batch8_tok_s"] = res.pop(f"batch{sizes['batch']}_tok_s")
+    res = engine_numbers(
+        chain, sizes["prompt"], sizes["new"], sizes["prefill"], sizes["batch"], args.only_decode
+    )
     step_bytes = bytes_per_decode_step(part, sizes["prompt"] + sizes["new"] // 2)
     res["bandwidth_gb_s"] = measure_bandwidth() / 1e9
+    gemv_s = weights_gemv_seconds(part)
+    res["gemv_floor_ms"] = gemv_s * 1e3
+    res["gemv_gb_s"] = step_bytes / gemv_s / 1e9  # KV bytes included: ~1% at this context
     res["bandwidth_ceiling_tok_s"] = res["bandwidth_gb_s"] * 1e9 / step_bytes
     res["weights_gb"] = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params)) / 1e9
     del chain, part
@@ -280,6 +370,11 @@ def run_dtype(
         res["decode_vs_transformers"] = res["decode_tok_s"] / res["transformers_decode_tok_s"]
     res["batch8_vs_batch1"] = res["batch8_tok_s"] / res["decode_tok_s"]
     res["decode_vs_ceiling"] = res["decode_tok_s"] / res["bandwidth_ceiling_tok_s"]
+    res["decode_multistep_vs_ceiling"] = (
+        res["decode_multistep_tok_s"] / res["bandwidth_ceiling_tok_s"]
+    )
+    res["decode_ms_per_step"] = 1e3 / res["decode_tok_s"]
+    res["decode_multistep_ms_per_step"] = 1e3 / res["decode_multistep_tok_s"]
     return res
 
 
@@ -290,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=["qwen0.5b", "llama8b"], default="qwen0.5b")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false")
+    ap.add_argument(
+        "--only-decode",
+        action="store_true",
+        help="decode and bandwidth only: no prefill, generate() or transformers (short GPU runs)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke test")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
