@@ -11,11 +11,14 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from node import __version__
 from node.metrics import CONTENT_TYPE
+
+log = structlog.get_logger("enjambre.api")
 
 JSON = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,6 +40,10 @@ class PeerNotFound(LookupError):
     """The node id is not in the cluster directory."""
 
 
+class PeerUnreachable(ConnectionError):
+    """The node is in the directory but did not answer over the transport."""
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -54,6 +61,9 @@ def _auth_middleware(token: str | None) -> Middleware:
             if exc.status >= 400:
                 return _error(exc.status, exc.reason or "request failed")
             raise
+        except Exception as exc:  # never an HTML traceback to an API client
+            log.exception("api handler failed", path=request.path)
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     return middleware
 
@@ -78,6 +88,8 @@ def build_app(node: NodeView, *, token: str | None = None) -> web.Application:
             return web.json_response(await node.ping_peer(node_id))
         except PeerNotFound as exc:
             return _error(404, str(exc))
+        except PeerUnreachable as exc:
+            return _error(502, str(exc))
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=node.metrics_text().encode(), headers={"Content-Type": CONTENT_TYPE})

@@ -22,14 +22,14 @@ import structlog
 from aiohttp import web
 
 from node import __version__, sdnotify
-from node.api import PeerNotFound, build_app
+from node.api import PeerNotFound, PeerUnreachable, build_app
 from node.capabilities import Capabilities, collect
 from node.config import Config
 from node.dht import DHTNode
 from node.discovery import Beacon
 from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.metrics import Registry
-from node.transport import Transport
+from node.transport import Transport, TransportError
 from protocol.messages import PROTOCOL_VERSION
 
 log = structlog.get_logger("enjambre.daemon")
@@ -317,9 +317,16 @@ class Daemon:
         value = members[matches[0]]
         host = value["addresses"][0]
         start = time.perf_counter()
-        conn = await self.transport.connect(host, int(value["peer_port"]), expect_node_id=matches[0])
-        connected = time.perf_counter()
-        info = await conn.request("node.info", None, timeout=5.0)
+        try:
+            conn = await asyncio.wait_for(
+                self.transport.connect(host, int(value["peer_port"]), expect_node_id=matches[0]), 5.0
+            )
+            connected = time.perf_counter()
+            info = await conn.request("node.info", None, timeout=5.0)
+        except (TransportError, OSError, TimeoutError) as exc:
+            raise PeerUnreachable(
+                f"node {matches[0][:12]} at {host}:{value['peer_port']} did not answer ({exc or type(exc).__name__})"
+            ) from None
         done = time.perf_counter()
         return {
             "id": matches[0], "name": info.get("name"), "address": f"{host}:{value['peer_port']}",

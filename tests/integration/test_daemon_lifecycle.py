@@ -87,6 +87,12 @@ def test_ping_over_mutual_tls(cluster: LocalCluster) -> None:
     data = json.loads(out.stdout)
     assert data["id"] == b.node_id and data["name"] == "node1"
     assert data["rtt_ms"] > 0
+    # A peer that vanished but is still in the directory: a clear error, no traceback.
+    cluster.stop(b, signal.SIGKILL)
+    out = _nodectl("ping", b.node_id[:10], env={"ENJAMBRE_CONFIG": str(a.config)})
+    assert out.returncode == 1
+    assert "did not answer" in out.stderr and "Traceback" not in out.stderr
+    assert cluster.get(a, "/healthz")["state"] == "ready"
 
 
 def test_status_without_daemon_says_how_to_start(tmp_path: Path) -> None:

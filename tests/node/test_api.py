@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from node.api import PeerNotFound, build_app
+from node.api import PeerNotFound, PeerUnreachable, build_app
 
 
 class FakeNode:
@@ -18,6 +18,10 @@ class FakeNode:
 
     async def ping_peer(self, node_id: str) -> dict[str, Any]:
         self.pinged.append(node_id)
+        if node_id == "dead":
+            raise PeerUnreachable("node dead did not answer")
+        if node_id == "b0b0":
+            raise RuntimeError("boom")
         if node_id != "abcd":
             raise PeerNotFound(f"no node with id {node_id}")
         return {"id": node_id, "rtt_ms": 1.0}
@@ -58,6 +62,10 @@ async def test_errors_are_json_and_ids_are_checked() -> None:
         assert resp.status == 400 and "hex" in (await resp.json())["error"]
         resp = await client.post("/api/cluster/ping/ffff")
         assert resp.status == 404 and "no node" in (await resp.json())["error"]
+        resp = await client.post("/api/cluster/ping/dead")
+        assert resp.status == 502 and "did not answer" in (await resp.json())["error"]
+        resp = await client.post("/api/cluster/ping/b0b0")
+        assert resp.status == 500 and "boom" in (await resp.json())["error"]
         resp = await client.post("/api/cluster/ping/ABCD")
         assert resp.status == 200 and (await resp.json())["id"] == "abcd"
         resp = await client.get("/metrics")
