@@ -25,7 +25,7 @@ from node import __version__, sdnotify
 from node.api import PeerNotFound, PeerUnreachable, build_app
 from node.capabilities import Capabilities, collect
 from node.config import Config
-from node.dht import DHTNode
+from node.dht import DHTError, DHTNode
 from node.discovery import Beacon
 from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.metrics import Registry
@@ -170,10 +170,12 @@ class Daemon:
     async def _bind(self, coro: Any, what: str, port: int) -> Any:
         try:
             return await coro
+        except (TransportError, DHTError) as exc:  # these already say what to do
+            raise DaemonError(str(exc)) from None
         except OSError as exc:
             raise DaemonError(
                 f"cannot listen on {self.config.network.listen}:{port} for the {what} port ({exc.strerror}); "
-                "is another program using it? change it in the config"
+                f"is another program using it? change network.{what.lower()}_port in the config"
             ) from None
 
     async def _start_api(self) -> None:

@@ -109,3 +109,22 @@ def test_broken_config_is_refused_clearly(tmp_path: Path) -> None:
     out = _nodectl("serve", "--config", str(cfg))
     assert out.returncode == 1
     assert "peer_port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_busy_port_is_refused_clearly(tmp_path: Path) -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        cfg = tmp_path / "node.toml"
+        init = _nodectl("init", "--config", str(cfg), "--data-dir", str(tmp_path / "data"), "--new-cluster",
+                        "--peer-port", str(port), "--dht-port", "0", "--api-port", "0", "--no-discovery")
+        assert init.returncode == 0, init.stderr
+        out = _nodectl("serve", "--config", str(cfg), env={"ENJAMBRE_BENCH_SECONDS": "0.1"})
+        assert out.returncode == 1
+        assert f"cannot listen for peers on 127.0.0.1:{port}" in out.stderr and "network.peer_port" in out.stderr
+        assert "Traceback" not in out.stderr
+        assert not (tmp_path / "data" / "daemon.json").exists()
+    finally:
+        blocker.close()
