@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.netpolicy import is_lan_address
 from node.units import format_size, parse_size
 
 __all__ = [
@@ -290,10 +291,6 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
-
-
-def _is_lan_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return addr.is_private or addr.is_loopback or addr.is_link_local
 
 
 # ---------------------------------------------------------------------------------------
@@ -663,8 +660,7 @@ def _check_relations(config: Config) -> None:
     path = config.path
     net = config.network
     if not net.allow_public:
-        listen = ipaddress.ip_address(net.listen)
-        if not _is_lan_address(listen):
+        if not is_lan_address(net.listen):
             raise ConfigError(
                 f"{net.listen} is a public address; enjambre is LAN-only by default. "
                 f"Use a private address or set network.allow_public = true",
@@ -672,7 +668,7 @@ def _check_relations(config: Config) -> None:
                 key="network.listen",
             )
         for host, port in net.bootstrap:
-            if _is_ip(host) and not _is_lan_address(ipaddress.ip_address(host.split("%")[0])):
+            if _is_ip(host) and not is_lan_address(host.split("%")[0]):
                 raise ConfigError(
                     f"{host}:{port} is a public address; peers must be on the LAN unless "
                     f"network.allow_public = true",

@@ -291,6 +291,8 @@ def test_bad_bootstrap_entries(cfg_dir: Path, entry: str, fragment: str) -> None
         ("[network]\nlisten = 'myhost'\n", "network.listen", "not an IP address"),
         ("[network]\nlisten = '8.8.8.8'\n", "network.listen", "allow_public = true"),
         ("[network]\nbootstrap = ['1.1.1.1:7421']\n", "network.bootstrap", "public address"),
+        # Python calls documentation ranges "private"; the LAN policy does not.
+        ("[network]\nlisten = '203.0.113.5'\n", "network.listen", "public address"),
         ("[network]\nbeacon_group = '10.0.0.1'\n", "network.beacon_group", "not a multicast"),
         ("[network]\nbeacon_group = 'x'\n", "network.beacon_group", "not an IP address"),
         ("[api]\nhost = 'bad host'\n", "api.host", "neither an IP address"),
