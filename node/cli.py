@@ -148,7 +148,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.daemon import Daemon, DaemonError
-    from node.logs import configure_logging
+    from node.system.logs import configure_logging
 
     cfg = _load(args)
     configure_logging(args.log_level or cfg.log.level, cfg.log.format)
@@ -169,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from node import service
+    from node.system import install as service
 
     return service.main(args.service_args)
 

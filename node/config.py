@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.netpolicy import is_lan_address
-from node.units import format_size, parse_size
+from node.net.addresses import is_lan_address
+from node.system.units import format_size, parse_size
 
 __all__ = [
     "ApiSection",

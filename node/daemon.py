@@ -21,15 +21,16 @@ import psutil
 import structlog
 from aiohttp import web
 
-from node import __version__, sdnotify
-from node.api import PeerNotFound, PeerUnreachable, build_app
-from node.capabilities import Capabilities, collect
+from node import __version__
+from node.api.app import PeerNotFound, PeerUnreachable, build_app
+from node.cluster.capabilities import Capabilities, collect
 from node.config import Config
-from node.dht import DHTError, DHTNode
-from node.discovery import Beacon
+from node.dht.node import DHTError, DHTNode
 from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
-from node.metrics import Registry
-from node.transport import Transport, TransportError
+from node.net.discovery import Beacon
+from node.net.transport import Transport, TransportError
+from node.system import sdnotify
+from node.system.metrics import Registry
 from protocol.messages import PROTOCOL_VERSION
 
 log = structlog.get_logger("enjambre.daemon")

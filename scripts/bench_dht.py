@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.dht import DHTNode
+from node.dht.node import DHTNode
 from node.identity import ClusterKeys, NodeKey, generate_secret, parse_secret
 
 

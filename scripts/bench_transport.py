@@ -43,7 +43,7 @@ from node.identity import (
     parse_secret,
     server_ssl_context,
 )
-from node.transport import Connection, Transport
+from node.net.transport import Connection, Transport
 
 BULK_BYTES = 16 * 2**20
 _LEN = struct.Struct(">I")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.localcluster import LocalCluster
+from node.testing.localcluster import LocalCluster
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from node.tinymodel import ARCHS, DTYPES, make_tiny_model
+from node.testing.tinymodel import ARCHS, DTYPES, make_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:

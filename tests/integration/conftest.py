@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.localcluster import LocalCluster
+from node.testing.localcluster import LocalCluster
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from node.identity import generate_secret, write_secret_file
-from node.localcluster import LocalCluster
+from node.testing.localcluster import LocalCluster
 
 
 def _nodectl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

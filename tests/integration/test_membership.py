@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from node.localcluster import LocalCluster
+from node.testing.localcluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from nsutil import Host, bridged_hosts, netns_unusable_reason
+
+from tests.helpers.netns import Host, bridged_hosts, netns_unusable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -18,9 +18,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from nsutil import Host, bridged_hosts, netns_unusable_reason
 
 from node.identity import generate_secret
+from tests.helpers.netns import Host, bridged_hosts, netns_unusable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -30,8 +30,8 @@ N = 3
 NODE_CODE = textwrap.dedent(
     """
     import asyncio, json, os, sys, time
-    from node.dht import DHTNode
-    from node.discovery import Beacon
+    from node.dht.node import DHTNode
+    from node.net.discovery import Beacon
     from node.identity import ClusterKeys, NodeKey, parse_secret
 
     async def main():

@@ -1,0 +1,333 @@
+"""LAN beacon: find DHT bootstrap peers on the local network without configuration.
+
+Every few seconds a node multicasts a sealed beacon (``protocol.seal`` with the
+cluster's ``beacon_key``) carrying only its node id and DHT address. Beacons of
+other clusters, forged, replayed, stale or from non-LAN addresses are dropped
+and counted; valid ones from other nodes call ``on_peer(host, dht_port,
+node_id)``, which the daemon turns into ``DHTNode.add_bootstrap_peer``.
+
+Multicast uses TTL 1 so beacons never leave the link. ``interface`` picks the
+interface to send and join on (an IPv4 address or an interface name); tests pass
+127.0.0.1, or ``targets`` for plain unicast, so nothing reaches a real network.
+
+Beacon payload (msgpack inside the seal)::
+
+    [1, node_id (hex str), dht_host (str, "" = use the beacon's source address), dht_port]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import structlog
+
+from node.identity import ClusterKeys
+from node.net.addresses import is_allowed
+from protocol.seal import DEFAULT_MAX_SKEW, ReplayGuard, SealError, open_sealed, seal
+
+__all__ = ["DEFAULT_GROUP", "DEFAULT_PORT", "Beacon", "BeaconError"]
+
+log = structlog.get_logger("enjambre.discovery")
+
+DEFAULT_GROUP = "239.255.74.20"
+DEFAULT_PORT = 7423
+_VERSION = 1
+_MAX_BEACON = 512
+
+
+class BeaconError(Exception):
+    """The beacon could not start (message says what was wrong and what to do)."""
+
+
+def _interface_address(interface: str | None) -> str | None:
+    """An IPv4 address for ``interface`` (an address already, or an interface name)."""
+    if interface is None:
+        return None
+    try:
+        addr = ipaddress.IPv4Address(interface)
+    except ValueError:
+        pass
+    else:
+        # A daemon listening on all interfaces lets the OS pick the route.
+        return None if addr.is_unspecified else str(addr)
+    import psutil  # only needed when an interface is given by name
+
+    for family_addr in psutil.net_if_addrs().get(interface, []):
+        if family_addr.family == socket.AF_INET:
+            return str(family_addr.address)
+    raise BeaconError(
+        f"beacon interface {interface!r} is neither an IPv4 address nor an interface with an "
+        "IPv4 address; set network.beacon_interface to the LAN interface (e.g. eth0 or "
+        "192.168.1.20)"
+    )
+
+
+class _BeaconProtocol(asyncio.DatagramProtocol):
+    def __init__(self, beacon: Beacon) -> None:
+        self.beacon = beacon
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.beacon.handle_datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        self.beacon._bump("send_errors")
+
+
+class Beacon:
+    """Sends this node's beacon and listens for others'. Build with :meth:`create`."""
+
+    def __init__(
+        self,
+        cluster: ClusterKeys,
+        *,
+        node_id: str,
+        dht_host: str,
+        dht_port: int,
+        on_peer: Callable[[str, int, str], None],
+        group: str = DEFAULT_GROUP,
+        port: int = DEFAULT_PORT,
+        interface: str | None = "127.0.0.1",
+        interval: float = 5.0,
+        allow_public: bool = False,
+        targets: list[tuple[str, int]] | None = None,
+        max_skew: float = DEFAULT_MAX_SKEW,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < dht_port < 65536:
+            raise BeaconError(f"beacon DHT port {dht_port} is not a valid UDP port")
+        if interval <= 0:
+            raise BeaconError(f"beacon interval must be positive, got {interval}")
+        try:
+            if not ipaddress.IPv4Address(group).is_multicast:
+                raise ValueError
+        except ValueError:
+            raise BeaconError(
+                f"beacon group {group!r} is not an IPv4 multicast address (224.0.0.0/4); "
+                f"use the default {DEFAULT_GROUP}"
+            ) from None
+        self.cluster = cluster
+        self.node_id = node_id
+        self.dht_host = dht_host
+        self.dht_port = dht_port
+        self.on_peer = on_peer
+        self.group = group
+        self.port = port
+        self.interface = _interface_address(interface)
+        self.interval = interval
+        self.allow_public = allow_public
+        self.targets = list(targets) if targets is not None else None
+        self.max_skew = max_skew
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.metrics: dict[str, int] = {
+            "beacons_sent": 0,
+            "beacons_received": 0,
+            "peers_seen": 0,
+            "dropped_total": 0,
+        }
+        self.peers: dict[str, tuple[str, int]] = {}
+        self._notified_at: dict[str, float] = {}
+        self._replay = ReplayGuard(max_skew, max_entries=10_000)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def create(
+        cls,
+        cluster: ClusterKeys,
+        *,
+        node_id: str,
+        dht_host: str,
+        dht_port: int,
+        on_peer: Callable[[str, int, str], None],
+        group: str = DEFAULT_GROUP,
+        port: int = DEFAULT_PORT,
+        interface: str | None = "127.0.0.1",
+        interval: float = 5.0,
+        allow_public: bool = False,
+        **options: Any,
+    ) -> Beacon:
+        """Start listening and beaconing. ``interface`` None lets the OS pick (daemon use)."""
+        beacon = cls(
+            cluster,
+            node_id=node_id,
+            dht_host=dht_host,
+            dht_port=dht_port,
+            on_peer=on_peer,
+            group=group,
+            port=port,
+            interface=interface,
+            interval=interval,
+            allow_public=allow_public,
+            **options,
+        )
+        await beacon._start()
+        return beacon
+
+    @property
+    def bound_port(self) -> int:
+        if self._transport is None:
+            return 0
+        return int(self._transport.get_extra_info("sockname")[1])
+
+    def _make_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.targets is not None:
+                # Unicast mode (tests, networks without multicast).
+                sock.bind((self.interface or "127.0.0.1", self.port))
+            else:
+                # Several nodes on one host (tests, dev) share the port.
+                if hasattr(socket, "SO_REUSEPORT"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                # Binding to the group (Linux) receives only this group's traffic.
+                sock.bind((self.group, self.port))
+                iface = socket.inet_aton(self.interface or "0.0.0.0")
+                sock.setsockopt(
+                    socket.IPPROTO_IP,
+                    socket.IP_ADD_MEMBERSHIP,
+                    socket.inet_aton(self.group) + iface,
+                )
+                if self.interface is not None:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise BeaconError(
+                f"cannot start the LAN beacon on group {self.group} port {self.port} "
+                f"(interface {self.interface or 'default'}): {exc.strerror or exc}; check "
+                "network.beacon_interface, or disable the beacon and list bootstrap peers"
+            ) from None
+        return sock
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self._make_socket()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _BeaconProtocol(self), sock=sock)
+        self._transport = transport
+        self._task = asyncio.ensure_future(self._send_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _bump(self, name: str, amount: int = 1) -> None:
+        self.metrics[name] = self.metrics.get(name, 0) + amount
+
+    def _drop(self, reason: str) -> None:
+        self._bump(f"dropped_{reason}")
+        self._bump("dropped_total")
+
+    # ---------------------------------------------------------------- sending
+
+    def beacon_datagram(self) -> bytes:
+        payload = msgpack.packb(
+            [_VERSION, self.node_id, self.dht_host, self.dht_port], use_bin_type=True
+        )
+        return seal(self.cluster.beacon_key, payload, now=self.wall_clock())
+
+    def send_now(self) -> None:
+        if self._transport is None:
+            return
+        datagram = self.beacon_datagram()
+        destinations = self.targets if self.targets is not None else [(self.group, self.port)]
+        for destination in destinations:
+            self._transport.sendto(datagram, destination)
+            self._bump("beacons_sent")
+            self._bump("bytes_sent", len(datagram))
+
+    async def _send_loop(self) -> None:
+        while True:
+            try:
+                self.send_now()
+            except OSError as exc:
+                self._bump("send_errors")
+                log.warning("beacon send failed", error=str(exc))
+            # Jitter keeps many nodes that started together from beaconing in step.
+            await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
+
+    # -------------------------------------------------------------- receiving
+
+    def handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._bump("bytes_received", len(data))
+        if not is_allowed(addr[0], self.allow_public):
+            return self._drop("address")
+        if len(data) > _MAX_BEACON:
+            return self._drop("garbage")
+        now = self.wall_clock()
+        try:
+            unsealed = open_sealed(self.cluster.beacon_key, data, now=now, max_skew=self.max_skew)
+        except SealError as exc:
+            # Another cluster on the same LAN lands here too: silently counted.
+            return self._drop(exc.reason)
+        if not self._replay.check(unsealed.nonce, now=now):
+            return self._drop("replay")
+        try:
+            message = msgpack.unpackb(
+                unsealed.payload, raw=False, max_array_len=8, max_map_len=0, max_ext_len=0
+            )
+        except Exception:
+            return self._drop("malformed")
+        if (
+            not isinstance(message, list)
+            or len(message) != 4
+            or message[0] != _VERSION
+            or not isinstance(message[1], str)
+            or not isinstance(message[2], str)
+            or not isinstance(message[3], int)
+            or not 0 < message[3] < 65536
+        ):
+            return self._drop("malformed")
+        _, node_id, host, dht_port = message
+        if node_id == self.node_id:
+            self._bump("own_beacons")
+            return None
+        self._bump("beacons_received")
+        host = self._peer_host(host, addr[0])
+        if not is_allowed(host, self.allow_public):
+            return self._drop("address")
+        self._notify(node_id, host, dht_port)
+        return None
+
+    @staticmethod
+    def _peer_host(claimed: str, source: str) -> str:
+        try:
+            addr = ipaddress.ip_address(claimed)
+        except ValueError:
+            return source
+        return source if addr.is_unspecified else claimed
+
+    def _notify(self, node_id: str, host: str, dht_port: int) -> None:
+        now = self.clock()
+        previous = self.peers.get(node_id)
+        if previous is None:
+            self._bump("peers_seen")
+        last = self._notified_at.get(node_id)
+        # Re-announce now and then, so a DHT that lost the peer relearns it.
+        if previous == (host, dht_port) and last is not None and now - last < 10 * self.interval:
+            return
+        self.peers[node_id] = (host, dht_port)
+        self._notified_at[node_id] = now
+        try:
+            self.on_peer(host, dht_port, node_id)
+        except Exception as exc:
+            self._bump("callback_errors")
+            log.warning("beacon on_peer callback failed", error=repr(exc))
