@@ -30,6 +30,7 @@ from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
 from node.net.transport import Transport, TransportError
 from node.system import sdnotify
+from node.system.files import atomic_write
 from node.system.metrics import Registry
 from protocol.messages import PROTOCOL_VERSION
 
@@ -238,10 +239,7 @@ class Daemon:
             "pid": os.getpid(), "node_id": self.key.node_id, "api_host": self.config.api.host,
             "api_port": self.api_port, "peer_port": self.transport.port, "dht_port": self.dht.port,
         }
-        path = self.config.node.data_dir / RUNTIME_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        atomic_write(self.config.node.data_dir / RUNTIME_FILE, json.dumps(data))
 
     # ------------------------------------------------------------------ membership
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import os
 import secrets
 import ssl
 import stat
@@ -33,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
+
+from node.system.files import atomic_write
 
 SECRET_PREFIX = "enj1"
 SECRET_BYTES = 32
@@ -108,24 +109,9 @@ def read_secret_file(path: Path) -> bytes:
     return parse_secret(path.read_text(encoding="utf-8", errors="replace"))
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_secret_file(path: Path, text: str) -> None:
     parse_secret(text)  # never store something that will not load
-    _atomic_write(Path(path), (text.strip() + "\n").encode())
+    atomic_write(path, text.strip() + "\n", mode=0o600)
 
 
 # --------------------------------------------------------------------------- node key
@@ -182,7 +168,7 @@ class NodeKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _atomic_write(Path(path), pem)
+        atomic_write(path, pem, mode=0o600)
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)

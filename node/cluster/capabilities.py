@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import psutil
 import structlog
 
 from node.config import Config
+from node.system.files import atomic_write
 from node.system.units import format_size
 
 __all__ = [
@@ -287,17 +287,7 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 def _write_cache(path: Path, entries: dict[str, Any]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"version": CACHE_VERSION, "entries": entries}, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1))
     except OSError as exc:
         # Not fatal: the node works, it just measures again next start.
         log.warning("cannot write capabilities cache", path=str(path), error=str(exc))

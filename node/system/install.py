@@ -17,12 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
+
+from node.system.files import atomic_write
 
 __all__ = [
     "LAUNCHD_LABEL",
@@ -250,21 +251,6 @@ def _create_user(user: str) -> None:
         )
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def install(
     kind: Kind | None = None,
     *,
@@ -364,7 +350,7 @@ def _install_systemd(
     if dry_run:
         print(f"would write {target}:\n{content}", file=out)
     else:
-        _atomic_write(target, content.encode())
+        atomic_write(target, content.encode())
         print(f"wrote {target}", file=out)
 
     commands: list[str] = []
@@ -422,7 +408,7 @@ def _install_launchd(
     else:
         # launchd opens the log file but does not create its directory.
         log_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, content)
+        atomic_write(target, content)
         print(f"wrote {target}", file=out)
     commands: list[str] = []
     if not config.exists():
