@@ -43,7 +43,7 @@ from node.engine import (
     partition_param_count,
     sample_batch,
 )
-from node.engine.weights import Params
+from node.engine.weights import LayerParams, PartitionParams
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen0.5b": {
@@ -98,7 +98,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def random_params(cfg: ModelConfig, dtype: str, seed: int = 0) -> Params:
+def random_params(cfg: ModelConfig, dtype: str, seed: int = 0) -> PartitionParams:
     """Random weights built on the device in the engine's layout (no checkpoint needed)."""
     H, F, V, Q, KV = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.q_size, cfg.kv_size
     key = jax.random.PRNGKey(seed)
@@ -108,23 +108,22 @@ def random_params(cfg: ModelConfig, dtype: str, seed: int = 0) -> Params:
         key, sub = jax.random.split(key)
         return (0.02 * jax.random.normal(sub, shape, jnp.float32)).astype(dtype)
 
-    layers = []
-    for _ in range(cfg.num_layers):
-        layers.append(
-            {
-                "ln1": jnp.ones((H,), dtype),
-                "wqkv": rnd((H, Q + 2 * KV)),
-                "bqkv": rnd((Q + 2 * KV,)) if cfg.qkv_bias else None,
-                "wo": rnd((Q, H)),
-                "bo": rnd((H,)) if cfg.o_bias else None,
-                "ln2": jnp.ones((H,), dtype),
-                "wgu": rnd((H, 2 * F)),
-                "wd": rnd((F, H)),
-            }
+    layers = tuple(
+        LayerParams(
+            ln1=jnp.ones((H,), dtype),
+            wqkv=rnd((H, Q + 2 * KV)),
+            bqkv=rnd((Q + 2 * KV,)) if cfg.qkv_bias else None,
+            wo=rnd((Q, H)),
+            bo=rnd((H,)) if cfg.o_bias else None,
+            ln2=jnp.ones((H,), dtype),
+            wgu=rnd((H, 2 * F)),
+            wd=rnd((F, H)),
         )
+        for _ in range(cfg.num_layers)
+    )
     embed = rnd((V, H))
     head = None if cfg.tie_word_embeddings else rnd((H, V))
-    params = {"embed": embed, "layers": layers, "final_norm": jnp.ones((H,), dtype), "head": head}
+    params = PartitionParams(embed, layers, jnp.ones((H,), dtype), head)
     n = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
     assert n == partition_param_count(cfg, PartitionSpec.whole(cfg)), (
         "layout drifted from weights.py"
@@ -163,13 +162,13 @@ def weights_gemv_seconds(part: Partition) -> float:
     layer matrices and the head), nothing else: the floor for a batch-1 step given XLA's
     own matrix-vector kernels, to tell kernel speed from overhead. Several launches run
     back to back per timed region, as in measure_bandwidth."""
-    mats = [
-        w
-        for layer in part.params["layers"]
-        for w in (layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"])
-    ]
-    head = part.params["head"]
-    mats.append(head if head is not None else part.params["embed"].T)
+    params = part.params
+    mats = [w for layer in params.layers for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd)]
+    if params.head is not None:
+        mats.append(params.head)
+    else:  # tied head: the embedding table, used transposed
+        assert params.embed is not None
+        mats.append(params.embed.T)
 
     @jax.jit
     def gemvs(ws: list[jax.Array]) -> jax.Array:
@@ -192,11 +191,10 @@ def weights_gemv_seconds(part: Partition) -> float:
 def bytes_per_decode_step(part: Partition, context: int) -> int:
     """Weights a batch-1 step reads (one embedding row, not the table, unless the table is
     also the head) plus the KV cache up to `context` tokens."""
-    cfg, total = part.config, 0
-    for leaf in jax.tree_util.tree_leaves(part.params):
-        total += int(leaf.nbytes)
-    if part.params["head"] is not None and part.params["embed"] is not None:
-        total -= int(part.params["embed"].nbytes)
+    cfg, params = part.config, part.params
+    total = params.nbytes
+    if params.head is not None and params.embed is not None:
+        total -= int(params.embed.nbytes)
     itemsize = jnp.dtype(part.dtype).itemsize
     return total + 2 * cfg.num_layers * context * cfg.kv_size * itemsize
 
@@ -359,7 +357,7 @@ def run_dtype(
     res["gemv_floor_ms"] = gemv_s * 1e3
     res["gemv_gb_s"] = step_bytes / gemv_s / 1e9  # KV bytes included: ~1% at this context
     res["bandwidth_ceiling_tok_s"] = res["bandwidth_gb_s"] * 1e9 / step_bytes
-    res["weights_gb"] = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params)) / 1e9
+    res["weights_gb"] = part.params.nbytes / 1e9
     del chain, part
     if hf is not None:
         res.update(

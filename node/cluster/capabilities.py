@@ -1,17 +1,18 @@
 """What this node can do, as advertised in its DHT record.
 
 Owns ``collect`` (OS, CPU, memory, compute device, measured matmul TFLOPS, and the
-memory this node lends to the cluster) and ``measure_tflops`` (a short JAX benchmark).
+memory this node lends to the cluster), the host facts and the benchmark cache. The JAX
+side (device probe, TFLOPS benchmark) is ``node.engine.device``.
 
 Decisions:
 
-* TFLOPS are measured, never looked up in a table of chips: a few jitted square f32
-  matmuls, sized up until one takes a noticeable time, best of several runs. The result
-  is cached in ``data_dir/capabilities-cache.json`` under a fingerprint of the machine
-  (CPU model, core count, accelerator name, JAX version), so restarts are instant and a
-  new GPU or JAX release triggers a new measurement.
-* JAX is imported inside functions only: importing it takes seconds, and ``collect`` is
-  a plain blocking function the daemon runs in a worker thread, off the event loop.
+* TFLOPS are measured (``node.engine.device.measure_tflops``), never looked up in a
+  table of chips. The result is cached in ``data_dir/capabilities-cache.json`` under a
+  fingerprint of the machine (CPU model, core count, accelerator name, JAX version), so
+  restarts are instant and a new GPU or JAX release triggers a new measurement.
+* Importing this module does not import JAX (that takes seconds): ``node.engine.device``
+  imports it inside its functions, and ``collect`` is a plain blocking function the
+  daemon runs in a worker thread, off the event loop.
 * ``memory_allowed`` is memory of the device that runs the layers (accelerator memory
   when JAX sees a GPU/TPU, host RAM otherwise): ``resources.max_memory`` when set,
   else 75% of what is available at start, and never more than what is available. It is
@@ -37,6 +38,8 @@ import psutil
 import structlog
 
 from node.config import Config
+from node.engine import device as engine_device  # used via the module: tests patch it there
+from node.engine.device import DEFAULT_BENCH_SECONDS, BenchmarkResult, DeviceInfo
 from node.system.files import atomic_write
 from node.system.units import format_size
 
@@ -44,14 +47,11 @@ __all__ = [
     "BENCH_SECONDS_ENV",
     "CACHE_FILE",
     "DEFAULT_MEMORY_FRACTION",
-    "BenchmarkResult",
     "Capabilities",
-    "DeviceInfo",
     "collect",
     "cpu_model",
+    "lendable_memory",
     "machine_fingerprint",
-    "measure_tflops",
-    "probe_device",
 ]
 
 log = structlog.get_logger(__name__)
@@ -60,28 +60,8 @@ CACHE_FILE = "capabilities-cache.json"
 # Seconds of timed matmuls per measurement; integration tests that start many daemons
 # with fresh data dirs shorten it.
 BENCH_SECONDS_ENV = "ENJAMBRE_BENCH_SECONDS"
-DEFAULT_BENCH_SECONDS = 1.5
 CACHE_VERSION = 1
 DEFAULT_MEMORY_FRACTION = 0.75
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    """The compute device JAX will use."""
-
-    kind: str  # "cpu", "gpu", "tpu" (JAX's platform name)
-    name: str | None  # accelerator model, None on CPU
-    count: int  # devices of that kind
-    memory_total: int | None  # bytes on the first accelerator, None on CPU
-    memory_available: int | None
-    jax_version: str
-
-
-@dataclass(frozen=True, slots=True)
-class BenchmarkResult:
-    tflops: float
-    matmul_size: int  # n of the n x n x n f32 matmul that was timed
-    seconds: float  # best time of one matmul
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +87,16 @@ class Capabilities:
         """Plain data (str/int/float/None) for msgpack and JSON."""
         return dataclasses.asdict(self)
 
+    @property
+    def memory_free(self) -> int:
+        """Memory of the device that runs the layers available now (see ``lendable_memory``)."""
+        return lendable_memory(self.device_kind, self.device_memory_available, self.memory_available)
+
     def refresh_memory(self) -> Capabilities:
         """A copy with current available memory (host, and accelerator when present)."""
         device_available = self.device_memory_available
         if self.device_kind != "cpu":
-            device_available = _accelerator_memory()[1]
+            device_available = engine_device.accelerator_memory()[1]
         return dataclasses.replace(
             self,
             memory_available=int(psutil.virtual_memory().available),
@@ -154,42 +139,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _accelerator_memory() -> tuple[int | None, int | None]:
-    import jax
-
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return None, None
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # some backends do not implement memory_stats
-        return None, None
-    total = stats.get("bytes_limit")
-    if total is None:
-        return None, None
-    used = int(stats.get("bytes_in_use", 0))
-    return int(total), max(0, int(total) - used)
-
-
-def probe_device() -> DeviceInfo:
-    """Ask JAX which device it will compute on (imports JAX: takes a few seconds)."""
-    import jax
-
-    devices = jax.devices()
-    first = devices[0]
-    if first.platform == "cpu":
-        return DeviceInfo("cpu", None, len(devices), None, None, jax.__version__)
-    total, available = _accelerator_memory()
-    return DeviceInfo(
-        kind=first.platform,
-        name=str(getattr(first, "device_kind", first.platform)),
-        count=sum(1 for d in devices if d.platform == first.platform),
-        memory_total=total,
-        memory_available=available,
-        jax_version=jax.__version__,
-    )
-
-
 def machine_fingerprint(device: DeviceInfo) -> dict[str, Any]:
     """What must be unchanged for a cached benchmark to still be valid."""
     return {
@@ -205,66 +154,6 @@ def machine_fingerprint(device: DeviceInfo) -> dict[str, Any]:
 def _fingerprint_key(fingerprint: dict[str, Any]) -> str:
     blob = json.dumps(fingerprint, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
-
-
-# ---------------------------------------------------------------------------------------
-# Benchmark
-
-
-def measure_tflops(
-    max_seconds: float = DEFAULT_BENCH_SECONDS, *, max_size: int | None = None
-) -> BenchmarkResult:
-    """Time square f32 matmuls with JAX and return the best rate seen.
-
-    The size doubles (from 256 on CPU, 1024 on accelerators) until one matmul takes
-    about 1/20 of the budget or the size cap is hit (2048 on CPU, 8192 on
-    accelerators), so small CPUs finish quickly and big GPUs are timed on a matrix large
-    enough to keep them busy. Then it repeats that matmul (at least 3 runs) and keeps the
-    fastest: noise only ever makes a run slower.
-
-    ``max_seconds`` budgets the timed matmuls, not compilation: on a cold GPU the first
-    compiles (cuBLAS autotuning) take seconds, and counting them stopped the sizing at
-    small, dispatch-bound matrices that under-reported an H200 by 18x. A wall-clock cap
-    of ``4 * max_seconds + 20`` s bounds the whole call. Blocking; run it in a thread.
-    """
-    import jax
-    import numpy as np
-
-    wall_cap = time.perf_counter() + 4 * max_seconds + 20
-    device = jax.devices()[0]
-    on_cpu = device.platform == "cpu"
-    cap = max_size or (2048 if on_cpu else 8192)
-    matmul = jax.jit(lambda a, b: a @ b)
-    # numpy, not jax.random: JAX compiles its RNG once per shape, ~1 s each on a CPU.
-    rng = np.random.default_rng(0)
-
-    def timed() -> float:
-        t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        return time.perf_counter() - t0
-
-    n = min(256 if on_cpu else 1024, cap)
-    spent = 0.0
-    while True:
-        a = jax.device_put(rng.standard_normal((n, n), dtype=np.float32), device)
-        b = jax.device_put(rng.standard_normal((n, n), dtype=np.float32), device)
-        matmul(a, b).block_until_ready()  # compile and warm up: not budgeted
-        best = timed()
-        spent += best
-        # Doubling n costs ~8x per run; the final size needs a warm-up and >= 3 runs.
-        too_slow = spent + best * 8 * 4 > max_seconds
-        if n * 2 > cap or best >= max_seconds / 20 or too_slow or time.perf_counter() > wall_cap:
-            break
-        n *= 2
-
-    runs = 1
-    while runs < 3 or (spent < max_seconds and runs < 50 and time.perf_counter() < wall_cap):
-        took = timed()
-        spent += took
-        best = min(best, took)
-        runs += 1
-    best = max(best, 1e-9)
-    return BenchmarkResult(tflops=2.0 * n**3 / best / 1e12, matmul_size=n, seconds=best)
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,6 +224,14 @@ def _cached_benchmark(
 # Collect
 
 
+def lendable_memory(device_kind: str, device_available: int | None, host_available: int) -> int:
+    """The memory this node could lend: the accelerator's when JAX computes on one
+    (and reports it), else host RAM. The one rule for ``memory_allowed`` and ``memory_free``."""
+    if device_kind != "cpu" and device_available is not None:
+        return device_available
+    return host_available
+
+
 def _allowed_memory(max_memory: int | None, available: int) -> int:
     if max_memory is None:
         return int(available * DEFAULT_MEMORY_FRACTION)
@@ -367,7 +264,7 @@ def _bench_seconds() -> float:
 
 
 def _default_benchmark() -> BenchmarkResult:
-    return measure_tflops(_bench_seconds())
+    return engine_device.measure_tflops(_bench_seconds())
 
 
 def collect(
@@ -384,15 +281,11 @@ def collect(
     ``$ENJAMBRE_BENCH_SECONDS``, default 1.5 s) and ``probe_device``; ``remeasure``
     ignores the cache.
     """
-    device = (device_probe or probe_device)()
+    device = (device_probe or engine_device.probe_device)()
     result = _cached_benchmark(Path(data_dir), device, benchmark or _default_benchmark, remeasure)
     memory = psutil.virtual_memory()
     host_total, host_available = int(memory.total), int(memory.available)
-    lendable = (
-        device.memory_available
-        if device.kind != "cpu" and device.memory_available is not None
-        else host_available
-    )
+    lendable = lendable_memory(device.kind, device.memory_available, host_available)
     model = cpu_model()
     return Capabilities(
         os=platform.system().lower(),

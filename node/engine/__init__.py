@@ -28,45 +28,84 @@ No networking here; the pipeline calls these public functions:
   discards tokens after a stop token. ``Chain.decode_steps`` for a one-partition chain.
 - Memory needed: ``memory_needed(config, start, end, has_embedding, has_head, dtype,
   context, batch) -> bytes`` (weights in dtype + KV cache).
-- In-process chains: ``load_chain(source, config, specs)`` and ``generate(chain, prompt,
-  sampling, max_tokens, block=16)`` yield (token, logprob); a one-partition chain decodes
-  in device blocks of ``block`` tokens (decode_steps), block=0 or a split chain step by step.
+- In-process chains (runner.py): ``load_chain(source, config, specs)`` and
+  ``generate(chain, prompt, sampling, max_tokens, block=16)`` yield (token, logprob); a
+  one-partition chain decodes in device blocks of ``block`` tokens (decode_steps),
+  block=0 or a split chain step by step.
+- This machine's device (device.py): ``probe_device() -> DeviceInfo``,
+  ``accelerator_memory() -> (total, available)`` bytes (None on CPU) and
+  ``measure_tflops(max_seconds) -> BenchmarkResult``.
 - ``enable_compilation_cache(directory)``: persist compiled steps across processes.
 
-Errors a user can cause are ``EngineError`` subclasses: ConfigError, UnsupportedModelError,
-WeightsError, MissingTensorError, ShapeMismatchError, ContextOverflowError,
-PartitionError, SamplingError.
+Errors a user can cause are ``EngineError`` subclasses (errors.py): ModelConfigError,
+UnsupportedModelError, WeightsError, MissingTensorError, ShapeMismatchError,
+ContextOverflowError, PartitionError, SamplingError.
+
+Importing the package (or ``node.engine.device`` / ``node.engine.errors``) does not import
+JAX: a name is imported from its submodule when first used (PEP 562 ``__getattr__``).
+JAX takes over a second to import, and the daemon imports the device probe at start-up
+but runs it later in a worker thread.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
-from node.engine.cache import KVCache
-from node.engine.config import (
-    ConfigError,
-    ContextOverflowError,
-    EngineError,
-    MissingTensorError,
-    ModelConfig,
-    PartitionError,
-    ShapeMismatchError,
-    UnsupportedModelError,
-    WeightsError,
-    load_config,
-    parse_config,
+if TYPE_CHECKING:
+    from node.engine.cache import KVCache
+    from node.engine.config import ModelConfig, load_config, parse_config
+    from node.engine.device import (
+        BenchmarkResult,
+        DeviceInfo,
+        accelerator_memory,
+        measure_tflops,
+        probe_device,
+    )
+    from node.engine.errors import (
+        ContextOverflowError,
+        EngineError,
+        MissingTensorError,
+        ModelConfigError,
+        PartitionError,
+        SamplingError,
+        ShapeMismatchError,
+        UnsupportedModelError,
+        WeightsError,
+    )
+    from node.engine.memory import memory_needed, partition_param_count
+    from node.engine.model import Partition, load_partition
+    from node.engine.runner import Chain, generate, load_chain
+    from node.engine.sampling import SamplerState, SamplingParams, sample_batch
+    from node.engine.weights import PartitionSpec, ReadRange, WeightSource, split_layers
+
+# Where __getattr__ looks for a public name, in this order: the modules without JAX first,
+# so that `from node.engine import EngineError` loads errors.py alone.
+_SUBMODULES = (
+    "errors",
+    "device",
+    "config",
+    "weights",
+    "cache",
+    "memory",
+    "sampling",
+    "model",
+    "runner",
 )
-from node.engine.memory import memory_needed, partition_param_count
-from node.engine.model import Chain, Partition, generate, load_chain, load_partition
-from node.engine.sampling import (
-    Categorical,
-    Greedy,
-    SamplerState,
-    SamplingError,
-    SamplingParams,
-    sample_batch,
-)
-from node.engine.weights import PartitionSpec, ReadRange, WeightSource, split_layers
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        # Also how `from node.engine import model` falls through to the submodule.
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for sub in _SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{sub}")
+        if hasattr(module, name):
+            value = getattr(module, name)
+            globals()[name] = value
+            return value
+    raise AttributeError(f"{__name__}.{name} is in __all__ but in none of {_SUBMODULES}")
 
 
 def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
@@ -78,15 +117,15 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
 
 
 __all__ = [
-    "Categorical",
+    "BenchmarkResult",
     "Chain",
-    "ConfigError",
     "ContextOverflowError",
+    "DeviceInfo",
     "EngineError",
-    "Greedy",
     "KVCache",
     "MissingTensorError",
     "ModelConfig",
+    "ModelConfigError",
     "Partition",
     "PartitionError",
     "PartitionSpec",
@@ -98,14 +137,17 @@ __all__ = [
     "UnsupportedModelError",
     "WeightSource",
     "WeightsError",
+    "accelerator_memory",
     "enable_compilation_cache",
     "generate",
     "load_chain",
     "load_config",
     "load_partition",
+    "measure_tflops",
     "memory_needed",
     "parse_config",
     "partition_param_count",
+    "probe_device",
     "sample_batch",
     "split_layers",
 ]

@@ -1,9 +1,8 @@
 """Model configuration: Hugging Face config.json -> a validated, hashable ModelConfig.
 
-Owns the engine's error types too, since every later stage (weights, model, sampling)
-reports problems through them. Every architectural number the engine uses comes from
-the checkpoint's config.json; the only defaults are the ones transformers itself applies
-when a key is absent (documented next to each).
+Every architectural number the engine uses comes from the checkpoint's config.json; the
+only defaults are the ones transformers itself applies when a key is absent (documented
+next to each). Problems are reported as ModelConfigError / UnsupportedModelError.
 """
 
 from __future__ import annotations
@@ -18,38 +17,7 @@ from typing import Any
 
 import numpy as np
 
-
-class EngineError(Exception):
-    """Base class of every error the engine raises on bad input."""
-
-
-class ConfigError(EngineError):
-    """config.json is missing, malformed, or lacks a key the engine needs."""
-
-
-class UnsupportedModelError(ConfigError):
-    """The architecture or one of its features is not implemented by this engine."""
-
-
-class WeightsError(EngineError):
-    """A safetensors file is malformed or does not match the config."""
-
-
-class MissingTensorError(WeightsError):
-    """A tensor the partition needs is in no safetensors file."""
-
-
-class ShapeMismatchError(WeightsError):
-    """A tensor's shape disagrees with what the config implies."""
-
-
-class ContextOverflowError(EngineError):
-    """A prompt or generation would run past the session's context length."""
-
-
-class PartitionError(EngineError):
-    """A partition's layer range or flags are invalid, or it was fed the wrong input."""
-
+from node.engine.errors import ModelConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -137,7 +105,7 @@ class ModelConfig:
 
 def _require(raw: Mapping[str, Any], key: str, kind: type) -> Any:
     if key not in raw or raw[key] is None:
-        raise ConfigError(
+        raise ModelConfigError(
             f"config.json has no {key!r}; the engine needs it to build the model. "
             "Use the config.json that came with the checkpoint."
         )
@@ -145,7 +113,7 @@ def _require(raw: Mapping[str, Any], key: str, kind: type) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"config.json key {key!r} should be {kind.__name__}, got {value!r}")
+        raise ModelConfigError(f"config.json key {key!r} should be {kind.__name__}, got {value!r}")
     return value
 
 
@@ -165,7 +133,7 @@ def _parse_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     if source is None:
         return theta, None
     if not isinstance(source, Mapping):
-        raise ConfigError(f"config.json rope_scaling should be an object, got {source!r}")
+        raise ModelConfigError(f"config.json rope_scaling should be an object, got {source!r}")
     rope_type = source.get("rope_type", source.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
@@ -186,7 +154,7 @@ def _parse_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
             original_max_position_embeddings=int(source["original_max_position_embeddings"]),
         )
     except KeyError as exc:
-        raise ConfigError(f"config.json {rope_type} rope scaling lacks {exc.args[0]!r}") from None
+        raise ModelConfigError(f"config.json {rope_type} rope scaling lacks {exc.args[0]!r}") from None
 
 
 def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
@@ -201,7 +169,7 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     elif raw.get("model_type") in _MODEL_TYPES:
         arch = _MODEL_TYPES[raw["model_type"]]
     else:
-        raise ConfigError("config.json has neither 'architectures' nor a known 'model_type'")
+        raise ModelConfigError("config.json has neither 'architectures' nor a known 'model_type'")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -219,7 +187,7 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     kv_heads = raw.get("num_key_value_heads") or heads  # transformers: absent means MHA
     head_dim = raw.get("head_dim") or hidden // heads
     if heads % kv_heads:
-        raise ConfigError(
+        raise ModelConfigError(
             f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
         )
     theta, scaling = _parse_rope(raw)
@@ -262,11 +230,11 @@ def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(
+        raise ModelConfigError(
             f"{path} does not exist; point the engine at a Hugging Face model directory"
         ) from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} should hold a JSON object")
+        raise ModelConfigError(f"{path} should hold a JSON object")
     return parse_config(raw)

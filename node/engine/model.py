@@ -1,10 +1,13 @@
 """The transformer partition: jitted prefill and decode over a contiguous layer range.
 
+Owns the math (norms, RoPE, attention, the layer loop, the head), the compiled steps and
+`Partition` / `load_partition`; chaining partitions in one process is runner.py's.
+
 A Partition runs layers [start, end) of a Llama/Qwen2/Mistral model. The first partition
 takes token ids, the others hidden states; the last applies the final norm and LM head and
 returns float32 logits, the others return hidden states. Design choices (measured on CPU):
 
-- layers are a Python loop unrolled inside jit over per-layer weight/cache lists, not a
+- layers are a Python loop unrolled inside jit over per-layer weights and caches, not a
   lax.scan over stacked weights (~1.7x faster decode on XLA CPU);
 - the KV cache (see cache.py) is donated, and written with scatters whose out-of-range
   indices are dropped: padded prompt rows past the context and inactive decode slots
@@ -12,7 +15,9 @@ returns float32 logits, the others return hidden states. Design choices (measure
 - prompts are processed in chunks of `prefill_chunk` tokens, each padded to a power-of-two
   bucket, so a handful of compilations serve every prompt length;
 - compiled functions are module-level and keyed on the (hashable) config and partition
-  spec, so every session and every Partition of the same shape share them;
+  spec, so every session and every Partition of the same shape share them; the weights
+  are a dynamic PartitionParams pytree whose None fields (absent biases, no embedding)
+  are fixed by that config and spec, so they never add a compilation;
 - when one partition holds the whole model, decode_steps runs k steps and the sampler in
   one lax.scan on the device: a step-by-step loop pays a host round trip per token
   (dispatch of a jit with hundreds of weight arguments, sampling as a second call, the
@@ -22,8 +27,7 @@ returns float32 logits, the others return hidden states. Design choices (measure
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -33,29 +37,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from node.engine.cache import KVCache, new_cache
-from node.engine.config import (
-    ContextOverflowError,
-    ModelConfig,
-    PartitionError,
-)
+from node.engine.config import ModelConfig
+from node.engine.errors import ContextOverflowError, PartitionError
 from node.engine.sampling import (
     RowSettings,
     SamplerState,
-    SamplingParams,
     advance,
     greedy_rows,
     is_plain_greedy,
     row_settings,
-    sample_batch,
     sample_rows,
 )
-from node.engine.weights import Params, PartitionSpec, WeightSource, load_params, resolve_dtype
+from node.engine.weights import (
+    PartitionParams,
+    PartitionSpec,
+    WeightSource,
+    load_params,
+    resolve_dtype,
+)
 
 MIN_BUCKET = 16
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PREFILL_CHUNK = 512
-# Tokens per device call in generate()'s one-partition fast path (see decode_steps).
-DEFAULT_DECODE_BLOCK = 16
+
+
+def pow2_bucket(n: int, *, floor: int = 1, cap: int | None = None) -> int:
+    """The smallest power of two >= n and >= floor (itself a power of two), at most cap.
+
+    Padding sizes to these buckets keeps the number of compilations logarithmic.
+    """
+    size = floor
+    while size < n:
+        size *= 2
+    return size if cap is None else min(size, cap)
 
 
 def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -100,7 +114,7 @@ def _attend(
 
 def _layers(
     cfg: ModelConfig,
-    params: Params,
+    params: PartitionParams,
     cache: KVCache,
     x: jax.Array,
     positions: jax.Array,
@@ -117,11 +131,11 @@ def _layers(
     cos, sin = _rope_tables(cfg, positions, x.dtype)
     Q, KV, D = cfg.q_size, cfg.kv_size, cfg.head_dim
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(params["layers"], cache.k, cache.v, strict=True):
-        h = _rms_norm(x, layer["ln1"], cfg.rms_norm_eps)
-        qkv = h @ layer["wqkv"]
-        if layer["bqkv"] is not None:
-            qkv = qkv + layer["bqkv"]
+    for layer, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
+        h = _rms_norm(x, layer.ln1, cfg.rms_norm_eps)
+        qkv = h @ layer.wqkv
+        if layer.bqkv is not None:
+            qkv = qkv + layer.bqkv
         q = _rope(qkv[..., :Q].reshape(B, n, cfg.num_heads, D), cos, sin)
         k = _rope(qkv[..., Q : Q + KV].reshape(B, n, cfg.num_kv_heads, D), cos, sin)
         v = qkv[..., Q + KV :].reshape(B, n, cfg.num_kv_heads, D)
@@ -134,34 +148,36 @@ def _layers(
         else:
             keys = jax.lax.dynamic_index_in_dim(k_cache, slot, 0, keepdims=True)
             values = jax.lax.dynamic_index_in_dim(v_cache, slot, 0, keepdims=True)
-        attn = _attend(cfg, q, keys, values, positions) @ layer["wo"]
-        if layer["bo"] is not None:
-            attn = attn + layer["bo"]
+        attn = _attend(cfg, q, keys, values, positions) @ layer.wo
+        if layer.bo is not None:
+            attn = attn + layer.bo
         x = x + attn
-        h = _rms_norm(x, layer["ln2"], cfg.rms_norm_eps)
-        gate, up = jnp.split(h @ layer["wgu"], 2, axis=-1)
-        x = x + (jax.nn.silu(gate) * up) @ layer["wd"]
+        h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
+        gate, up = jnp.split(h @ layer.wgu, 2, axis=-1)
+        x = x + (jax.nn.silu(gate) * up) @ layer.wd
     return x, KVCache(new_k, new_v)
 
 
-def _head(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
-    h = _rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    if params["head"] is not None:
-        logits = h @ params["head"]
+def _head(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.Array:
+    assert params.final_norm is not None
+    h = _rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    if params.head is not None:
+        logits = h @ params.head
     else:  # tied head sharing the embedding table [V, H]
-        logits = jnp.einsum("...h,vh->...v", h, params["embed"])
+        logits = jnp.einsum("...h,vh->...v", h, params.embed)
     return logits.astype(jnp.float32)
 
 
-def _embed_or_cast(params: Params, inputs: jax.Array, spec: PartitionSpec, dtype: Any) -> jax.Array:
+def _embed_or_cast(params: PartitionParams, inputs: jax.Array, spec: PartitionSpec) -> jax.Array:
     if spec.has_embedding:
-        return jnp.take(params["embed"], inputs, axis=0)
-    return inputs.astype(dtype)
+        assert params.embed is not None
+        return jnp.take(params.embed, inputs, axis=0)
+    return inputs.astype(params.dtype)
 
 
 @partial(jax.jit, static_argnames=("cfg", "spec", "all_logits"), donate_argnames=("cache",))
 def _prefill_chunk(
-    params: Params,
+    params: PartitionParams,
     cache: KVCache,
     inputs: jax.Array,
     start: jax.Array,
@@ -172,8 +188,7 @@ def _prefill_chunk(
     spec: PartitionSpec,
     all_logits: bool,
 ) -> tuple[KVCache, jax.Array]:
-    dtype = params["final_norm"].dtype if spec.has_head else _param_dtype(params)
-    x = _embed_or_cast(params, inputs, spec, dtype)[None]  # [1, n, H]
+    x = _embed_or_cast(params, inputs, spec)[None]  # [1, n, H]
     n = x.shape[1]
     positions = (start + jnp.arange(n, dtype=jnp.int32))[None]
     x, cache = _layers(cfg, params, cache, x, positions, slot[None, None], positions, slot)
@@ -186,15 +201,14 @@ def _prefill_chunk(
 
 
 def _decode_body(
-    params: Params,
+    params: PartitionParams,
     cache: KVCache,
     inputs: jax.Array,
     positions: jax.Array,
     cfg: ModelConfig,
     spec: PartitionSpec,
 ) -> tuple[KVCache, jax.Array]:
-    dtype = params["final_norm"].dtype if spec.has_head else _param_dtype(params)
-    x = _embed_or_cast(params, inputs, spec, dtype)[:, None]  # [S, 1, H]
+    x = _embed_or_cast(params, inputs, spec)[:, None]  # [S, 1, H]
     S = x.shape[0]
     pos = positions[:, None]
     # Inactive slots (position < 0) write to an out-of-range index, which the scatter drops.
@@ -210,7 +224,7 @@ def _decode_body(
 
 @partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("cache",))
 def _decode(
-    params: Params,
+    params: PartitionParams,
     cache: KVCache,
     inputs: jax.Array,
     positions: jax.Array,
@@ -225,7 +239,7 @@ def _decode(
     jax.jit, static_argnames=("cfg", "spec", "steps", "greedy"), donate_argnames=("cache",)
 )
 def _decode_steps(
-    params: Params,
+    params: PartitionParams,
     cache: KVCache,
     tokens: jax.Array,
     positions: jax.Array,
@@ -271,18 +285,6 @@ def _decode_steps(
     return cache, toks.T, logprobs.T
 
 
-def _param_dtype(params: Params) -> Any:
-    leaf = next(a for a in jax.tree_util.tree_leaves(params))
-    return leaf.dtype
-
-
-def _bucket(n: int, chunk: int) -> int:
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
-    return min(size, chunk)
-
-
 @dataclass
 class Partition:
     """A loaded layer range with its weights; creates caches and runs steps on them.
@@ -293,7 +295,7 @@ class Partition:
 
     config: ModelConfig
     spec: PartitionSpec
-    params: Params
+    params: PartitionParams
     dtype: str
     max_context: int
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
@@ -362,7 +364,7 @@ class Partition:
         chunk = self.prefill_chunk
         for c0 in range(0, n, chunk):
             m = min(chunk, n - c0)
-            bucket = _bucket(m, chunk)
+            bucket = pow2_bucket(m, floor=MIN_BUCKET, cap=chunk)
             piece = x[c0 : c0 + m]
             if bucket > m:
                 pad = [(0, bucket - m)] + [(0, 0)] * (piece.ndim - 1)
@@ -499,155 +501,3 @@ def load_partition(
     chosen = resolve_dtype(config, dtype)
     params = load_params(source, config, spec, chosen)
     return Partition(config, spec, params, chosen, context, prefill_chunk)
-
-
-@dataclass
-class Chain:
-    """Partitions chained in one process: the whole model, possibly split (tests, CLI)."""
-
-    partitions: list[Partition]
-
-    def __post_init__(self) -> None:
-        specs = [p.spec for p in self.partitions]
-        if not specs or not specs[0].has_embedding or not specs[-1].has_head:
-            raise PartitionError("a chain must start with the embedding and end with the head")
-        for a, b in itertools.pairwise(specs):
-            if a.end != b.start or a.has_head or b.has_embedding:
-                raise PartitionError(f"partitions {a} and {b} do not chain")
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.partitions[0].config
-
-    @property
-    def max_context(self) -> int:
-        return min(p.max_context for p in self.partitions)
-
-    def new_caches(self, slots: int = 1) -> list[KVCache]:
-        return [p.new_cache(slots) for p in self.partitions]
-
-    def prefill(
-        self,
-        caches: list[KVCache],
-        tokens: Sequence[int],
-        *,
-        start_pos: int = 0,
-        slot: int = 0,
-        all_logits: bool = False,
-    ) -> tuple[list[KVCache], jax.Array]:
-        x: Any = np.asarray(tokens, dtype=np.int32)
-        out_caches = []
-        for part, cache in zip(self.partitions, caches, strict=True):
-            cache, x = part.prefill(cache, x, start_pos=start_pos, slot=slot, all_logits=all_logits)
-            out_caches.append(cache)
-        return out_caches, x
-
-    def decode(
-        self,
-        caches: list[KVCache],
-        tokens: Sequence[int] | np.ndarray,
-        positions: Sequence[int] | np.ndarray,
-    ) -> tuple[list[KVCache], jax.Array]:
-        x: Any = np.asarray(tokens, dtype=np.int32)
-        out_caches = []
-        for part, cache in zip(self.partitions, caches, strict=True):
-            cache, x = part.decode(cache, x, positions)
-            out_caches.append(cache)
-        return out_caches, x
-
-    def decode_steps(
-        self,
-        caches: list[KVCache],
-        tokens: Sequence[int] | np.ndarray,
-        positions: Sequence[int] | np.ndarray,
-        states: Sequence[SamplerState | None],
-        steps: int,
-    ) -> tuple[list[KVCache], np.ndarray, np.ndarray]:
-        """Partition.decode_steps for a chain of one partition (the whole model)."""
-        if len(self.partitions) != 1:
-            raise PartitionError(
-                f"decode_steps needs a chain of one partition, this one has {len(self.partitions)}"
-            )
-        cache, toks, lps = self.partitions[0].decode_steps(
-            caches[0], tokens, positions, states, steps
-        )
-        return [cache], toks, lps
-
-
-def load_chain(
-    source: WeightSource,
-    config: ModelConfig,
-    specs: Sequence[PartitionSpec],
-    **kwargs: Any,
-) -> Chain:
-    """Load several partitions from one source (keyword arguments as load_partition)."""
-    return Chain([load_partition(source, config, spec, **kwargs) for spec in specs])
-
-
-def generate(
-    chain: Chain,
-    prompt: Sequence[int],
-    sampling: SamplingParams,
-    max_tokens: int,
-    *,
-    block: int = DEFAULT_DECODE_BLOCK,
-) -> Iterator[tuple[int, float]]:
-    """Generate up to max_tokens after `prompt`, yielding (token, logprob).
-
-    Stops before yielding a stop token, or when the context is full.
-
-    A chain of one partition decodes `block` tokens per device call (decode_steps:
-    sampling on the device, one host sync per block), so tokens arrive in bursts of
-    `block`; tokens sampled after a stop token or past max_tokens are discarded. The
-    tokens are the same as step-by-step decoding gives. block=0 forces one host round
-    trip per token, the path split chains (and pipelines) always take.
-    """
-    if len(prompt) + 1 > chain.max_context:
-        raise ContextOverflowError(
-            f"prompt of {len(prompt)} tokens leaves no room in the context of {chain.max_context} tokens"
-        )
-    if block < 0:
-        raise PartitionError(f"block must be >= 0, got {block}")
-    state = SamplerState(sampling, chain.config.vocab_size)
-    state.observe(prompt)
-    caches = chain.new_caches(1)
-    caches, logits = chain.prefill(caches, prompt)
-    pos = len(prompt)
-    tokens, logprobs = sample_batch(logits[None], [state])
-    token = int(tokens[0])
-    if max_tokens < 1 or state.is_stop(token):
-        return
-    yield token, float(logprobs[0])
-    produced = 1
-    if block > 0 and len(chain.partitions) == 1:
-        part, cache = chain.partitions[0], caches[0]
-        while produced < max_tokens and pos < chain.max_context:
-            # Power-of-two block sizes for the last tokens: few compilations, little waste.
-            steps = min(block, _pow2_at_least(max_tokens - produced), chain.max_context - pos)
-            cache, toks, lps = part.decode_steps(cache, [token], [pos], [state], steps)
-            for t, lp in zip(toks[0].tolist(), lps[0].tolist(), strict=True):
-                if state.is_stop(t):
-                    return
-                yield t, lp
-                produced += 1
-                if produced == max_tokens:
-                    return
-            token = int(toks[0, -1])
-            pos += steps
-        return
-    while produced < max_tokens and pos < chain.max_context:
-        caches, logits = chain.decode(caches, [token], [pos])
-        pos += 1
-        tokens, logprobs = sample_batch(logits, [state])
-        token = int(tokens[0])
-        if state.is_stop(token):
-            return
-        yield token, float(logprobs[0])
-        produced += 1
-
-
-def _pow2_at_least(n: int) -> int:
-    size = 1
-    while size < n:
-        size *= 2
-    return size

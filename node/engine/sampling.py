@@ -1,10 +1,10 @@
 """Token sampling on the last partition: greedy, temperature, top-k, top-p, min-p,
 repetition penalty, per-request seeds, stop tokens and log-probabilities.
 
-The building blocks are small pure functions on logits; `Greedy` and `Categorical` are
-(logits, rng) -> token strategies built from them (gemma-sampler style). `sample_batch`
-runs one jitted, vmapped step over a decode batch where every row has its own settings,
-so requests with different parameters share one compilation.
+The building blocks are small pure functions on logits. `sample_rows` (traceable, used
+inside decode_steps' device loop) and `sample_batch` (one jitted, vmapped step on the host
+side) sample a batch where every row has its own settings, so requests with different
+parameters share one compilation; `greedy_rows` is the argmax-only fast path.
 
 Log-probabilities are those of the model's distribution (log-softmax of the raw logits),
 not of the temperature-scaled, filtered one, matching what OpenAI-style APIs report.
@@ -21,11 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from node.engine.config import EngineError
-
-
-class SamplingError(EngineError):
-    """Sampling parameters are out of range."""
+from node.engine.errors import SamplingError
 
 
 def log_softmax(logits: jax.Array) -> jax.Array:
@@ -77,29 +73,6 @@ def filtered_logits(
 
 
 @dataclass(frozen=True)
-class Greedy:
-    """Always the most likely token."""
-
-    def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        del rng
-        return jnp.argmax(logits, axis=-1)
-
-
-@dataclass(frozen=True)
-class Categorical:
-    """Sample from the temperature-scaled distribution restricted by top-k/top-p/min-p."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-
-    def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        x = filtered_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)
-        return jax.random.categorical(rng, x)
-
-
-@dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling settings. temperature 0 means greedy."""
 
@@ -122,12 +95,6 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def strategy(self) -> Greedy | Categorical:
-        if self.temperature == 0:
-            return Greedy()
-        return Categorical(self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 @dataclass

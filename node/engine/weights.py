@@ -10,6 +10,10 @@ tensors it needs, converting one layer at a time into the compute layout:
   matrix and gate/up into one [hidden, 2*intermediate] matrix (fewer, larger matmuls);
 - the LM head is stored [hidden, vocab], except when a tied head shares the partition's
   embedding table, which is then used transposed rather than copied.
+
+The result is a PartitionParams pytree (frozen dataclasses registered with JAX, like
+KVCache): absent tensors (no bias, no embedding on a middle partition) are None fields,
+which JAX flattens to nothing, so they cost no jit argument and no compiled op.
 """
 
 from __future__ import annotations
@@ -27,18 +31,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from node.engine.config import (
-    SUPPORTED_DTYPES,
-    ConfigError,
+from node.engine.config import SUPPORTED_DTYPES, ModelConfig
+from node.engine.errors import (
     MissingTensorError,
-    ModelConfig,
+    ModelConfigError,
     PartitionError,
     ShapeMismatchError,
     WeightsError,
 )
 
 ReadRange = Callable[[str, int, int], bytes]
-Params = dict[str, Any]
 
 # Refuse absurd headers before allocating them (the format's own reference limit is 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -80,6 +82,41 @@ def split_layers(num_layers: int, parts: int) -> list[PartitionSpec]:
         raise PartitionError(f"cannot split {num_layers} layers into {parts} partitions")
     bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
     return [PartitionSpec(bounds[i], bounds[i + 1], i == 0, i == parts - 1) for i in range(parts)]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerParams:
+    """One decoder layer's weights in the compute layout, matrices [in, out]."""
+
+    ln1: jax.Array  # input RMSNorm [H]
+    wqkv: jax.Array  # [H, q + 2kv]
+    bqkv: jax.Array | None  # [q + 2kv]; Qwen2, or attention_bias
+    wo: jax.Array  # [q, H]
+    bo: jax.Array | None  # [H]; attention_bias (not Qwen2)
+    ln2: jax.Array  # post-attention RMSNorm [H]
+    wgu: jax.Array  # gate and up side by side [H, 2F]
+    wd: jax.Array  # down [F, H]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PartitionParams:
+    """A partition's weights; every array has the compute dtype."""
+
+    embed: jax.Array | None  # [V, H] on the first partition
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array | None  # [H] on the last partition
+    # [H, V] on the last partition, except None when the tied head uses `embed` transposed.
+    head: jax.Array | None
+
+    @property
+    def dtype(self) -> Any:
+        return jax.tree_util.tree_leaves(self)[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(self))
 
 
 @dataclass(frozen=True)
@@ -210,7 +247,7 @@ def resolve_dtype(config: ModelConfig, dtype: str | None) -> str:
     if chosen not in SUPPORTED_DTYPES:
         if dtype is None:
             return "float32"
-        raise ConfigError(
+        raise ModelConfigError(
             f"dtype {chosen!r} is not supported (use one of {', '.join(SUPPORTED_DTYPES)})"
         )
     return chosen
@@ -244,8 +281,12 @@ def partition_tensor_names(config: ModelConfig, spec: PartitionSpec) -> list[str
 
 def load_params(
     source: WeightSource, config: ModelConfig, spec: PartitionSpec, dtype: str
-) -> Params:
-    """Read a partition's tensors and lay them out for the model (see module docstring)."""
+) -> PartitionParams:
+    """Read a partition's tensors and lay them out for the model (see module docstring).
+
+    Layers are read one at a time and a fused matrix's parts are dropped once it is on the
+    device, so the host holds about one layer (plus the embedding a tied head needs).
+    """
     spec.validate(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -257,30 +298,20 @@ def load_params(
     def put(arr: np.ndarray) -> jax.Array:
         return jnp.asarray(np.ascontiguousarray(arr))
 
-    params: Params = {"embed": None, "layers": [], "final_norm": None, "head": None}
-    embed: np.ndarray | None = None
-    if spec.has_embedding or (spec.has_head and config.tie_word_embeddings):
-        embed = get("model.embed_tokens.weight", (V, H))
-    if spec.has_embedding:
-        assert embed is not None
-        params["embed"] = put(embed)
-    for i in range(spec.start, spec.end):
+    def layer(i: int) -> LayerParams:
         p = f"model.layers.{i}."
         a = p + "self_attn."
+        ln1 = put(get(p + "input_layernorm.weight", (H,)))
         q = get(a + "q_proj.weight", (Q, H))
         k = get(a + "k_proj.weight", (KV, H))
         v = get(a + "v_proj.weight", (KV, H))
-        layer: dict[str, jax.Array | None] = {
-            "ln1": put(get(p + "input_layernorm.weight", (H,))),
-            "wqkv": put(np.concatenate([q, k, v], axis=0).T),
-            "bqkv": None,
-            "wo": put(get(a + "o_proj.weight", (H, Q)).T),
-            "bo": None,
-            "ln2": put(get(p + "post_attention_layernorm.weight", (H,))),
-        }
+        wqkv = put(np.concatenate([q, k, v], axis=0).T)
         del q, k, v
+        wo = put(get(a + "o_proj.weight", (H, Q)).T)
+        ln2 = put(get(p + "post_attention_layernorm.weight", (H,)))
+        bqkv = None
         if config.qkv_bias:
-            layer["bqkv"] = put(
+            bqkv = put(
                 np.concatenate(
                     [
                         get(a + "q_proj.bias", (Q,)),
@@ -289,23 +320,24 @@ def load_params(
                     ]
                 )
             )
-        if config.o_bias:
-            layer["bo"] = put(get(a + "o_proj.bias", (H,)))
+        bo = put(get(a + "o_proj.bias", (H,))) if config.o_bias else None
         gate = get(p + "mlp.gate_proj.weight", (F, H))
         up = get(p + "mlp.up_proj.weight", (F, H))
-        layer["wgu"] = put(np.concatenate([gate, up], axis=0).T)
+        wgu = put(np.concatenate([gate, up], axis=0).T)
         del gate, up
-        layer["wd"] = put(get(p + "mlp.down_proj.weight", (H, F)).T)
-        params["layers"].append(layer)
+        wd = put(get(p + "mlp.down_proj.weight", (H, F)).T)
+        return LayerParams(ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd)
+
+    embed: np.ndarray | None = None
+    if spec.has_embedding or (spec.has_head and config.tie_word_embeddings):
+        embed = get("model.embed_tokens.weight", (V, H))
+    embed_param = put(embed) if spec.has_embedding and embed is not None else None
+    layers = tuple(layer(i) for i in range(spec.start, spec.end))
+    final_norm = head = None
     if spec.has_head:
-        params["final_norm"] = put(get("model.norm.weight", (H,)))
+        final_norm = put(get("model.norm.weight", (H,)))
         if not head_shares_embedding(config, spec):
-            head = embed if config.tie_word_embeddings else get("lm_head.weight", (V, H))
-            assert head is not None
-            params["head"] = put(head.T)
-    return params
-
-
-def params_nbytes(params: Params) -> int:
-    """Bytes held by a params pytree (for memory accounting)."""
-    return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params))
+            head_np = embed if config.tie_word_embeddings else get("lm_head.weight", (V, H))
+            assert head_np is not None
+            head = put(head_np.T)
+    return PartitionParams(embed_param, layers, final_norm, head)

@@ -14,14 +14,12 @@ from node.cluster import capabilities
 from node.cluster.capabilities import (
     CACHE_FILE,
     DEFAULT_MEMORY_FRACTION,
-    BenchmarkResult,
-    DeviceInfo,
     collect,
     cpu_model,
-    measure_tflops,
-    probe_device,
 )
 from node.config import Config, load_config
+from node.engine import device as engine_device
+from node.engine.device import BenchmarkResult, DeviceInfo, measure_tflops, probe_device
 
 CPU = DeviceInfo("cpu", None, 1, None, None, "0.0-test")
 GIB = 1024**3
@@ -213,7 +211,7 @@ def test_bench_seconds_from_env(
         seen.append(max_seconds)
         return BenchmarkResult(tflops=2.0, matmul_size=256, seconds=0.1)
 
-    monkeypatch.setattr(capabilities, "measure_tflops", fake_measure)
+    monkeypatch.setattr(engine_device, "measure_tflops", fake_measure)
     if env is None:
         monkeypatch.delenv(capabilities.BENCH_SECONDS_ENV, raising=False)
     else:

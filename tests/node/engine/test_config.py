@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from node.engine import (
-    ConfigError,
+    ModelConfigError,
     PartitionSpec,
     UnsupportedModelError,
     WeightSource,
@@ -93,7 +93,7 @@ def test_values_come_from_config() -> None:
 def test_missing_key_is_named(key: str) -> None:
     raw = _with()
     del raw[key]
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ModelConfigError, match=key):
         parse_config(raw)
 
 
@@ -113,17 +113,17 @@ def test_unsupported_features_are_named(changes: dict[str, Any], match: str) -> 
 
 
 def test_malformed_values(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="hidden_size"):
+    with pytest.raises(ModelConfigError, match="hidden_size"):
         parse_config(_with(hidden_size="64"))
-    with pytest.raises(ConfigError, match="multiple"):
+    with pytest.raises(ModelConfigError, match="multiple"):
         parse_config(_with(num_key_value_heads=3))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ModelConfigError, match="does not exist"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text("{")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ModelConfigError, match="not valid JSON"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(_with(rope_scaling={"rope_type": "llama3"})))
-    with pytest.raises(ConfigError, match="factor"):
+    with pytest.raises(ModelConfigError, match="factor"):
         load_config(tmp_path)
 
 

@@ -16,6 +16,7 @@ from node.engine import (
     generate,
     split_layers,
 )
+from node.engine.model import pow2_bucket
 
 # TinyModel: see conftest.py (path, config, hf, chain(specs), max_context).
 TinyModel = Any
@@ -164,3 +165,25 @@ def test_prompt_lengths_share_bucket_compilations(whole_chain: Chain) -> None:
     for n in range(17, 33):
         whole_chain.prefill(whole_chain.new_caches(1), list(range(1, n + 1)))
     assert fn._cache_size() == before
+
+
+@pytest.mark.parametrize(
+    ("n", "floor", "cap", "want"),
+    [
+        # generate()'s decode blocks: floor 1, capped at the block size.
+        (1, 1, None, 1),
+        (5, 1, None, 8),
+        (8, 1, None, 8),
+        (9, 1, 16, 16),
+        (40, 1, 16, 16),
+        (3, 1, 12, 4),
+        # prefill buckets: floor MIN_BUCKET, capped at the chunk.
+        (1, 16, 512, 16),
+        (16, 16, 512, 16),
+        (17, 16, 512, 32),
+        (300, 16, 512, 512),
+        (70, 16, 32, 32),
+    ],
+)
+def test_pow2_bucket(n: int, floor: int, cap: int | None, want: int) -> None:
+    assert pow2_bucket(n, floor=floor, cap=cap) == want

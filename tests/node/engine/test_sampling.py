@@ -1,4 +1,4 @@
-"""Sampling strategies: support restrictions, penalties, seeds and log-probabilities."""
+"""Sampling: support restrictions, penalties, seeds, log-probabilities, batched rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from node.engine import (
-    Categorical,
-    Greedy,
     SamplerState,
     SamplingError,
     SamplingParams,
@@ -17,7 +15,11 @@ from node.engine import (
 )
 from node.engine.sampling import (
     apply_repetition_penalty,
+    greedy_rows,
+    is_plain_greedy,
     min_p_filter,
+    row_settings,
+    sample_rows,
     top_k_filter,
     top_p_filter,
 )
@@ -64,13 +66,55 @@ def test_min_p_support() -> None:
     assert _draws(SamplingParams(temperature=1.0, min_p=0.2, seed=3), 400) <= expected
 
 
-def test_strategy_classes() -> None:
-    key = jax.random.PRNGKey(0)
-    assert int(Greedy()(LOGITS, key)) == int(np.argmax(LOGITS))
+def test_greedy_rows_give_each_rows_argmax_and_its_logprob() -> None:
+    batch = jnp.stack([LOGITS, -LOGITS, 0.1 * LOGITS])
+    tokens, logprobs = greedy_rows(batch)
+    tokens = np.asarray(tokens)
+    assert tokens.tolist() == np.argmax(np.asarray(batch), axis=-1).tolist()
+    ref = np.asarray(jax.nn.log_softmax(batch, axis=-1))
+    np.testing.assert_allclose(logprobs, ref[np.arange(3), tokens], rtol=1e-6)
+
+
+def test_sample_rows_apply_each_rows_settings() -> None:
+    # One batch: a greedy row, an idle slot (None: greedy too) and a top-3 row whose
+    # draws at steps 0..99 cover exactly the top 3 tokens.
+    argmax = int(np.argmax(LOGITS))
     top3 = set(np.argsort(-np.asarray(LOGITS))[:3].tolist())
-    draws = {int(Categorical(2.0, top_k=3)(LOGITS, jax.random.PRNGKey(i))) for i in range(100)}
-    assert draws == top3
-    assert SamplingParams().strategy == Greedy()
+    states = [
+        SamplerState(SamplingParams(), V),
+        None,
+        SamplerState(SamplingParams(temperature=2.0, top_k=3, seed=0), V),
+    ]
+    rows = row_settings(states, V)
+    draw = jax.jit(sample_rows)
+    batch = jnp.stack([LOGITS] * 3)
+    ref = np.asarray(jax.nn.log_softmax(LOGITS))
+    sampled = set()
+    for step in range(100):
+        tokens, logprobs = draw(batch, rows, step)
+        tokens = np.asarray(tokens)
+        assert tokens[0] == tokens[1] == argmax
+        np.testing.assert_allclose(logprobs, ref[tokens], rtol=1e-6)
+        sampled.add(int(tokens[2]))
+    assert sampled == top3
+
+
+def test_sample_rows_step_offset_continues_sample_batch() -> None:
+    # decode_steps feeds its loop index as step_offset: the tokens must be the ones
+    # sample_batch gives step by step with the same seed.
+    params = SamplingParams(temperature=1.5, seed=5)
+    state = SamplerState(params, V)
+    stepwise = [int(sample_batch(LOGITS[None], [state])[0][0]) for _ in range(8)]
+    rows = row_settings([SamplerState(params, V)], V)
+    draw = jax.jit(sample_rows)
+    assert [int(draw(LOGITS[None], rows, i)[0][0]) for i in range(8)] == stepwise
+    assert len(set(stepwise)) > 1  # the test can fail: these are not all the argmax
+
+
+def test_plain_greedy_needs_no_temperature_and_no_penalty() -> None:
+    assert is_plain_greedy([SamplerState(SamplingParams(top_k=5), V), None])
+    assert not is_plain_greedy([SamplerState(SamplingParams(temperature=0.5), V), None])
+    assert not is_plain_greedy([SamplerState(SamplingParams(repetition_penalty=1.1), V)])
 
 
 def test_seeded_sampling_is_reproducible() -> None:

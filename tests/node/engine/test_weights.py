@@ -15,8 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from node.engine import (
-    ConfigError,
     MissingTensorError,
+    ModelConfigError,
     PartitionError,
     PartitionSpec,
     ShapeMismatchError,
@@ -91,8 +91,8 @@ def test_tied_tail_uses_embedding_as_head(tiny_qwen: TinyModel) -> None:
         tiny_qwen.source(), cfg, PartitionSpec(cfg.num_layers, cfg.num_layers, False, True)
     )
     embed = tiny_qwen.hf.model.embed_tokens.weight.detach().numpy()
-    np.testing.assert_array_equal(np.asarray(tail.params["head"]), embed.T)
-    assert tail.params["embed"] is None
+    np.testing.assert_array_equal(np.asarray(tail.params.head), embed.T)
+    assert tail.params.embed is None
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])
@@ -172,7 +172,7 @@ def test_bad_partition_arguments(tiny_llama: TinyModel) -> None:
         load_partition(tiny_llama.source(), cfg, PartitionSpec(2, 9, False, True))
     with pytest.raises(PartitionError, match="power of two"):
         load_partition(tiny_llama.source(), cfg, PartitionSpec.whole(cfg), prefill_chunk=100)
-    with pytest.raises(ConfigError, match="not supported"):
+    with pytest.raises(ModelConfigError, match="not supported"):
         load_partition(tiny_llama.source(), cfg, PartitionSpec.whole(cfg), dtype="int8")
     with pytest.raises(PartitionError, match="cannot split"):
         split_layers(cfg.num_layers, cfg.num_layers + 1)
