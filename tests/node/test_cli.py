@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from node.cli import main, render_status
-from node.config import load_config
-from node.identity import ClusterKeys, NodeKey, parse_secret, read_secret_file
+from node.cli import DEFAULT_API, _api_address, build_parser, main, render_status
+from node.config import (
+    DEFAULT_API_HOST,
+    DEFAULT_API_PORT,
+    DEFAULT_BEACON_PORT,
+    DEFAULT_DHT_PORT,
+    DEFAULT_LISTEN,
+    DEFAULT_PEER_PORT,
+    load_config,
+)
+from node.config_schema import keys, sections
+from node.identity import NodeKey, parse_secret, read_secret_file
+from node.system.logs import LEVELS
 
 
 def _init(tmp: Path, name: str, *extra: str) -> Path:
@@ -39,8 +50,9 @@ def test_init_new_cluster_then_join_and_a_stranger(tmp_path: Path, capsys: pytes
     c = _init(tmp_path, "c", "--new-cluster")
     capsys.readouterr()
     cfg_c = load_config(c)
-    ca = {p: ClusterKeys.from_secret(read_secret_file(load_config(p).cluster.secret_file)).ca_pem for p in (a, b, c)}
-    assert ca[a] == ca[b] != ca[c]
+    # Same secret = same cluster (every cluster key is derived from it).
+    secret = {p: read_secret_file(load_config(p).cluster.secret_file) for p in (a, b, c)}
+    assert secret[a] == secret[b] != secret[c]
     ids = {NodeKey.load(x.node.key_file).node_id for x in (cfg_a, cfg_b, cfg_c)}
     assert len(ids) == 3
 
@@ -111,3 +123,78 @@ def test_render_status_table() -> None:
     assert lines[1].startswith("*") and "kitchen" in lines[1] and "aaaaaaaaaaaa" in lines[1]
     assert "garage" in lines[2] and "4s ago" in lines[2] and "NVIDIA H100" in lines[2]
     assert "2 nodes" in text and "72.0 GiB allowed of 96.0 GiB" in text and "400.50 TFLOPS" in text
+
+
+def test_init_writes_a_commented_file_that_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _init(tmp_path, "n", "--new-cluster", "--listen", "192.168.1.20", "--bootstrap", "[fd00::2]:7421",
+                "--max-memory", "2GiB", "--no-discovery")
+    capsys.readouterr()
+    text = cfg.read_text()
+    document = tomllib.loads(text)
+    data = tmp_path / "n" / "data"
+    assert document == {
+        "node": {"name": "n", "data_dir": str(data), "key_file": str(data / "node.key")},
+        "cluster": {"secret_file": str(cfg.parent / "cluster.secret")},
+        "network": {"listen": "192.168.1.20", "peer_port": DEFAULT_PEER_PORT, "dht_port": DEFAULT_DHT_PORT,
+                    "bootstrap": ["[fd00::2]:7421"], "discovery": False},
+        "api": {"host": DEFAULT_API_HOST, "port": DEFAULT_API_PORT},
+        "resources": {"max_memory": "2GiB"},
+        "dht": {}, "engine": {}, "swarm": {}, "log": {},
+    }
+    loaded = load_config(cfg)
+    assert loaded.network.bootstrap == (("fd00::2", 7421),)
+    assert loaded.resources.max_memory == 2 * 2**30
+    # Self-explaining: every key of the schema is there, set or commented out under its doc.
+    comments = " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+    for section, cls in sections().items():
+        assert f"\n[{section}]\n" in text
+        for name, spec in keys(cls).items():
+            assert f"\n{name} = " in text or f"\n# {name} = " in text, f"{section}.{name}"
+            assert " ".join(spec.doc.split()) in comments, f"doc of {section}.{name}"
+    assert f"\n# beacon_port = {DEFAULT_BEACON_PORT}\n" in text
+    assert "\n# republish_interval = 10.0\n" in text
+    assert "# Seconds between re-publishing this node's records" in text
+
+
+def test_init_flag_defaults_are_the_schema_defaults() -> None:
+    args = build_parser().parse_args(["init"])
+    assert (args.listen, args.peer_port, args.dht_port, args.api_host, args.api_port) == (
+        DEFAULT_LISTEN, DEFAULT_PEER_PORT, DEFAULT_DHT_PORT, DEFAULT_API_HOST, DEFAULT_API_PORT)
+    assert DEFAULT_API == (DEFAULT_API_HOST, DEFAULT_API_PORT)
+    serve = build_parser().parse_args(["serve", "--log-level", "debug"])
+    assert serve.log_level == "debug"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-level", "loud"])
+    assert set(LEVELS) == {"debug", "info", "warning", "error"}
+
+
+@pytest.mark.parametrize(
+    "host, expected",
+    [
+        ("10.0.0.5:9000", ("10.0.0.5", 9000)),
+        ("http://10.0.0.5:9000", ("10.0.0.5", 9000)),
+        ("[::1]:9000", ("::1", 9000)),
+        ("node-b.local", ("node-b.local", DEFAULT_API_PORT)),
+    ],
+)
+def test_api_address_from_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str,
+                               expected: tuple[str, int]) -> None:
+    monkeypatch.delenv("ENJAMBRE_TOKEN", raising=False)
+    args = build_parser().parse_args(["status", "--host", host, "--config", str(tmp_path / "none.toml")])
+    assert _api_address(args) == (*expected, None)
+
+
+def test_api_address_defaults_and_bad_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("ENJAMBRE_HOST", raising=False)
+    monkeypatch.delenv("ENJAMBRE_TOKEN", raising=False)
+    args = build_parser().parse_args(["status", "--config", str(tmp_path / "none.toml")])
+    assert _api_address(args) == (*DEFAULT_API, None)
+    assert main(["status", "--host", "bad host!:80", "--config", str(tmp_path / "none.toml")]) == 1
+    assert "bad daemon address" in capsys.readouterr().err
+
+
+def test_status_table_brackets_ipv6() -> None:
+    data = {"self": "", "cluster": "c", "nodes": [{"id": "a" * 64, "name": "v6", "addresses": ["fd00::2"],
+                                                   "peer_port": 7420}]}
+    assert "[fd00::2]:7420" in render_status(data)

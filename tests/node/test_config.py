@@ -1,30 +1,32 @@
-"""Tests for node.config: loading, validation messages, defaults, writing."""
+"""Tests for node.config: loading, validation messages, defaults, and the schema."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from node.config import (
+    DEFAULT_API_HOST,
+    DEFAULT_API_PORT,
+    DEFAULT_BEACON_GROUP,
+    DEFAULT_BEACON_PORT,
+    DEFAULT_DHT_PORT,
+    DEFAULT_LISTEN,
+    DEFAULT_PEER_PORT,
+    LOG_LEVELS,
     Config,
     ConfigError,
-    config_to_dict,
     default_config_path,
     default_data_dir,
-    known_keys,
     load_config,
-    parse_hostport,
-    render_config,
-    write_config,
 )
+from node.config_schema import Key, keys, sections
+from node.config_values import Ctx
+from node.system.logs import LEVELS
 
-REPO = Path(__file__).resolve().parents[2]
 needs_posix_perms = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes only")
 
 
@@ -76,7 +78,7 @@ def test_minimal_config_gets_documented_defaults(
     assert (config.api.host, config.api.port, config.api.token_file) == ("127.0.0.1", 7422, None)
     assert config.api.is_loopback
     assert config.resources.max_memory is None
-    assert (config.dht.refresh_interval, config.dht.record_ttl) == (10.0, 30.0)
+    assert (config.dht.republish_interval, config.dht.record_ttl) == (10.0, 30.0)
     assert (config.dht.ksize, config.dht.alpha) == (20, 3)
     assert (config.engine.max_context, config.engine.compute_dtype) == (4096, "auto")
     assert config.swarm.piece_size == 4 * 1024 * 1024
@@ -108,7 +110,7 @@ token_file = "tok"
 [resources]
 max_memory = "6 GiB"
 [dht]
-refresh_interval = 2
+republish_interval = 2
 record_ttl = 5.5
 [engine]
 compute_dtype = "BFloat16"
@@ -296,10 +298,15 @@ def test_bad_bootstrap_entries(cfg_dir: Path, entry: str, fragment: str) -> None
         ("[network]\nbeacon_group = '10.0.0.1'\n", "network.beacon_group", "not a multicast"),
         ("[network]\nbeacon_group = 'x'\n", "network.beacon_group", "not an IP address"),
         ("[api]\nhost = 'bad host'\n", "api.host", "neither an IP address"),
+        ("[api]\nhost = '[::1]'\n", "api.host", "without brackets"),
         ("[api]\nhost = '0.0.0.0'\n", "api.token_file", "needs a bearer token"),
         ("[api]\nport = 7420\n", "api.port", "both 7420"),
         ("[network]\ndht_port = 7420\n", "network.dht_port", "both 7420"),
-        ("[dht]\nrefresh_interval = 30\n", "dht.record_ttl", "longer than dht.refresh_interval"),
+        (
+            "[dht]\nrepublish_interval = 30\n",
+            "dht.record_ttl",
+            "longer than dht.republish_interval",
+        ),
         ("[dht]\nksize = 2\nalpha = 3\n", "dht.alpha", "must not exceed dht.ksize"),
     ],
 )
@@ -379,42 +386,53 @@ def test_token_file_missing_and_permissions(cfg_dir: Path) -> None:
     assert load(cfg_dir, body).api.token_file == token
 
 
-# --- parse_hostport ---------------------------------------------------------------------
+def test_renamed_key_names_the_new_one(cfg_dir: Path) -> None:
+    message = error(cfg_dir, "[dht]\nrefresh_interval = 2\n")
+    assert ": dht.refresh_interval: " in message
+    assert "now called dht.republish_interval" in message
+    assert "`republish_interval = ...` under [dht]" in message
+    # Also when the new key is there too: the old one must go.
+    assert "now called" in error(cfg_dir, "[dht]\nrepublish_interval = 2\nrefresh_interval = 2\n")
+    assert load(cfg_dir, "[dht]\nrepublish_interval = 2\n").dht.republish_interval == 2.0
 
 
-@pytest.mark.parametrize(
-    ("text", "default", "expected"),
-    [
-        ("10.0.0.1:7421", None, ("10.0.0.1", 7421)),
-        (" 10.0.0.1:1 ", None, ("10.0.0.1", 1)),
-        ("[::1]:7421", None, ("::1", 7421)),
-        ("[fe80::1%eth0]:80", None, ("fe80::1%eth0", 80)),
-        ("[::1]", 7421, ("::1", 7421)),
-        ("::1", 7421, ("::1", 7421)),
-        ("node-b.local:65535", None, ("node-b.local", 65535)),
-        ("localhost", 7421, ("localhost", 7421)),
-    ],
-)
-def test_parse_hostport(text: str, default: int | None, expected: tuple[str, int]) -> None:
-    assert parse_hostport(text, default_port=default) == expected
+# --- the schema itself ------------------------------------------------------------------
+
+_ALL_KEYS = [(s, k, spec) for s, cls in sections().items() for k, spec in keys(cls).items()]
 
 
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("", "empty address"),
-        ("host", "has no port"),
-        ("::1", "has no port"),
-        ("[::1]x", "expected ':PORT'"),
-        ("host:-1", "not a number"),
-        ("host:65536", "out of range"),
-        ("-bad-:1", "neither an IP address"),
-        ("a::b::c:1", "not a valid address"),
-    ],
-)
-def test_parse_hostport_errors(text: str, fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
-        parse_hostport(text)
+def test_sections_are_the_config_fields() -> None:
+    assert list(sections()) == [
+        "node", "cluster", "network", "api", "resources", "dht", "engine", "swarm", "log",
+    ]
+    for name, cls in sections().items():
+        assert dataclasses.fields(Config)[list(sections()).index(name)].name == name
+        assert cls.__doc__, f"[{name}] needs a docstring: it heads the section in the file"
+
+
+@pytest.mark.parametrize(("section", "name", "spec"), _ALL_KEYS, ids=[f"{s}.{k}" for s, k, _ in _ALL_KEYS])
+def test_every_key_is_documented_and_its_shown_value_is_valid(
+    tmp_path: Path, section: str, name: str, spec: Key
+) -> None:
+    assert spec.doc.strip()
+    assert spec.shown is not None, "the written file needs a default or an example to show"
+    # A default or example the loader would refuse would teach people a broken file.
+    spec.convert(spec.shown, Ctx(path=tmp_path / "node.toml", base=tmp_path))
+    kinds = [spec.default is not None, spec.computed is not None, spec.required]
+    assert sum(kinds) <= 1, "a key has one kind of default"
+
+
+def test_exported_defaults_are_the_schema_defaults(cfg_dir: Path) -> None:
+    loaded = load(cfg_dir)
+    net, api = loaded.network, loaded.api
+    assert (net.listen, net.peer_port, net.dht_port) == (
+        DEFAULT_LISTEN,
+        DEFAULT_PEER_PORT,
+        DEFAULT_DHT_PORT,
+    )
+    assert (net.beacon_group, net.beacon_port) == (DEFAULT_BEACON_GROUP, DEFAULT_BEACON_PORT)
+    assert (api.host, api.port) == (DEFAULT_API_HOST, DEFAULT_API_PORT)
+    assert tuple(LEVELS) == LOG_LEVELS
 
 
 # --- default locations ------------------------------------------------------------------
@@ -442,94 +460,3 @@ def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "enjambre"
 
 
-# --- rendering and writing --------------------------------------------------------------
-
-
-def test_render_config_round_trips_through_load(cfg_dir: Path) -> None:
-    values: dict[str, dict[str, Any]] = {
-        "node": {"name": 'we "quote"\\ and ünïcode', "data_dir": cfg_dir / "d"},
-        "cluster": {"secret_file": "cluster.secret"},
-        "network": {"bootstrap": ["192.168.1.2:7421", "[::1]:7421"], "discovery": False},
-        "api": {"token_file": None},
-        "dht": {"refresh_interval": 2.5, "record_ttl": 1e20},
-        "swarm": {"piece_size": "1 MiB"},
-    }
-    text = render_config(values)
-    assert "token_file" not in text
-    path = cfg_dir / "rendered.toml"
-    write_config(path, text)
-    config = load_config(path)
-    assert config.node.name == 'we "quote"\\ and ünïcode'
-    assert config.node.data_dir == cfg_dir / "d"
-    assert config.network.bootstrap == (("192.168.1.2", 7421), ("::1", 7421))
-    assert config.network.discovery is False
-    assert config.dht.record_ttl == 1e20
-    assert config.swarm.piece_size == 1024**2
-
-
-def test_config_to_dict_renders_back_to_same_config(cfg_dir: Path) -> None:
-    original = load(cfg_dir, '[network]\nbootstrap = ["[fe80::2]:7421", "10.1.1.1:9"]\n')
-    path = cfg_dir / "again.toml"
-    write_config(path, render_config(config_to_dict(original)))
-    again = load_config(path)
-    assert config_to_dict(again) == config_to_dict(original)
-
-
-def test_render_rejects_unsupported_values() -> None:
-    with pytest.raises(ValueError, match=r"node\.name: cannot write dict"):
-        render_config({"node": {"name": {"a": 1}}})
-
-
-_scalars = (
-    st.text(max_size=20)
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False)
-    | st.booleans()
-)
-
-
-@given(
-    st.dictionaries(
-        st.text(min_size=1, max_size=10),
-        st.dictionaries(
-            st.text(min_size=1, max_size=10), _scalars | st.lists(_scalars, max_size=4)
-        ),
-        max_size=4,
-    )
-)
-def test_render_config_is_valid_toml(values: dict[str, dict[str, object]]) -> None:
-    assert tomllib.loads(render_config(values)) == values
-
-
-def test_write_config_is_atomic_and_creates_parents(tmp_path: Path) -> None:
-    path = tmp_path / "a" / "b" / "node.toml"
-    write_config(path, "[node]\nname = 'one'\n")
-    write_config(path, "[node]\nname = 'two'\n")
-    assert path.read_text() == "[node]\nname = 'two'\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["node.toml"]  # no temp files left
-    if os.name == "posix":
-        assert path.stat().st_mode & 0o777 == 0o644
-
-
-# --- the shipped example ----------------------------------------------------------------
-
-
-def test_example_config_loads_and_documents_every_key(tmp_path: Path) -> None:
-    example = REPO / "configs" / "node.example.toml"
-    text = example.read_text()
-    document = tomllib.loads(text)
-    # Every key of the schema appears (set or commented out) so the example cannot drift.
-    for section, keys in known_keys().items():
-        assert f"[{section}]" in text, section
-        for key in keys:
-            assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key}"
-    # Point the secret at a temp file so the example loads as a real config.
-    secret = tmp_path / "cluster.secret"
-    secret.write_text("s3cret")
-    secret.chmod(0o600)
-    document["cluster"]["secret_file"] = str(secret)
-    document.setdefault("node", {})["data_dir"] = str(tmp_path / "data")
-    path = tmp_path / "node.toml"
-    write_config(path, render_config(document))
-    config = load_config(path)
-    assert config.cluster.secret_file == secret
