@@ -23,7 +23,6 @@ therefore never extend a record's life when they pass it on.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from protocol.ids import node_id_for
 
 __all__ = [
     "MAX_KEY_BYTES",
@@ -43,7 +44,6 @@ __all__ = [
     "expiry_for",
     "make_record",
     "merge_records",
-    "publisher_id",
     "supersedes",
 ]
 
@@ -67,11 +67,6 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-def publisher_id(public_key: bytes) -> str:
-    """The node id of a publisher: hex sha256 of its raw Ed25519 public key."""
-    return hashlib.sha256(public_key).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class Record:
     key: str
@@ -88,7 +83,7 @@ class Record:
 
     @property
     def publisher(self) -> str:
-        return publisher_id(self.public_key)
+        return node_id_for(self.public_key)
 
     def remaining(self, now: float) -> float:
         return self.expires_at - now

@@ -35,15 +35,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.identity import (
-    ClusterKeys,
-    NodeKey,
-    client_ssl_context,
-    generate_secret,
-    parse_secret,
-    server_ssl_context,
-)
-from node.net.transport import Connection, Transport
+from node.identity import ClusterKeys, NodeKey, generate_secret, parse_secret
+from node.net.connection import Connection
+from node.net.tls import client_ssl_context, server_ssl_context
+from node.net.transport import Transport
 
 BULK_BYTES = 16 * 2**20
 _LEN = struct.Struct(">I")

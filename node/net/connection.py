@@ -1,37 +1,47 @@
-"""One authenticated peer connection: ConnectionCore plus the inbound side.
+"""One authenticated peer connection: the read path under TLS, dispatch, sending, lifecycle.
 
-Per connection: both sides send Hello first (protocol versions must match),
-then requests (with ids and timeouts), responses, one-way notifications, and
-keepalive pings. One connection serves both directions: if A connected to B, B
-reuses it for its requests to A. Bad input from a peer (garbage, oversized or
-truncated frames, messages of the wrong shape) closes that connection with an
-Error frame; the listener (node/transport.py) keeps serving everyone else.
+A Connection is the asyncio ``BufferedProtocol`` under the TLS transport. Both sides
+send Hello first (checked by ``protocol.handshake``), then requests (ids, timeouts),
+responses, one-way notifications and keepalive pings; one connection serves both
+directions. Bad input from a peer closes that connection with an Error frame; the
+listener (node/net/transport.py) keeps serving everyone else. A connection gets
+frozen ``ConnectionSettings`` and ``ConnectionHooks`` (handler tables, counters, three
+callables of its pool), never a reference to the Transport.
 
-This module dispatches what arrives: frames from the read path
-(node/peer_protocol.py) become responses to our requests, calls to the
-request, notify and message handlers, or a failed handshake; handlers start
-eagerly (node/eager.py), and reading pauses while too many are queued.
-Sending and the connection's lifecycle are in node/connection_core.py.
+No copies on the hot path: TLS decrypts straight into the frame decoder's buffer, and
+a message goes out as header plus the encoder's buffers (arrays as views) with
+``writelines``; small frames are joined into one TLS record.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+import contextlib
+import itertools
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from node.net.connection_core import CLOSE_TIMEOUT, FEATURES, ConnectionCore, format_address
-from node.net.eager import start_eager
+from node.identity import IdentityError
+from node.net.addresses import format_address
 from node.net.errors import (
     ConnectionClosed,
     HandshakeError,
     ProtocolVersionMismatch,
     RemoteError,
+    RequestTimeout,
 )
-from protocol.errors import ProtocolError, UnknownMessageType
+from node.net.tls import PeerIdentity, peer_identity
+from node.system.counters import Counters
+from protocol.errors import FrameTooLarge, ProtocolError, UnknownMessageType
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_header
+from protocol.handshake import check_hello
 from protocol.messages import (
+    PROTOCOL_VERSION,
     Error,
     Hello,
     Message,
@@ -41,36 +51,294 @@ from protocol.messages import (
     Request,
     Response,
     decode_message,
+    encode_message_parts,
 )
 
-__all__ = [
-    "CLOSE_TIMEOUT",
-    "FEATURES",
-    "Connection",
-    "MessageHandler",
-    "NotifyHandler",
-    "RequestHandler",
-    "format_address",
-]
+__all__ = ["CLOSE_TIMEOUT", "FEATURES", "Connection", "ConnectionHooks", "ConnectionSettings",
+           "NotifyHandler", "RequestHandler"]
 
 RequestHandler = Callable[["Connection", Any], Awaitable[Any]]
 NotifyHandler = Callable[["Connection", Any], Awaitable[None]]
-MessageHandler = Callable[["Connection", Message], Awaitable[None]]
 
-# The transport's logger: connection events have always been logged under it.
-log = structlog.get_logger("node.net.transport")
+log = structlog.get_logger("node.transport")
+
+FEATURES: tuple[str, ...] = ("tensor-ext-1",)
+CLOSE_TIMEOUT = 2.0
+_WRITE_HIGH_WATER = 4 * 2**20
+# Frames up to this size are joined into one buffer before writing: each
+# buffer handed to TLS becomes its own record (and its own AEAD call), which
+# costs more than copying a small payload once.
+_JOIN_BELOW = 256 * 1024
+# Python 3.12's eager tasks run a handler's first step inside the read callback,
+# so one that does not block answers without a trip through the event loop. On
+# 3.11 a plain task is the correct choice (see the README for the measured cost).
+_EAGER = sys.version_info >= (3, 12)
 
 
-class Connection(ConnectionCore):
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """This node's side of every connection (the same for all of them)."""
+
+    node_id: str
+    name: str
+    software_version: str
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    request_timeout: float = 30.0
+    keepalive_interval: float = 15.0  # 0 turns pings off
+    # Queued notifications plus running request handlers above which the connection
+    # stops reading, which pushes back on a peer that sends faster than we handle.
+    inbound_backlog: int = 128
+    protocol_version: int = PROTOCOL_VERSION
+    features: tuple[str, ...] = FEATURES
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionHooks:
+    """What a connection needs from the pool that owns it."""
+
+    requests: Mapping[str, RequestHandler]
+    notifies: Mapping[str, NotifyHandler]
+    counters: Counters
+    kept: Callable[[str], Connection | None]  # the pool's connection to a node id
+    closing: Callable[[Connection], None]  # stop handing this connection out
+    lost: Callable[[Connection], None]  # the connection is gone
+
+
+class Connection(asyncio.BufferedProtocol):
     """One authenticated connection to a peer; usable in both directions."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        hooks: ConnectionHooks,
+        *,
+        outbound: bool,
+        remote_address: Any,
+        expect_node_id: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._hooks = hooks
+        self._counters = hooks.counters
+        self._expect_node_id = expect_node_id
+        self._loop = asyncio.get_running_loop()
+        self.outbound = outbound
+        self.remote_address = remote_address
+        self.peer: PeerIdentity | None = None
+        self.hello: Hello | None = None
+        self._tr: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(settings.max_frame_size)
+        self._discard: bytearray | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._hello_fut: asyncio.Future[Hello] = self._loop.create_future()
+        self._closed = asyncio.Event()
+        self._close_reason = "closed"
+        self._failed = False
+        self._deferred_error: tuple[str, str] | None = None  # failed before TLS handed us the transport
+        self._retired = False
+        self._write_paused = False
+        self._drain_waiters: deque[asyncio.Future[None]] = deque()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._notify_queue: deque[Notify] = deque()
+        self._notify_task: asyncio.Task[None] | None = None
+        self._running_handlers = 0
+        self._reading_paused = False
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self.last_received = self._loop.time()
+        #: The last connection-level Error the peer sent (it usually closes right after).
+        self.last_peer_error: RemoteError | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def node_id(self) -> str:
+        """The peer's node id, from its verified certificate."""
+        assert self.peer is not None, "connection not established yet"
+        return self.peer.node_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    # A per-call timeout is part of the API (callers know their deadline).
+    async def request(
+        self, method: str, body: Any = None, timeout: float | None = None  # noqa: ASYNC109
+    ) -> Any:
+        """Send a request and wait for its response body; RemoteError if the peer failed it."""
+        if self._retired:
+            replacement = self._hooks.kept(self.node_id)
+            if replacement is not None and replacement is not self and not replacement.closed:
+                return await replacement.request(method, body, timeout)
+        self._check_open()
+        limit = self._settings.request_timeout if timeout is None else timeout
+        if self._write_paused:  # the peer is not reading: wait for room before adding more
+            try:
+                async with asyncio.timeout(limit):
+                    await self._drain()
+            except TimeoutError:
+                self._counters.inc("request_timeouts")
+                raise RequestTimeout(
+                    f"request {method!r} to node {self.node_id[:12]} could not be sent within {limit} s "
+                    "(the peer is not reading)"
+                ) from None
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[rid] = fut
+        # A timer on the future is cheaper than asyncio.timeout() on this hot path.
+        timer = self._loop.call_later(limit, self._expire, fut, method, limit)
+        try:
+            self._write(Request(rid, method, body))
+            self._counters.inc("requests_sent")
+            return await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(rid, None)
+            self._maybe_finish_retire()
+
+    def _expire(self, fut: asyncio.Future[Any], method: str, limit: float) -> None:
+        if not fut.done():
+            self._counters.inc("request_timeouts")
+            fut.set_exception(RequestTimeout(
+                f"request {method!r} to node {self.node_id[:12]} got no answer within {limit} s"
+            ))
+
+    async def notify(self, topic: str, body: Any = None) -> None:
+        """Send a one-way message; waits while the peer is not keeping up (drain).
+
+        Large arrays in ``body`` are handed to TLS without a copy: do not modify
+        them before this call returns.
+        """
+        self._check_open()
+        self._write(Notify(topic, body))
+        self._counters.inc("notifies_sent")
+        await self._drain()
+
+    async def close(self, reason: str = "closed by this node") -> None:
+        """Close cleanly (TLS close_notify), failing requests still waiting."""
+        self._begin_close(reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._closed.wait()
+        if not self.closed and self._tr is not None:
+            self._tr.abort()
+            await self._closed.wait()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def wait_hello(self, timeout: float) -> Hello:  # noqa: ASYNC109
+        """The peer's accepted Hello; HandshakeError if it is refused or does not come."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._hello_fut
+        except TimeoutError:
+            self._protocol_failure("hello_timeout", f"no hello within {timeout} s")
+            raise HandshakeError(
+                f"node at {format_address(self.remote_address)} sent no hello within {timeout} s"
+            ) from None
+
+    def start_keepalive(self) -> None:
+        if self._settings.keepalive_interval > 0 and self._keepalive_task is None:
+            self._keepalive_task = self._loop.create_task(self._keepalive())
+
+    def retire(self) -> None:
+        """A duplicate of a kept connection: close it once nothing is in flight on it."""
+        self._retired = True
+        self._maybe_finish_retire()
+
+    def __repr__(self) -> str:
+        who = self.peer.node_id[:12] if self.peer else "?"
+        return f"<Connection {who} {format_address(self.remote_address)} {'out' if self.outbound else 'in'}>"
+
+    # ------------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called by the TLS transport once its handshake is done.
+        self.attach(transport)  # type: ignore[arg-type]
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """TLS is up: learn who the peer is, say hello, deliver what already arrived."""
+        if self._tr is not None:
+            return
+        self._tr = transport
+        if self._deferred_error is not None or self.closed:
+            if self._deferred_error is not None:
+                with contextlib.suppress(Exception):
+                    self._write(Error(*self._deferred_error))
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self.last_received = self._loop.time()
+        try:
+            self.peer = peer_identity(transport.get_extra_info("ssl_object"))
+        except IdentityError as exc:
+            self._protocol_failure("bad_certificate", str(exc))
+            return
+        s = self._settings
+        self._write(Hello(s.protocol_version, s.node_id, s.name, s.software_version, s.features))
+        self._deliver()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._failed:
+            # Keep reading (and dropping) until TLS shuts down.
+            if self._discard is None:
+                self._discard = bytearray(64 * 1024)
+            return memoryview(self._discard)
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._counters.inc("bytes_received", nbytes)
+        # Any bytes count as a sign of life, so a long frame does not look like silence.
+        self.last_received = self._loop.time()
+        if self._failed:
+            return
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._protocol_failure(exc.code, exc.message)
+            return
+        if self._tr is not None:  # frames that arrive with the TLS handshake wait for attach()
+            self._deliver()
+
+    def eof_received(self) -> bool | None:
+        if not self._failed:
+            self._decoder.feed_eof()
+            if self._tr is not None:
+                self._deliver()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        while self._drain_waiters:
+            fut = self._drain_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_frame(self, frame: bytes | bytearray) -> None:
-        owner = self._owner
-        owner.stats.frames_received += 1
+    def _deliver(self) -> None:
         try:
-            msg = decode_message(frame, max_size=owner.max_frame_size)
+            for frame in self._decoder:
+                self._on_frame(frame)
+                if self._failed:
+                    return
+        except ProtocolError as exc:
+            self._protocol_failure(exc.code, exc.message)
+
+    def _on_frame(self, frame: bytes | bytearray) -> None:
+        self._counters.inc("frames_received")
+        try:
+            msg = decode_message(frame, max_size=self._settings.max_frame_size)
         except UnknownMessageType as exc:
             # Maybe a newer peer: answer, but keep the connection.
             log.info("unknown_message_type", peer=self.peer.node_id if self.peer else None, type=exc.type_name)
@@ -81,16 +349,17 @@ class Connection(ConnectionCore):
             return
         if self.hello is None:
             self._on_first_message(msg)
-            return
-        if isinstance(msg, Request):
-            owner.stats.requests_received += 1
+        elif isinstance(msg, Request):
+            self._counters.inc("requests_received")
+            self._running_handlers += 1
+            self._update_reading()
             self._spawn(self._serve_request(msg))
         elif isinstance(msg, Response):
             fut = self._pending.get(msg.request_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg.body)
         elif isinstance(msg, Notify):
-            owner.stats.notifies_received += 1
+            self._counters.inc("notifies_received")
             self._notify_queue.append(msg)
             if self._notify_task is None or self._notify_task.done():
                 self._notify_task = self._spawn(self._run_notifies())
@@ -105,47 +374,48 @@ class Connection(ConnectionCore):
                 self.last_peer_error = RemoteError(msg.code, msg.message)
         elif isinstance(msg, Ping):
             self._write(Pong(msg.nonce))
-        elif isinstance(msg, Pong):
-            pass
         elif isinstance(msg, Hello):
             self._protocol_failure("unexpected_hello", "hello sent twice on one connection")
-        else:
-            handler = owner._message_handlers.get(type(msg))
-            if handler is None:
-                self._write(Error("unhandled_message", f"this node does not handle {type(msg).TYPE!r} messages"))
-            else:
-                self._spawn(self._run_message_handler(handler, msg))
+        elif not isinstance(msg, Pong):
+            self._write(Error("unhandled_message", f"this node does not handle {type(msg).TYPE!r} messages"))
 
     def _on_first_message(self, msg: Message) -> None:
         # Checked here, synchronously, so that a request the peer sends right
         # after its hello (in the same read) already finds the hello accepted.
         fut = self._hello_fut
         if isinstance(msg, Hello):
-            failure = self._owner._check_hello(self, msg)
-            if failure is None:
+            assert self.peer is not None
+            s = self._settings
+            rejection = check_hello(
+                msg, certified_id=self.peer.node_id, own_id=s.node_id,
+                expected_id=self._expect_node_id, version=s.protocol_version,
+            )
+            if rejection is None:
                 self.hello = msg
                 if not fut.done():
                     fut.set_result(msg)
                 return
-            code, message, error = failure
+            error_type = ProtocolVersionMismatch if rejection.version_mismatch else HandshakeError
             if not fut.done():
-                fut.set_exception(error)
-            self._protocol_failure(code, message)
+                fut.set_exception(
+                    error_type(f"node at {format_address(self.remote_address)} {rejection.detail}")
+                )
+            self._protocol_failure(rejection.code, rejection.message)
         elif isinstance(msg, Error):
-            exc_type = ProtocolVersionMismatch if msg.code == "protocol_version" else HandshakeError
+            error_type = ProtocolVersionMismatch if msg.code == "protocol_version" else HandshakeError
             if not fut.done():
-                fut.set_exception(exc_type(f"the peer refused the connection: {msg.message}"))
+                fut.set_exception(error_type(f"the peer refused the connection: {msg.message}"))
             self._begin_close(f"peer refused: {msg.message}")
         else:
             self._protocol_failure("expected_hello", f"the first message must be hello, got {type(msg).TYPE}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-        # Handlers start at once, inside this read callback: one that does not
-        # block answers without an extra trip through the event loop (a third
-        # of a small request's round trip). Only a handler that waits gets a Task.
-        task = start_eager(self._loop, coro)
-        if task is None:
-            return None
+        if _EAGER:
+            task: asyncio.Task[None] = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+            if task.done():
+                return None
+        else:
+            task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -154,7 +424,7 @@ class Connection(ConnectionCore):
         if self._tr is None or self._tr.is_closing():
             return
         backlog = len(self._notify_queue) + self._running_handlers
-        limit = self._owner.inbound_backlog
+        limit = self._settings.inbound_backlog
         if not self._reading_paused and backlog > limit:
             self._reading_paused = True
             self._tr.pause_reading()
@@ -163,9 +433,9 @@ class Connection(ConnectionCore):
             self._tr.resume_reading()
 
     async def _serve_request(self, req: Request) -> None:
-        handler = self._owner._request_handlers.get(req.method)
-        self._running_handlers += 1
-        self._update_reading()
+        # _running_handlers was raised when the request arrived (so back-pressure
+        # counts it at once, even before this task first runs).
+        handler = self._hooks.requests.get(req.method)
         try:
             if handler is None:
                 reply: Message = Error(
@@ -177,7 +447,7 @@ class Connection(ConnectionCore):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._owner.stats.handler_errors += 1
+                    self._counters.inc("handler_errors")
                     log.warning("request_handler_failed", method=req.method, peer=self.node_id,
                                 error=f"{type(exc).__name__}: {exc}")
                     reply = Error("handler_error", f"{type(exc).__name__}: {exc}", req.request_id)
@@ -201,7 +471,7 @@ class Connection(ConnectionCore):
         while self._notify_queue:
             msg = self._notify_queue.popleft()
             self._update_reading()
-            handler = self._owner._notify_handlers.get(msg.topic)
+            handler = self._hooks.notifies.get(msg.topic)
             if handler is None:
                 log.info("unhandled_notify", topic=msg.topic, peer=self.node_id)
                 continue
@@ -210,16 +480,119 @@ class Connection(ConnectionCore):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._owner.stats.handler_errors += 1
+                self._counters.inc("handler_errors")
                 log.warning("notify_handler_failed", topic=msg.topic, peer=self.node_id,
                             error=f"{type(exc).__name__}: {exc}")
         self._maybe_finish_retire()
 
-    async def _run_message_handler(self, handler: MessageHandler, msg: Message) -> None:
-        try:
-            await handler(self, msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._owner.stats.handler_errors += 1
-            log.warning("message_handler_failed", type=type(msg).TYPE, error=f"{type(exc).__name__}: {exc}")
+    # ------------------------------------------------------------------ writing
+
+    def _check_open(self) -> None:
+        if self.closed or self._tr is None or self._tr.is_closing():
+            raise ConnectionClosed(
+                f"connection to {format_address(self.remote_address)} is closed ({self._close_reason})"
+            )
+
+    def _write(self, msg: Message) -> None:
+        assert self._tr is not None
+        parts = encode_message_parts(msg)
+        if len(parts) == 1:  # the usual small message: one bytes object
+            size = len(parts[0])
+        else:
+            size = sum(memoryview(p).nbytes for p in parts)
+        limit = self._settings.max_frame_size
+        if size > limit:
+            raise FrameTooLarge(size, limit, f"outgoing {type(msg).__name__} message")
+        if size < _JOIN_BELOW:
+            self._tr.write(b"".join([frame_header(size), *parts]))
+        else:
+            self._tr.writelines([frame_header(size), *parts])
+        self._counters.inc("bytes_sent", size + 4)
+        self._counters.inc("frames_sent")
+
+    async def _drain(self) -> None:
+        if self._write_paused:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(fut)
+            await fut
+        self._check_open()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _keepalive(self) -> None:
+        interval = self._settings.keepalive_interval
+        nonce = itertools.count(1)
+        while not self.closed:
+            await asyncio.sleep(interval)
+            idle = self._loop.time() - self.last_received
+            if idle >= 2 * interval:
+                self._counters.inc("keepalive_timeouts")
+                log.warning("keepalive_timeout", peer=self.node_id, address=format_address(self.remote_address),
+                            idle_s=round(idle, 3))
+                self._begin_close(f"peer silent for {idle:.1f} s (keepalive timeout)")
+                return
+            if idle >= interval and self._tr is not None and not self._tr.is_closing():
+                self._write(Ping(next(nonce)))
+
+    def _begin_close(self, reason: str) -> None:
+        if self.closed:
+            return
+        if self._close_reason == "closed":
+            self._close_reason = reason
+        self._hooks.closing(self)  # never hand out a closing connection
+        if self._tr is not None and not self._tr.is_closing():
+            self._tr.close()
+        elif self._tr is None:
+            self._on_lost(None)
+
+    def _protocol_failure(self, code: str, message: str) -> None:
+        """The peer sent something we cannot accept: tell it why, then close."""
+        if self._failed:
+            return
+        self._failed = True
+        self._counters.inc("protocol_errors", reason=code)
+        log.warning("peer_protocol_error", address=format_address(self.remote_address),
+                    peer=self.peer.node_id if self.peer else None, code=code, error=message)
+        if not self._hello_fut.done():
+            self._hello_fut.set_exception(HandshakeError(f"{code}: {message}"))
+            self._hello_fut.exception()  # mark retrieved: the waiter may be gone
+        if self._tr is None:
+            self._deferred_error = (code, message)
+            self._close_reason = f"{code}: {message}"
+            return
+        if not self._tr.is_closing():
+            with contextlib.suppress(Exception):
+                self._write(Error(code, message))
+        self._begin_close(f"{code}: {message}")
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is not None and self._close_reason == "closed":
+            self._close_reason = f"connection lost: {exc}"
+        elif self.last_peer_error is not None and self._close_reason == "closed":
+            self._close_reason = f"peer reported {self.last_peer_error.message} [{self.last_peer_error.code}]"
+        self._closed.set()
+        error = ConnectionClosed(
+            f"connection to {format_address(self.remote_address)} closed ({self._close_reason})"
+        )
+        if not self._hello_fut.done():
+            self._hello_fut.set_exception(error)
+            self._hello_fut.exception()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # _drain() re-checks and raises ConnectionClosed
+        self._drain_waiters.clear()
+        current = asyncio.current_task()
+        for task in [*self._tasks, self._notify_task, self._keepalive_task]:
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+        self._hooks.lost(self)
+
+    def _maybe_finish_retire(self) -> None:
+        if self._retired and not self._pending and not self._running_handlers and not self._notify_queue:
+            self._begin_close("duplicate connection to the same peer")

@@ -1,4 +1,4 @@
-"""The errors the peer transport raises (node/transport.py, node/connection.py).
+"""The errors the peer transport raises (node/net/transport.py, node/net/connection.py).
 
 One hierarchy under TransportError, so callers can catch everything the
 transport raises at once; the subclasses also derive from the builtin error a

@@ -1,17 +1,12 @@
-"""Encrypted, mutually authenticated msgpack streams between nodes (asyncio adapter).
+"""Encrypted, mutually authenticated msgpack streams between nodes: the listener and the pool.
 
-Owns the TCP listener and the pool of connections to peers (one per peer).
-Every connection is TLS 1.3 with certificates checked against the cluster CA
-(node/identity.py); the peer's node id comes from its verified certificate,
-never from what it says. On top of TLS it speaks protocol/: length-prefixed
-frames carrying typed messages. The transport only moves bytes and dispatches;
-encoding, framing and limits live in the sans-I/O protocol/ package.
-
-The pieces: this module listens, dials, runs the TLS and Hello handshakes and
-keeps the pool; a Connection is one peer (node/connection_core.py sends and
-closes, node/connection.py dispatches what arrives, node/peer_protocol.py is
-the read path under TLS); node/transport_errors.py holds the errors.
-Everything callers use is importable from here.
+Owns the TCP listener and the pool of connections to peers (one per peer). Every
+connection is TLS 1.3 with certificates checked against the cluster CA
+(node/net/tls.py); the peer's node id comes from its verified certificate, never
+from what it says. One connection (node/net/connection.py) is one peer; this
+module listens, dials, runs the TLS handshake, waits for the Hello and keeps the
+pool, handing each connection its settings and hooks instead of itself. Encoding,
+framing, limits and the Hello decision live in the sans-I/O protocol/ package.
 """
 
 from __future__ import annotations
@@ -20,77 +15,40 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
 
-from node.identity import (
-    ClusterKeys,
-    NodeKey,
-    client_ssl_context,
-    server_ssl_context,
+from node.identity import ClusterKeys, NodeKey
+from node.net.addresses import PeerAddressRefused, check_peer_address, format_address
+from node.net.connection import (
+    CLOSE_TIMEOUT,
+    Connection,
+    ConnectionHooks,
+    ConnectionSettings,
+    NotifyHandler,
+    RequestHandler,
 )
-from node.net.addresses import PeerAddressRefused, check_peer_address
-from node.net.connection import Connection, MessageHandler, NotifyHandler, RequestHandler
-from node.net.connection_core import CLOSE_TIMEOUT, FEATURES, ConnectionCore, format_address
-from node.net.errors import (
-    ConnectFailed,
-    ConnectionClosed,
-    HandshakeError,
-    ProtocolVersionMismatch,
-    RemoteError,
-    RequestTimeout,
-    TransportError,
-)
-from node.net.peer_protocol import PeerProtocol
-from protocol.messages import PROTOCOL_VERSION, Hello, Message
+from node.net.errors import ConnectFailed, ConnectionClosed, HandshakeError, TransportError
+from node.net.tls import client_ssl_context, server_ssl_context
+from node.system.counters import Counters
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from protocol.messages import PROTOCOL_VERSION
 
-__all__ = [
-    "FEATURES",
-    "ConnectFailed",
-    "Connection",
-    "ConnectionClosed",
-    "HandshakeError",
-    "MessageHandler",
-    "NotifyHandler",
-    "PeerAddressRefused",
-    "ProtocolVersionMismatch",
-    "RemoteError",
-    "RequestHandler",
-    "RequestTimeout",
-    "Transport",
-    "TransportError",
-    "TransportStats",
-]
+__all__ = ["COUNTERS", "Transport"]
 
 log = structlog.get_logger(__name__)
 
 _HANDSHAKE_TIMEOUT = 10.0
 
 
-@dataclass
-class TransportStats:
-    """Counters for the Prometheus endpoint (all monotonic)."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    frames_sent: int = 0
-    frames_received: int = 0
-    connections_opened: int = 0
-    connections_closed: int = 0
-    handshake_failures: int = 0
-    hello_failures: int = 0
-    refused_addresses: int = 0
-    protocol_errors: int = 0
-    requests_sent: int = 0
-    requests_received: int = 0
-    request_timeouts: int = 0
-    handler_errors: int = 0
-    notifies_sent: int = 0
-    notifies_received: int = 0
-    keepalive_timeouts: int = 0
-
+# Counted from the start (so /metrics shows them at 0); protocol_errors is kept by reason.
+COUNTERS = (
+    "bytes_sent", "bytes_received", "frames_sent", "frames_received",
+    "connections_opened", "connections_closed", "handshake_failures", "hello_failures",
+    "refused_addresses", "requests_sent", "requests_received", "request_timeouts",
+    "handler_errors", "notifies_sent", "notifies_received", "keepalive_timeouts",
+)
 
 
 class Transport:
@@ -103,38 +61,39 @@ class Transport:
         *,
         name: str,
         software_version: str,
-        max_frame_size: int = 64 * 2**20,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         request_timeout: float = 30.0,
         keepalive_interval: float = 15.0,
         allow_public: bool = False,
         handshake_timeout: float = _HANDSHAKE_TIMEOUT,
         inbound_backlog: int = 128,
+        protocol_version: int = PROTOCOL_VERSION,
     ) -> None:
-        """``inbound_backlog``: queued notifications plus running request handlers
-        per connection above which the connection stops reading, which pushes
-        back on a peer that sends faster than this node handles. ``keepalive_interval``
-        0 turns pings off."""
+        """See ConnectionSettings for the per-connection limits; ``protocol_version``
+        is changed only by tests that provoke a mismatch."""
         self.key = key
-        self.cluster = cluster
-        self.name = name
-        self.software_version = software_version
-        self.max_frame_size = max_frame_size
-        self.request_timeout = request_timeout
-        self.keepalive_interval = keepalive_interval
         self.allow_public = allow_public
         self.handshake_timeout = handshake_timeout
-        self.inbound_backlog = inbound_backlog
-        self.stats = TransportStats()
+        self.settings = ConnectionSettings(
+            node_id=key.node_id, name=name, software_version=software_version,
+            max_frame_size=max_frame_size, request_timeout=request_timeout,
+            keepalive_interval=keepalive_interval, inbound_backlog=inbound_backlog,
+            protocol_version=protocol_version,
+        )
+        self.counters = Counters(COUNTERS, by_reason=("protocol_errors",))
         self.connections: dict[str, Connection] = {}
         self.port: int | None = None
-        self._protocol_version = PROTOCOL_VERSION  # tests change it to provoke mismatches
         self._server_ctx = server_ssl_context(cluster, key, name)
         self._client_ctx = client_ssl_context(cluster, key, name)
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._request_handlers: dict[str, RequestHandler] = {}
         self._notify_handlers: dict[str, NotifyHandler] = {}
-        self._message_handlers: dict[type[Message], MessageHandler] = {}
+        self._hooks = ConnectionHooks(
+            requests=self._request_handlers, notifies=self._notify_handlers,
+            counters=self.counters, kept=self.connections.get,
+            closing=self._unlist, lost=self._forget,
+        )
         self._all: set[Connection] = set()
         self._by_address: dict[tuple[str, int], Connection] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[Connection]] = {}
@@ -150,13 +109,6 @@ class Transport:
     def on_notify(self, topic: str, handler: NotifyHandler) -> None:
         """Handle one-way messages on ``topic`` (called in arrival order per connection)."""
         self._notify_handlers[topic] = handler
-
-    def on_message(self, cls: type[Message], handler: MessageHandler) -> None:
-        """Handle a message type registered by a later protocol extension."""
-        self._message_handlers[cls] = handler
-
-    def stats_dict(self) -> dict[str, int]:
-        return asdict(self.stats)
 
     # ------------------------------------------------------------------ listening
 
@@ -192,7 +144,7 @@ class Transport:
             try:
                 check_peer_address(str(peername[0]), self.allow_public)
             except PeerAddressRefused as exc:
-                self.stats.refused_addresses += 1
+                self.counters.inc("refused_addresses")
                 log.warning("peer_address_refused", address=format_address(peername), error=str(exc))
                 sock.close()
                 continue
@@ -267,7 +219,7 @@ class Transport:
                     try:
                         check_peer_address(str(address[0]), self.allow_public)
                     except PeerAddressRefused:
-                        self.stats.refused_addresses += 1
+                        self.counters.inc("refused_addresses")
                         raise
                     sock = socket.socket(family, kind, proto)
                     sock.setblocking(False)
@@ -292,24 +244,24 @@ class Transport:
         loop = asyncio.get_running_loop()
         where = format_address(peername)
         conn = Connection(
-            self, outbound=not server_side, remote_address=peername, expect_node_id=expect_node_id
+            self.settings, self._hooks, outbound=not server_side, remote_address=peername,
+            expect_node_id=expect_node_id,
         )
-        protocol = PeerProtocol(conn, self.max_frame_size)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if server_side:
                 tls, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=self._server_ctx,
+                    lambda: conn, sock, ssl=self._server_ctx,
                     ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=CLOSE_TIMEOUT,
                 )
             else:
                 tls, _ = await loop.create_connection(
-                    lambda: protocol, sock=sock, ssl=self._client_ctx, server_hostname="",
+                    lambda: conn, sock=sock, ssl=self._client_ctx, server_hostname="",
                     ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=CLOSE_TIMEOUT,
                 )
         except (OSError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
             sock.close()
-            self.stats.handshake_failures += 1
+            self.counters.inc("handshake_failures")
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if server_side:
                 log.warning("tls_handshake_failed", peer=where, error=reason)
@@ -318,58 +270,21 @@ class Transport:
                 "cluster (different cluster secret?) or not an enjambre node"
             ) from None
         self._all.add(conn)
-        protocol.attach(tls)
+        conn.attach(tls)
         try:
-            await self._handshake(conn)
+            await conn.wait_hello(self.handshake_timeout)
         except (HandshakeError, ConnectionClosed) as exc:
-            self.stats.hello_failures += 1
+            self.counters.inc("hello_failures")
             if server_side:
                 log.warning("hello_failed", peer=where, error=str(exc))
             await conn.close(str(exc))
             raise
-        self.stats.connections_opened += 1
+        self.counters.inc("connections_opened")
         log.info("peer_connected", peer=conn.node_id, name=conn.peer.name if conn.peer else "",
                  address=where, direction="out" if conn.outbound else "in")
         kept = self._register(conn)
-        conn._start_keepalive()
+        conn.start_keepalive()
         return kept
-
-    async def _handshake(self, conn: Connection) -> None:
-        where = format_address(conn.remote_address)
-        try:
-            async with asyncio.timeout(self.handshake_timeout):
-                await conn._hello_fut
-        except TimeoutError:
-            conn._protocol_failure("hello_timeout", f"no hello within {self.handshake_timeout} s")
-            raise HandshakeError(f"node at {where} sent no hello within {self.handshake_timeout} s") from None
-
-    def _check_hello(self, conn: Connection, hello: Hello) -> tuple[str, str, HandshakeError] | None:
-        """Why the peer's hello is unacceptable (code, message for it, error for us), or None."""
-        where = format_address(conn.remote_address)
-        assert conn.peer is not None
-        if hello.protocol_version != self._protocol_version:
-            message = (
-                f"protocol version mismatch: this node speaks version {self._protocol_version}, "
-                f"the peer version {hello.protocol_version}; run the same enjambre release on all nodes"
-            )
-            return "protocol_version", message, ProtocolVersionMismatch(f"node at {where}: {message}")
-        if hello.node_id != conn.peer.node_id:
-            return (
-                "identity_mismatch",
-                "hello names another node than the certificate",
-                HandshakeError(f"node at {where} claims an id that its certificate does not prove"),
-            )
-        if conn.peer.node_id == self.key.node_id:
-            return "self_connection", "a node cannot connect to itself", HandshakeError(
-                f"{where} is this node itself"
-            )
-        expected = conn._expect_node_id
-        if expected is not None and conn.peer.node_id != expected:
-            return "wrong_node", "this is not the node the caller expected", HandshakeError(
-                f"{where} is node {conn.peer.node_id[:12]}, not the expected {expected[:12]}; "
-                "the address may belong to another node now"
-            )
-        return None
 
     def _register(self, conn: Connection) -> Connection:
         """Keep one connection per peer; both nodes pick the same one of a duplicate pair."""
@@ -387,19 +302,19 @@ class Transport:
         else:
             keep, drop = existing, conn
         self.connections[node_id] = keep
-        drop._retire()
+        drop.retire()
         return keep
 
-    def _forget(self, conn: ConnectionCore) -> None:
+    def _forget(self, conn: Connection) -> None:
         if conn in self._all:
             self._all.discard(conn)
-            self.stats.connections_closed += 1
+            self.counters.inc("connections_closed")
         self._unlist(conn)
 
-    def _unlist(self, conn: ConnectionCore) -> None:
+    def _unlist(self, conn: Connection) -> None:
         if conn.peer is not None and self.connections.get(conn.peer.node_id) is conn:
             del self.connections[conn.peer.node_id]
-            log.info("peer_disconnected", peer=conn.peer.node_id, reason=conn._close_reason)
+            log.info("peer_disconnected", peer=conn.peer.node_id, reason=conn.close_reason)
         for address, known in list(self._by_address.items()):
             if known is conn:
                 del self._by_address[address]

@@ -19,7 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from node.identity import ClusterKeys, NodeKey, client_ssl_context, generate_secret, parse_secret
+from node.identity import ClusterKeys, NodeKey, generate_secret, parse_secret
+from node.net.tls import client_ssl_context
 from node.net.transport import Transport
 from protocol.errors import ProtocolError
 from protocol.framing import FrameDecoder, encode_frame

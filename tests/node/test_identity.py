@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import os
-import ssl
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node.identity import (
-    ClusterKeys,
     IdentityError,
     NodeKey,
-    client_ssl_context,
     generate_secret,
-    identity_from_certificate,
-    issue_certificate,
-    node_id_for,
     parse_secret,
     read_secret_file,
-    server_ssl_context,
-    verify_signature,
     write_secret_file,
 )
+from protocol.ids import node_id_for
 
 
 def test_secret_round_trip_ignores_whitespace() -> None:
@@ -78,9 +72,10 @@ def test_node_key_save_load_and_id(tmp_path: Path) -> None:
     assert len(key.node_id) == 64 and len(key.dht_id) == 20
     assert NodeKey.generate().node_id != key.node_id
     sig = key.sign(b"data")
-    assert verify_signature(key.public_bytes, sig, b"data")
-    assert not verify_signature(key.public_bytes, sig, b"other")
-    assert not verify_signature(b"short", sig, b"data")
+    public = Ed25519PublicKey.from_public_bytes(key.public_bytes)
+    public.verify(sig, b"data")
+    with pytest.raises(InvalidSignature):
+        public.verify(sig, b"other")
 
 
 def test_node_key_errors(tmp_path: Path) -> None:
@@ -96,32 +91,3 @@ def test_node_key_errors(tmp_path: Path) -> None:
     (tmp_path / "open.key").chmod(0o640)
     with pytest.raises(IdentityError, match="chmod 600"):
         NodeKey.load(tmp_path / "open.key")
-
-
-def test_ca_is_identical_from_the_same_secret_and_differs_otherwise() -> None:
-    raw = parse_secret(generate_secret())
-    a, b = ClusterKeys.from_secret(raw), ClusterKeys.from_secret(raw)
-    assert a.ca_pem == b.ca_pem and a.dht_key == b.dht_key and a.cluster_id == b.cluster_id
-    other = ClusterKeys.from_secret(parse_secret(generate_secret()))
-    assert other.ca_pem != a.ca_pem and other.dht_key != a.dht_key
-    assert a.dht_key != a.beacon_key
-
-
-def test_certificate_binds_node_id_and_name() -> None:
-    cluster = ClusterKeys.from_secret(parse_secret(generate_secret()))
-    key = NodeKey.generate()
-    cert = issue_certificate(cluster, key, "kitchen")
-    cert.verify_directly_issued_by(cluster.ca_cert)
-    peer = identity_from_certificate(cert)
-    assert peer.node_id == key.node_id and peer.name == "kitchen"
-    assert peer.public_key == key.public_bytes
-    raw = cert.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    assert raw == key.public_bytes
-
-
-def test_tls_contexts_are_tls13_mutual() -> None:
-    cluster = ClusterKeys.from_secret(parse_secret(generate_secret()))
-    key = NodeKey.generate()
-    for ctx in (server_ssl_context(cluster, key), client_ssl_context(cluster, key)):
-        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
-        assert ctx.verify_mode == ssl.CERT_REQUIRED

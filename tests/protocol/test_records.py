@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.identity import NodeKey, node_id_for
+from node.identity import NodeKey
+from protocol.ids import node_id_for
 from protocol.records import (
     MAX_RECORD_BYTES,
     MAX_TTL,

@@ -14,7 +14,8 @@ import msgpack
 import pytest
 from structlog.testing import capture_logs
 
-from node.identity import NodeKey, client_ssl_context
+from node.identity import NodeKey
+from node.net.tls import client_ssl_context
 from node.net.transport import Transport
 from protocol.framing import encode_frame
 from protocol.messages import Error, Ping, Pong, Request, Response
@@ -66,14 +67,14 @@ async def test_failed_tls_handshake_is_logged_once_and_listener_keeps_serving(ki
         with capture_logs() as logs:
             await _try_tls(server.port or 0, ctx)
             for _ in range(100):
-                if server.stats.handshake_failures:
+                if server.counters["handshake_failures"]:
                     break
                 await asyncio.sleep(0.02)
         failures = [e for e in logs if e["event"] == "tls_handshake_failed"]
         assert len(failures) == 1, logs
         assert failures[0]["peer"].startswith("127.0.0.1:")
         assert failures[0]["log_level"] == "warning"
-        assert server.stats.handshake_failures == 1
+        assert server.counters["handshake_failures"] == 1
         assert not server.connections
         await _good_client_works(cluster, server)
 
@@ -83,7 +84,7 @@ async def test_outbound_connect_to_other_cluster_fails_clearly() -> None:
                                                                     listen=False) as client:
         with pytest.raises(Exception, match="different cluster secret"):
             await client.connect(HOST, server.port or 0)
-        assert client.stats.handshake_failures == 1
+        assert client.counters["handshake_failures"] == 1
 
 
 async def _expect_error_and_close(peer: RawPeer, code: str) -> None:
@@ -105,7 +106,7 @@ async def test_garbage_bytes(after_hello: bool) -> None:
             await _expect_error_and_close(peer, "decode_error")
         finally:
             await peer.close()
-        assert server.stats.protocol_errors == 1
+        assert server.counters["protocol_errors"] == 1
         await _good_client_works(cluster, server)
 
 
@@ -219,10 +220,10 @@ async def test_truncated_frame_at_close_is_detected() -> None:
             await asyncio.sleep(0.05)
             await peer.close()
             for _ in range(100):
-                if server.stats.protocol_errors:
+                if server.counters["protocol_errors"]:
                     break
                 await asyncio.sleep(0.02)
-        assert server.stats.protocol_errors == 1
+        assert server.counters["protocol_errors"] == 1
         codes = [e.get("code") for e in logs if e["event"] == "peer_protocol_error"]
         assert codes == ["truncated_frame"]
         assert not server.connections
@@ -240,7 +241,7 @@ async def test_keepalive_closes_a_silent_peer() -> None:
         finally:
             await peer.close()
         assert any(isinstance(m, Ping) for m in messages)
-        assert server.stats.keepalive_timeouts == 1
+        assert server.counters["keepalive_timeouts"] == 1
         assert not server.connections
 
 
@@ -254,7 +255,7 @@ async def test_keepalive_keeps_a_responsive_peer() -> None:
         await asyncio.sleep(0.5)  # ten intervals of silence from the application
         assert not conn.closed
         assert await conn.request("echo", 1) == 1
-        assert a.stats.keepalive_timeouts == 0 and b.stats.keepalive_timeouts == 0
+        assert a.counters["keepalive_timeouts"] == 0 and b.counters["keepalive_timeouts"] == 0
 
 
 
@@ -275,7 +276,7 @@ def test_bad_peers_on_uvloop() -> None:
             finally:
                 await peer.close()
             await _good_client_works(cluster, server)
-            assert server.stats.handshake_failures == 1
+            assert server.counters["handshake_failures"] == 1
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
@@ -297,7 +298,7 @@ async def test_silent_tcp_client_times_out_in_handshake() -> None:
 
 
 async def test_port_in_use_gives_clear_error() -> None:
-    from node.net.transport import TransportError
+    from node.net.errors import TransportError
 
     cluster = new_cluster()
     async with running(cluster, "first") as first, running(cluster, "second", listen=False) as second:

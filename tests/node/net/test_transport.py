@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from node.net.addresses import PeerAddressRefused
-from node.net.transport import (
+from node.net.connection import Connection
+from node.net.errors import (
     ConnectFailed,
-    Connection,
     ConnectionClosed,
     HandshakeError,
     ProtocolVersionMismatch,
@@ -48,8 +48,8 @@ async def test_hello_request_response_notify() -> None:
         await conn.notify("token", {"text": "hola"})
         sender, body = await asyncio.wait_for(got.get(), 5)
         assert sender == a.key.node_id and body == {"text": "hola"}
-        assert a.stats.requests_sent == 1 and b.stats.requests_received == 1
-        assert a.stats.bytes_sent > 8192 and b.stats.bytes_received == a.stats.bytes_sent
+        assert a.counters["requests_sent"] == 1 and b.counters["requests_received"] == 1
+        assert a.counters["bytes_sent"] > 8192 and b.counters["bytes_received"] == a.counters["bytes_sent"]
 
 
 async def test_large_tensor_round_trip() -> None:
@@ -97,7 +97,7 @@ async def test_connection_is_reused_in_both_directions() -> None:
         assert back is b.connections[a.key.node_id]
         assert not back.outbound  # the connection a opened
         assert await back.request("echo", "from b") == "from b"
-        assert a.stats.connections_opened == 1 and b.stats.connections_opened == 1
+        assert a.counters["connections_opened"] == 1 and b.counters["connections_opened"] == 1
 
 
 async def test_simultaneous_connects_settle_on_one_connection() -> None:
@@ -131,7 +131,7 @@ async def test_request_timeout_keeps_connection() -> None:
         conn = await a.connect(HOST, b.port or 0)
         with pytest.raises(RequestTimeout, match=r"no answer within 0\.1 s"):
             await conn.request("slow", 1.0, timeout=0.1)
-        assert a.stats.request_timeouts == 1
+        assert a.counters["request_timeouts"] == 1
         assert await conn.request("slow", 0, timeout=5) == "late"
 
 
@@ -170,19 +170,18 @@ async def test_handler_error_and_unknown_method_are_error_replies() -> None:
             await conn.request("unsendable", None)
         assert err.value.code == "encode_error"
         assert await conn.request("echo", 5) == 5  # connection survives
-        assert b.stats.handler_errors == 1
+        assert b.counters["handler_errors"] == 1
 
 
 async def test_protocol_version_mismatch() -> None:
     cluster = new_cluster()
-    async with running(cluster, "a") as a, running(cluster, "b") as b, running(cluster, "c") as c:
+    async with running(cluster, "a") as a, running(cluster, "b", protocol_version=2) as b, \
+            running(cluster, "c", protocol_version=2) as c:
         b.on_request("echo", echo)
-        b._protocol_version = 2
         with pytest.raises(ProtocolVersionMismatch, match=r"version 1.*version 2"):
             await a.connect(HOST, b.port or 0)
         assert b.key.node_id not in a.connections
         # b keeps serving peers that speak its version
-        c._protocol_version = 2
         conn = await c.connect(HOST, b.port or 0)
         assert await conn.request("echo", "ok") == "ok"
 
@@ -207,7 +206,7 @@ async def test_public_and_named_addresses_are_refused_before_connecting() -> Non
             await a.connect("8.8.8.8", 7000)
         with pytest.raises(PeerAddressRefused, match="not an IP address"):
             await a.connect("example.com", 7000)
-        assert a.stats.bytes_sent == 0
+        assert a.counters["bytes_sent"] == 0
 
 
 async def test_unreachable_peer_gives_clear_error() -> None:
@@ -291,12 +290,23 @@ async def test_outgoing_message_over_the_frame_limit_is_refused_locally() -> Non
         assert await conn.request("echo", 1) == 1
 
 
-def test_stats_dict_is_flat_numbers() -> None:
-    from node.net.transport import TransportStats
+async def test_handlers_run_inside_a_task() -> None:
+    """A handler may use asyncio.timeout(), which needs asyncio.current_task()."""
+    cluster = new_cluster()
+    async with running(cluster, "a") as a, running(cluster, "b") as b:
+        seen: list[asyncio.Task[Any] | None] = []
 
-    stats = TransportStats()
-    stats.bytes_sent = 3
-    assert all(isinstance(v, int) for v in vars(stats).values())
+        async def timed(conn: Connection, body: Any) -> Any:
+            seen.append(asyncio.current_task())
+            async with asyncio.timeout(5):
+                await asyncio.sleep(0)
+                return body * 2
+
+        b.on_request("timed", timed)
+        conn = await a.connect(HOST, b.port or 0)
+        assert await conn.request("timed", 21) == 42
+        assert await asyncio.gather(*(conn.request("timed", i) for i in range(5))) == [0, 2, 4, 6, 8]
+        assert len(seen) == 6 and all(task is not None for task in seen)
 
 
 def test_main_paths_on_uvloop() -> None:
@@ -331,39 +341,3 @@ def test_main_paths_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
-
-
-async def test_message_types_added_by_later_protocol_versions() -> None:
-    from dataclasses import dataclass
-
-    from protocol.messages import Message, message
-
-    @message("test_transport_piece")
-    @dataclass(frozen=True, slots=True)
-    class Piece(Message):
-        index: int
-        data: bytes
-
-    cluster = new_cluster()
-    async with running(cluster, "a") as a, running(cluster, "b") as b:
-        got: asyncio.Queue[Message] = asyncio.Queue()
-
-        async def on_piece(conn: Connection, msg: Message) -> None:
-            await got.put(msg)
-
-        b.on_message(Piece, on_piece)
-        b.on_request("echo", echo)
-        conn = await a.connect(HOST, b.port or 0)
-        await conn.send(Piece(3, b"abc"))
-        assert await asyncio.wait_for(got.get(), 5) == Piece(3, b"abc")
-        # a receiver without a handler answers with an error but keeps the connection
-        back = b.connections[a.key.node_id]
-        await back.send(Piece(4, b"x"))
-        assert await conn.request("echo", 1) == 1
-        for _ in range(100):
-            if back.last_peer_error is not None:
-                break
-            await asyncio.sleep(0.02)
-        assert back.last_peer_error is not None
-        assert back.last_peer_error.code == "unhandled_message"
-        assert not back.closed
