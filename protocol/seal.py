@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 __all__ = [
     "DEFAULT_MAX_SKEW",
     "SEAL_OVERHEAD",
+    "Drop",
     "Envelope",
     "ReplayGuard",
     "SealError",
@@ -62,6 +63,14 @@ class SealError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """A sealed datagram (DHT or beacon) that must be ignored; ``reason`` is a metric label."""
+
+    reason: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,7 @@ async def bench_size(
             queried.append(result.queried)
             found += published[key] in result.records
         peers = [node.peers_known() for node in nodes]
-        failures = sum(node.metrics["rpc_failures"] for node in nodes)
+        failures = sum(node.counters["rpc_failures"] for node in nodes)
         return {
             "nodes": n,
             "join_s": round(join_s, 2),

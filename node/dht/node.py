@@ -3,34 +3,36 @@
 What changes from the ``kademlia``/``rpcudp`` packages, and where:
 
 * Datagrams and identity: sealed, signed msgpack datagrams whose sender id
-  must match their key (node/dht_protocol.py, format in node/dht_wire.py).
-* Values. Storage holds one signed record (protocol.records) per (key,
+  must match their key (format in protocol/dht.py, I/O in node/dht/protocol.py).
+* Values. Storage holds one signed record (protocol/records.py) per (key,
   publisher). Records are checked on store and on every read; an older seq
   never replaces a newer one; expiry is relative to receipt, and a forwarded
   record carries the sender's remaining lifetime so nobody extends it
-  (node/dht_storage.py).
+  (node/dht/storage.py).
 * Lookups. ``find_value`` answers with both records and neighbours, and a
   lookup crawls to the k closest nodes merging every record it sees, instead
-  of stopping at the first value (node/dht_routing.py).
-* Republish. The hourly refresh republishes only this node's own records with
-  their original expiry; records of dead nodes simply run out.
+  of stopping at the first value (node/dht/routing.py).
+* Refresh. Every ``refresh_interval`` (kademlia's bucket refresh, an hour by
+  default) lonely buckets are refreshed and only this node's own records are
+  republished with their original expiry; records of dead nodes simply run out.
+  (The node's directory record is republished more often by the daemon:
+  ``dht.republish_interval`` in the config.)
 * Departure. ``delete``/``leave`` publish tombstones (newer seq, no value) that
   hide this node's records until the old copies would have expired anyway.
 * Bootstrap. Configured peers that do not answer are retried forever with
   exponential backoff; peers from the LAN beacon join the same retry list
-  (node/dht_bootstrap.py).
+  (node/dht/bootstrap.py).
 
-This module owns the node's public API (create, put/get/lookup, members,
-bootstrap, stop, metrics); everything callers use is importable from here.
+This module owns the node's public API (create, put/get/lookup, delete/leave,
+bootstrap, stop, counters); its parts get narrow inputs and never import it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import structlog
@@ -40,48 +42,25 @@ from kademlia.node import Node
 from kademlia.utils import digest
 
 from node.dht.bootstrap import Bootstrapper
-from node.dht.protocol import SealedProtocol
-from node.dht.routing import _RecordCrawl, _RoutingTable
+from node.dht.errors import DHTError
+from node.dht.protocol import DatagramSettings, SealedProtocol
+from node.dht.routing import LookupResult, RecordCrawl, RecordSet
 from node.dht.storage import RecordStore
-from node.dht.types import (
-    DIRECTORY_PREFIX,
-    DIRECTORY_SHARDS,
-    DHTError,
-    LookupResult,
-    RecordSet,
-    bump,
-    member_key,
-)
-from node.dht.wire import DATAGRAM_DOMAIN, MAX_DATAGRAM, MAX_REQUEST_BYTES, RESPONSE_BUDGET
 from node.identity import ClusterKeys, NodeKey
-from protocol.records import (
-    MAX_TTL,
-    Record,
-    RecordError,
-    decode_record,
-    expiry_for,
-    make_record,
-    merge_records,
-)
+from node.system.counters import Counters
+from protocol.records import MAX_TTL, Record, expiry_for, make_record
 from protocol.seal import DEFAULT_MAX_SKEW
 
-__all__ = [
-    "DATAGRAM_DOMAIN",
-    "DIRECTORY_PREFIX",
-    "DIRECTORY_SHARDS",
-    "MAX_DATAGRAM",
-    "MAX_REQUEST_BYTES",
-    "RESPONSE_BUDGET",
-    "DHTError",
-    "DHTNode",
-    "LookupResult",
-    "RecordSet",
-    "SealedProtocol",
-    "_RoutingTable",
-    "member_key",
-]
+__all__ = ["COUNTERS", "DHTNode"]
 
 log = structlog.get_logger("enjambre.dht")
+
+# Counted from the start (so /metrics shows them at 0); "dropped" and
+# "records_rejected" are kept by reason.
+COUNTERS = (
+    "requests_sent", "requests_received", "responses_received", "rpc_failures",
+    "datagrams_sent", "datagrams_received", "bytes_sent", "bytes_received", "lookups",
+)
 
 
 class DHTNode(Server):
@@ -105,32 +84,16 @@ class DHTNode(Server):
         bootstrap_backoff: tuple[float, float] = (1.0, 60.0),
     ) -> None:
         self.key = key
-        self.cluster = cluster
         self.allow_public = allow_public
-        self.rpc_timeout = rpc_timeout
-        self.max_skew = max_skew
         self.refresh_interval = refresh_interval
         self.clock = clock
         self.wall_clock = wall_clock
         self.bootstrap_backoff = bootstrap_backoff
-        self._metrics: dict[str, int] = dict.fromkeys(
-            (
-                "peers_known",
-                "records_held",
-                "requests_sent",
-                "requests_received",
-                "responses_received",
-                "rpc_failures",
-                "datagrams_sent",
-                "datagrams_received",
-                "bytes_sent",
-                "bytes_received",
-                "dropped_total",
-                "lookups",
-            ),
-            0,
+        self.settings = DatagramSettings(
+            seal_key=cluster.dht_key, public_key=key.public_bytes, sign=key.sign,
+            allow_public=allow_public, rpc_timeout=rpc_timeout, max_skew=max_skew,
         )
-        self._last_stale_warning = -math.inf
+        self.counters = Counters(COUNTERS, by_reason=("dropped", "records_rejected"))
         super().__init__(ksize=ksize, alpha=alpha, node_id=key.dht_id)
         # Set after: kademlia's ``storage or ForgetfulStorage()`` would treat an
         # empty RecordStore as missing.
@@ -141,7 +104,7 @@ class DHTNode(Server):
         self._own: dict[str, Record] = {}
         self._last_seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._bootstrapper = Bootstrapper(self)
+        self._bootstrapper: Bootstrapper | None = None
         self._stopped = False
 
     # ------------------------------------------------------------- lifecycle
@@ -170,11 +133,19 @@ class DHTNode(Server):
             ) from None
         sockname = node.transport.get_extra_info("sockname")
         node.host, node.port = sockname[0], sockname[1]
+        node._bootstrapper = Bootstrapper(
+            node.protocol, node.node, (node.host, node.port), ksize=node.ksize, alpha=node.alpha,
+            allow_public=allow_public, backoff=node.bootstrap_backoff, clock=node.clock,
+            counters=node.counters,
+        )
         log.info("dht listening", host=node.host, port=node.port, node_id=key.node_id[:16])
         return node
 
     def _create_protocol(self) -> SealedProtocol:
-        return SealedProtocol(self, self.node, self.storage, self.ksize)
+        return SealedProtocol(
+            self.node, self.storage, self.ksize, settings=self.settings, counters=self.counters,
+            clock=self.clock, wall_clock=self.wall_clock, spawn=self._spawn,
+        )
 
     def refresh_table(self, interval: float | None = None) -> None:
         if self._stopped:
@@ -211,18 +182,16 @@ class DHTNode(Server):
         self._stopped = True
         for task in list(self._tasks):
             task.cancel()
-        bootstrap_task = self._bootstrapper.task
-        if bootstrap_task is not None:
-            bootstrap_task.cancel()
-        tasks = [*self._tasks, *([bootstrap_task] if bootstrap_task else [])]
-        for task in tasks:
+        if self._bootstrapper is not None:
+            await self._bootstrapper.stop()
+        for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.protocol is not None:
             self.protocol.cancel_outstanding()
         super().stop()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self._stopped:
             coro.close()
             return
@@ -233,47 +202,34 @@ class DHTNode(Server):
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            bump(self._metrics, "background_errors")
+            self.counters.inc("background_errors")
             log.warning("dht background task failed", error=repr(task.exception()))
 
-    # --------------------------------------------------------------- metrics
-
-    @property
-    def metrics(self) -> dict[str, int]:
-        """Counters for the Prometheus endpoint (a plain dict; read it, do not keep it)."""
-        self._metrics["peers_known"] = self.peers_known()
-        self._metrics["records_held"] = len(self.storage)
-        return self._metrics
+    # --------------------------------------------------------------- levels
 
     def peers_known(self) -> int:
         if self.protocol is None:
             return 0
         return sum(len(bucket) for bucket in self.protocol.router.buckets)
 
-    def _drop(self, reason: str) -> None:
-        bump(self._metrics, f"dropped_{reason}")
-        bump(self._metrics, "dropped_total")
-
-    def _warn_stale(self, address: tuple[str, int], detail: str) -> None:
-        # A peer with a wrong clock is a setup problem the operator must see,
-        # but not once per datagram.
-        now = self.clock()
-        if now - self._last_stale_warning >= 60:
-            self._last_stale_warning = now
-            log.warning(
-                "dht peer clock out of range", peer=f"{address[0]}:{address[1]}", detail=detail
-            )
+    def records_held(self) -> int:
+        return len(self.storage)
 
     # ------------------------------------------------------------- bootstrap
 
     async def bootstrap(self, peers: Iterable[tuple[str, int]]) -> int:
         """Contact configured peers; returns how many answered. Unreachable ones are
         retried in the background with exponential backoff, never given up on."""
-        return await self._bootstrapper.bootstrap(peers)
+        return await self._started().bootstrap(peers)
 
     def add_bootstrap_peer(self, host: str, port: int) -> None:
         """A peer learned at run time (LAN beacon); refused quietly if not allowed."""
-        self._bootstrapper.add_peer(host, port)
+        self._started().add_peer(host, port)
+
+    def _started(self) -> Bootstrapper:
+        if self._bootstrapper is None:
+            raise DHTError("the DHT node is not listening yet; build it with DHTNode.create()")
+        return self._bootstrapper
 
     # --------------------------------------------------------------- records
 
@@ -282,22 +238,6 @@ class DHTNode(Server):
         # the ones it published before the restart.
         self._last_seq = max(self._last_seq + 1, int(self.wall_clock() * 1000))
         return self._last_seq
-
-    def _accept_record(self, dkey: bytes, data: bytes, remaining: float) -> bool:
-        try:
-            record = decode_record(data)
-        except RecordError as exc:
-            bump(self._metrics, f"records_rejected_{exc.reason}")
-            return False
-        if digest(record.key) != dkey:
-            bump(self._metrics, "records_rejected_wrong_key")
-            return False
-        outcome = self.storage.put(dkey, record, remaining=remaining)
-        if outcome.accepted:
-            bump(self._metrics, "records_stored")
-        else:
-            bump(self._metrics, f"records_rejected_{outcome.reason}")
-        return bool(outcome.accepted)
 
     async def put(self, key: str, value: Any, *, ttl: float) -> int:
         """Publish ``value`` under ``key`` as this node's record; returns how many nodes
@@ -359,42 +299,20 @@ class DHTNode(Server):
 
     async def lookup(self, key: str) -> LookupResult:
         """Crawl toward ``key`` and merge every verified record seen (with lookup statistics)."""
-        bump(self._metrics, "lookups")
+        self.counters.inc("lookups")
         dkey = digest(key)
         target = Node(dkey)
         local = [r for r in self.storage.get(dkey) if r.key == key]
         nearest = self.protocol.router.find_neighbors(target)
-        crawl = _RecordCrawl(self, target, nearest, key)
+        crawl = RecordCrawl(
+            self.protocol, target, nearest, key, ksize=self.ksize, alpha=self.alpha,
+            own_id=self.node.id, allow_public=self.allow_public, clock=self.clock,
+            counters=self.counters,
+        )
         if nearest:
             await crawl.find()
-        merged = merge_records([*local, *crawl.records], now=self.clock())
-        records = RecordSet({p: r for p, r in merged.items() if not r.tombstone})
-        records.truncated = crawl.truncated
-        return LookupResult(
-            records=records,
-            truncated=crawl.truncated,
-            rounds=crawl.rounds,
-            queried=crawl.queried,
-            responded=crawl.responded,
-            first_hit_round=crawl.first_hit_round,
-            rejected=crawl.rejected,
-        )
+        return crawl.result(local)
 
     async def get(self, key: str) -> RecordSet:
         """publisher node id -> newest verified, unexpired record under ``key``."""
         return (await self.lookup(key)).records
-
-    async def publish_member(self, value: Any, *, ttl: float) -> None:
-        """Publish this node's capability record in the cluster directory."""
-        await self.put(member_key(self.node_id), value, ttl=ttl)
-
-    async def members(self) -> RecordSet:
-        """All directory records, read from the 16 shards concurrently."""
-        results = await asyncio.gather(
-            *(self.get(f"{DIRECTORY_PREFIX}{s}") for s in DIRECTORY_SHARDS)
-        )
-        merged = RecordSet()
-        for shard in results:
-            merged.update(shard)
-            merged.truncated = merged.truncated or shard.truncated
-        return merged

@@ -1,89 +1,112 @@
-"""The DHT's wire protocol: kademlia's KademliaProtocol over sealed, signed datagrams.
+"""The DHT's asyncio side: kademlia's KademliaProtocol over sealed, signed datagrams.
 
 What it changes in the ``kademlia``/``rpcudp`` packages and why:
 
-* Datagrams. rpcudp sends ``0x00|0x01 + msg id + umsgpack`` in the clear.
-  Here every datagram is ``seal(dht_key, envelope)`` (protocol.seal): AEAD with
-  a fresh nonce and a timestamp, then a signed envelope carrying the sender's
-  Ed25519 public key. Stale, replayed, forged or garbage datagrams are dropped
-  and counted. Inside is plain msgpack (node/dht_wire.py).
-* Identity. The first argument of every request (the sender's DHT id) must be
-  ``dht_id_for(public key of the envelope)``; a response must come from the
-  address asked and, where the id asked is known, from that id.
-* Values. ``store`` hands signed records to the node's RecordStore with the
-  sender's remaining lifetime; ``find_value`` answers with both records (within
+* Datagrams. rpcudp sends ``0x00|0x01 + msg id + umsgpack`` in the clear. Here
+  every datagram is built and parsed by protocol/dht.py (sealed, signed, with a
+  timestamp); stale, replayed, forged or garbage datagrams are dropped and
+  counted by reason. This module only adds the address policy and the I/O.
+* Identity. The sender id of a request is proved by the envelope's key (checked
+  in protocol/dht.py); a response must come from the address asked and, where
+  the id asked is known, from that id.
+* Values. ``store`` hands signed records to the RecordStore with the sender's
+  remaining lifetime; ``find_value`` answers with both records (within
   RESPONSE_BUDGET) and neighbours; a new contact gets the records it should hold.
+
+It gets what it needs (keys, settings, counters, clocks, a task spawner) and never
+a reference to the DHT node that owns it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
-import msgpack
 import structlog
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
+from kademlia.utils import digest
 
-from node.dht.routing import _RoutingTable
+from node.dht.errors import DHTError
+from node.dht.routing import ExactRoutingTable, node_from_tuple
 from node.dht.storage import RecordStore
-from node.dht.types import DHTError, bump
-from node.dht.wire import (
-    DATAGRAM_DOMAIN,
+from node.net.addresses import format_hostport, is_allowed
+from node.system.counters import Counters
+from protocol.dht import (
     ID_LEN,
     MAX_REQUEST_BYTES,
     RESPONSE_BUDGET,
-    RPCS,
-    UNPACK_LIMITS,
-    valid_node_tuple,
+    DhtRequest,
+    DhtResponse,
+    Drop,
+    build_datagram,
+    pack_body,
+    parse_datagram,
 )
-from node.identity import dht_id_for
-from node.net.addresses import is_allowed
-from protocol.records import Record
-from protocol.seal import (
-    ReplayGuard,
-    SealError,
-    open_envelope,
-    open_sealed,
-    seal,
-    sign_envelope,
-)
+from protocol.records import Record, RecordError, decode_record
+from protocol.seal import DEFAULT_MAX_SKEW, ReplayGuard
 
-if TYPE_CHECKING:
-    from node.dht.node import DHTNode
-
-__all__ = ["SealedProtocol"]
+__all__ = ["DatagramSettings", "SealedProtocol"]
 
 log = structlog.get_logger("enjambre.dht")
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramSettings:
+    """What the protocol needs to seal, sign and check datagrams."""
+
+    seal_key: bytes
+    public_key: bytes
+    sign: Callable[[bytes], bytes]
+    allow_public: bool = False
+    rpc_timeout: float = 2.0
+    max_skew: float = DEFAULT_MAX_SKEW
 
 
 class SealedProtocol(KademliaProtocol):
     """KademliaProtocol speaking sealed, signed msgpack datagrams (see module docstring)."""
 
-    def __init__(self, owner: DHTNode, source_node: Node, storage: RecordStore, ksize: int) -> None:
+    def __init__(
+        self,
+        source_node: Node,
+        storage: RecordStore,
+        ksize: int,
+        *,
+        settings: DatagramSettings,
+        counters: Counters,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+    ) -> None:
         super().__init__(source_node, storage, ksize)
-        self.router = _RoutingTable(self, ksize, source_node)
-        self.owner = owner
-        self._wait_timeout = owner.rpc_timeout
+        self.router = ExactRoutingTable(self, ksize, source_node)
+        self.settings = settings
+        self.counters = counters
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self._spawn = spawn
+        self._wait_timeout = settings.rpc_timeout
         self._expect: dict[bytes, tuple[tuple[str, int], bytes | None, str]] = {}
-        self.replay = ReplayGuard(owner.max_skew)
+        self.replay = ReplayGuard(settings.max_skew)
+        self._last_stale_warning = -math.inf
 
     # ----------------------------------------------------------------- sending
 
     def _send(self, message: list[Any], address: tuple[str, int]) -> None:
-        owner = self.owner
-        now = owner.wall_clock()
-        body = msgpack.packb(message, use_bin_type=True)
-        envelope = sign_envelope(
-            owner.key.public_bytes, owner.key.sign, body, domain=DATAGRAM_DOMAIN, timestamp=now
+        s = self.settings
+        datagram = build_datagram(
+            pack_body(message), seal_key=s.seal_key, public_key=s.public_key, sign=s.sign,
+            now=self.wall_clock(),
         )
-        datagram = seal(owner.cluster.dht_key, envelope, now=now)
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.sendto(datagram, address)
-        bump(owner._metrics, "datagrams_sent")
-        bump(owner._metrics, "bytes_sent", len(datagram))
+        self.counters.inc("datagrams_sent")
+        self.counters.inc("bytes_sent", len(datagram))
 
     def _call(
         self, address: tuple[str, int], name: str, args: list[Any], expect_id: bytes | None
@@ -91,19 +114,19 @@ class SealedProtocol(KademliaProtocol):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
         address = (str(address[0]), int(address[1]))
-        if not is_allowed(address[0], self.owner.allow_public):
-            bump(self.owner._metrics, "refused_address")
+        if not is_allowed(address[0], self.settings.allow_public):
+            self.counters.inc("refused_address")
             future.set_result((False, None))
             return future
         msg_id = os.urandom(ID_LEN)
         message = [0, msg_id, name, args]
-        size = len(msgpack.packb(message, use_bin_type=True))
+        size = len(pack_body(message))
         if size > MAX_REQUEST_BYTES:
             raise DHTError(
                 f"DHT {name} request is {size} bytes, over the {MAX_REQUEST_BYTES}-byte "
                 "datagram limit; keep DHT values small"
             )
-        bump(self.owner._metrics, "requests_sent")
+        self.counters.inc("requests_sent")
         timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
         self._outstanding[msg_id] = (future, timeout)
         self._expect[msg_id] = (address, expect_id, name)
@@ -113,7 +136,7 @@ class SealedProtocol(KademliaProtocol):
     def _timeout(self, msg_id: bytes) -> None:
         entry = self._outstanding.pop(msg_id, None)
         self._expect.pop(msg_id, None)
-        bump(self.owner._metrics, "rpc_failures")
+        self.counters.inc("rpc_failures")
         if entry is not None and not entry[0].done():
             entry[0].set_result((False, None))
 
@@ -162,8 +185,9 @@ class SealedProtocol(KademliaProtocol):
             address, self.source_node.id, node_to_find.id, expect=node_to_ask.id
         )
         if result[0]:
-            nodes = result[1] if isinstance(result[1], list) else []
-            result = (True, self._clean_nodes(nodes))
+            entries = result[1] if isinstance(result[1], list) else []
+            nodes = [node_from_tuple(e, self.settings.allow_public) for e in entries]
+            result = (True, [(n.id, n.ip, n.port) for n in nodes if n is not None])
         return self.handle_call_response(result, node_to_ask)
 
     async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
@@ -175,7 +199,7 @@ class SealedProtocol(KademliaProtocol):
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: Record) -> tuple[bool, Any]:
         address = (node_to_ask.ip, node_to_ask.port)
-        remaining = value.remaining(self.owner.clock())
+        remaining = value.remaining(self.clock())
         if remaining <= 0:
             return (False, None)
         result = await self.store(
@@ -183,126 +207,104 @@ class SealedProtocol(KademliaProtocol):
         )
         return self.handle_call_response(result, node_to_ask)
 
-    def _clean_nodes(self, entries: list[Any]) -> list[tuple[bytes, str, int]]:
-        nodes = []
-        for entry in entries:
-            node = valid_node_tuple(entry, self.owner.allow_public)
-            if node is not None:
-                nodes.append((node.id, node.ip, node.port))
-        return nodes
-
     # --------------------------------------------------------------- receiving
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:
-            self._receive(data, addr)
+            self._receive(data, (str(addr[0]), int(addr[1])))
         except Exception as exc:
             # A bug or an unforeseen input must not take the node down.
-            self.owner._drop("internal_error")
+            self.counters.inc("dropped", reason="internal_error")
             log.warning("dht datagram handling failed", error=repr(exc))
 
-    def _receive(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        owner = self.owner
-        metrics = owner._metrics
-        bump(metrics, "datagrams_received")
-        bump(metrics, "bytes_received", len(data))
-        address = (str(addr[0]), int(addr[1]))
-        if not is_allowed(address[0], owner.allow_public):
-            return owner._drop("address")
-        now = owner.wall_clock()
-        try:
-            unsealed = open_sealed(owner.cluster.dht_key, data, now=now, max_skew=owner.max_skew)
-        except SealError as exc:
-            if exc.reason == "stale":
-                owner._warn_stale(address, str(exc))
-            return owner._drop(exc.reason)
-        # Only authentic datagrams reach the replay guard, so garbage cannot
-        # flush it.
-        if not self.replay.check(unsealed.nonce, now=now):
-            return owner._drop("replay")
-        try:
-            envelope = open_envelope(
-                unsealed.payload, domain=DATAGRAM_DOMAIN, timestamp=unsealed.timestamp
-            )
-            message = msgpack.unpackb(envelope.payload, **UNPACK_LIMITS)
-        except SealError as exc:
-            return owner._drop(exc.reason)
-        except Exception:
-            return owner._drop("malformed")
-        sender_id = dht_id_for(envelope.public_key)
-        if not isinstance(message, list) or len(message) < 3:
-            return owner._drop("malformed")
-        kind, msg_id = message[0], message[1]
-        if not isinstance(msg_id, bytes) or len(msg_id) != ID_LEN:
-            return owner._drop("malformed")
-        if kind == 0 and len(message) == 4:
-            self._handle_request(msg_id, message[2], message[3], address, sender_id)
-        elif kind == 1 and len(message) == 3:
-            self._handle_response(msg_id, message[2], address, sender_id)
+    def _receive(self, data: bytes, address: tuple[str, int]) -> None:
+        self.counters.inc("datagrams_received")
+        self.counters.inc("bytes_received", len(data))
+        if not is_allowed(address[0], self.settings.allow_public):
+            self.counters.inc("dropped", reason="address")
+            return
+        s = self.settings
+        message = parse_datagram(
+            data, seal_key=s.seal_key, now=self.wall_clock(), max_skew=s.max_skew, replay=self.replay
+        )
+        if isinstance(message, DhtRequest):
+            self._handle_request(message, address)
+        elif isinstance(message, DhtResponse):
+            self._handle_response(message, address)
         else:
-            owner._drop("malformed")
+            self._drop(message, address)
 
-    def _handle_request(
-        self, msg_id: bytes, name: Any, args: Any, address: tuple[str, int], sender_id: bytes
-    ) -> None:
-        owner = self.owner
-        if name not in RPCS or not isinstance(args, list) or not args:
-            return owner._drop("malformed")
-        if args[0] != sender_id:
-            # A peer may only speak for the id its key hashes to.
-            return owner._drop("id_mismatch")
-        shapes = {"ping": 1, "find_node": 2, "find_value": 2, "store": 4}
-        if len(args) != shapes[name]:
-            return owner._drop("malformed")
-        if name != "ping" and (not isinstance(args[1], bytes) or len(args[1]) != ID_LEN):
-            return owner._drop("malformed")
-        bump(owner._metrics, "requests_received")
-        if name == "ping":
-            result: Any = self.rpc_ping(address, sender_id)
-        elif name == "find_node":
-            result = self.rpc_find_node(address, sender_id, args[1])
-        elif name == "find_value":
-            result = self.rpc_find_value(address, sender_id, args[1])
+    def _drop(self, drop: Drop, address: tuple[str, int]) -> None:
+        self.counters.inc("dropped", reason=drop.reason)
+        if drop.reason == "stale":
+            # A peer with a wrong clock is a setup problem the operator must see,
+            # but not once per datagram.
+            now = self.clock()
+            if now - self._last_stale_warning >= 60:
+                self._last_stale_warning = now
+                log.warning("dht peer clock out of range", peer=format_hostport(*address),
+                            detail=drop.detail)
+
+    def _handle_request(self, req: DhtRequest, address: tuple[str, int]) -> None:
+        self.counters.inc("requests_received")
+        if req.name == "ping":
+            result: Any = self.rpc_ping(address, req.sender_id)
+        elif req.name == "find_node":
+            result = self.rpc_find_node(address, req.sender_id, req.key)
+        elif req.name == "find_value":
+            assert req.key is not None
+            result = self.rpc_find_value(address, req.sender_id, req.key)
         else:
-            value, remaining = args[2], args[3]
-            if not isinstance(value, bytes) or not isinstance(remaining, int | float):
-                return owner._drop("malformed")
-            result = self.rpc_store(address, sender_id, args[1], value, float(remaining))
-        self._send([1, msg_id, result], address)
+            assert req.key is not None and req.value is not None and req.remaining is not None
+            result = self.rpc_store(address, req.sender_id, req.key, req.value, req.remaining)
+        self._send([1, req.msg_id, result], address)
 
-    def _handle_response(
-        self, msg_id: bytes, result: Any, address: tuple[str, int], sender_id: bytes
-    ) -> None:
-        owner = self.owner
-        expected = self._expect.get(msg_id)
-        if expected is None or msg_id not in self._outstanding:
-            return owner._drop("unsolicited")
-        want_address, want_id, name = expected
-        if address != want_address:
-            return owner._drop("unsolicited")
-        future, timeout = self._outstanding.pop(msg_id)
-        del self._expect[msg_id]
+    def _handle_response(self, resp: DhtResponse, address: tuple[str, int]) -> None:
+        expected = self._expect.get(resp.msg_id)
+        if expected is None or resp.msg_id not in self._outstanding or address != expected[0]:
+            self.counters.inc("dropped", reason="unsolicited")
+            return
+        _, want_id, name = expected
+        future, timeout = self._outstanding.pop(resp.msg_id)
+        del self._expect[resp.msg_id]
         timeout.cancel()
-        bump(owner._metrics, "responses_received")
-        if (want_id is not None and sender_id != want_id) or (
-            name == "ping" and result != sender_id
+        self.counters.inc("responses_received")
+        if (want_id is not None and resp.sender_id != want_id) or (
+            name == "ping" and resp.result != resp.sender_id
         ):
             # Someone else answers at that address: treat it as a failed
             # call so the routing table forgets the claimed id.
-            owner._drop("id_mismatch")
+            self.counters.inc("dropped", reason="id_mismatch")
             result_pair: tuple[bool, Any] = (False, None)
         else:
-            result_pair = (True, result)
+            result_pair = (True, resp.result)
         if not future.done():
             future.set_result(result_pair)
 
     # -------------------------------------------------------------------- rpcs
 
+    def accept_record(self, dkey: bytes, data: bytes, remaining: float) -> bool:
+        """Store a record a peer sent, if it is valid and belongs under ``dkey``."""
+        try:
+            record = decode_record(data)
+        except RecordError as exc:
+            self.counters.inc("records_rejected", reason=exc.reason)
+            return False
+        if digest(record.key) != dkey:
+            self.counters.inc("records_rejected", reason="wrong_key")
+            return False
+        outcome = self.storage.put(dkey, record, remaining=remaining)
+        if outcome.accepted:
+            self.counters.inc("records_stored")
+        else:
+            self.counters.inc("records_rejected", reason=outcome.reason)
+        return bool(outcome.accepted)
+
     def rpc_store(
         self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes, remaining: float
     ) -> bool:
         self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-        return self.owner._accept_record(key, value, remaining)
+        return self.accept_record(key, value, remaining)
 
     def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: bytes) -> Any:
         source = Node(nodeid, sender[0], sender[1])
@@ -311,22 +313,21 @@ class SealedProtocol(KademliaProtocol):
         records = self.storage.get(key)
         if not records:
             return neighbors
-        now = self.owner.clock()
+        now = self.clock()
         # Records get the full budget (so the largest allowed record always
         # fits); the neighbour list (~1 KB for k=20) comes on top.
         budget = RESPONSE_BUDGET - 64
         chosen: list[list[Any]] = []
         truncated = False
         for record in records:  # freshest first
-            entry = [record.encoded, record.remaining(now)]
             cost = len(record.encoded) + 16
             if cost > budget:
                 truncated = True
                 continue
             budget -= cost
-            chosen.append(entry)
+            chosen.append([record.encoded, record.remaining(now)])
         if truncated:
-            bump(self.owner._metrics, "truncated_responses")
+            self.counters.inc("truncated_responses")
         return {"records": chosen, "nodes": neighbors, "truncated": truncated}
 
     def welcome_if_new(self, node: Node) -> None:
@@ -342,8 +343,8 @@ class SealedProtocol(KademliaProtocol):
                 first = neighbors[0].distance_to(keynode)
                 this_closest = self.source_node.distance_to(keynode) < first
             if not neighbors or (new_node_close and this_closest):
-                self.owner._spawn(self.call_store(node, dkey, record))
+                self._spawn(self.call_store(node, dkey, record))
         self.router.add_contact(node)
 
     def error_received(self, exc: Exception) -> None:
-        bump(self.owner._metrics, "socket_errors")
+        self.counters.inc("socket_errors")

@@ -1,30 +1,33 @@
-"""Finding nodes and records near a key: the routing table and the record crawl.
+"""Finding nodes and records near a key: the routing table fix, node tuples, the record crawl.
 
-_RoutingTable fixes kademlia's neighbour search; _RecordCrawl is the lookup
-that crawls to the k closest nodes merging every record it sees, instead of
-stopping at the first value.
+``ExactRoutingTable`` fixes kademlia's neighbour search; ``RecordCrawl`` is the
+lookup that crawls to the k closest nodes merging every record it sees instead of
+stopping at the first value, and returns a ``LookupResult``. Peer-supplied node
+tuples pass the shape check (protocol/dht.py) and the address policy here before
+they reach the table or a crawl.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from kademlia.crawling import SpiderCrawl
 from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
-from node.dht.types import bump
-from node.dht.wire import valid_node_tuple
-from protocol.records import Record, RecordError, decode_record, expiry_for
+from node.net.addresses import is_allowed
+from node.system.counters import Counters
+from protocol.dht import parse_node_tuple, parse_value_answer
+from protocol.records import Record, RecordError, decode_record, expiry_for, merge_records
 
-if TYPE_CHECKING:
-    from node.dht.node import DHTNode
-
-__all__ = ["_RecordCrawl", "_RoutingTable"]
+__all__ = ["ExactRoutingTable", "LookupResult", "RecordCrawl", "RecordSet", "node_from_tuple"]
 
 
-class _RoutingTable(RoutingTable):
+class ExactRoutingTable(RoutingTable):
     """kademlia's table with a correct ``find_neighbors``.
 
     The library walks buckets with TableTraverser, which stops as soon as it
@@ -48,17 +51,59 @@ class _RoutingTable(RoutingTable):
         return heapq.nsmallest(k, candidates, key=node.distance_to)
 
 
-class _RecordCrawl(SpiderCrawl):
+def node_from_tuple(entry: Any, allow_public: bool) -> Node | None:
+    """A peer-supplied ``[id, ip, port]`` as a Node, or None if malformed or not allowed."""
+    parsed = parse_node_tuple(entry)
+    if parsed is None or not is_allowed(parsed[1], allow_public):
+        return None
+    return Node(*parsed)
+
+
+class RecordSet(dict[str, Record]):
+    """publisher node id -> record, plus whether some holder had to truncate its answer."""
+
+    truncated: bool = False
+
+
+@dataclass
+class LookupResult:
+    records: RecordSet
+    truncated: bool = False
+    rounds: int = 0
+    queried: int = 0
+    responded: int = 0
+    # Round in which the first record arrived (0: none, or only a local copy).
+    first_hit_round: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class RecordCrawl(SpiderCrawl):
     """Iterative lookup toward a key that collects every record on the way.
 
     Unlike kademlia's ValueSpiderCrawl it does not stop at the first value:
     each publisher's newest record may sit on a different holder.
     """
 
-    def __init__(self, owner: DHTNode, node: Node, peers: list[Node], key: str) -> None:
-        super().__init__(owner.protocol, node, peers, owner.ksize, owner.alpha)
-        self.owner = owner
+    def __init__(
+        self,
+        protocol: KademliaProtocol,
+        target: Node,
+        peers: list[Node],
+        key: str,
+        *,
+        ksize: int,
+        alpha: int,
+        own_id: bytes,
+        allow_public: bool,
+        clock: Callable[[], float],
+        counters: Counters,
+    ) -> None:
+        super().__init__(protocol, target, peers, ksize, alpha)
         self.key = key
+        self._own_id = own_id
+        self._allow_public = allow_public
+        self._clock = clock
+        self._counters = counters
         self.records: list[Record] = []
         self.truncated = False
         self.rounds = 0
@@ -78,44 +123,49 @@ class _RecordCrawl(SpiderCrawl):
 
     async def _nodes_found(self, responses: dict[bytes, tuple[bool, Any]]) -> None:
         toremove = []
-        now = self.owner.clock()
+        now = self._clock()
         for peer_id, (ok, result) in responses.items():
             if not ok:
                 toremove.append(peer_id)
                 continue
             self.responded += 1
-            nodes: Any = result
-            if isinstance(result, dict):
-                nodes = result.get("nodes", [])
-                if result.get("truncated") is True:
-                    self.truncated = True
-                for entry in result.get("records", []) or []:
-                    self._take(entry, now)
-            if isinstance(nodes, list):
-                for entry in nodes:
-                    node = valid_node_tuple(entry, self.owner.allow_public)
-                    if node is not None and node.id != self.owner.node.id:
-                        self.nearest.push(node)
+            answer = parse_value_answer(result)
+            self.truncated = self.truncated or answer.truncated
+            if answer.malformed:
+                self.rejected["malformed"] = self.rejected.get("malformed", 0) + answer.malformed
+            for encoded, remaining in answer.records:
+                self._take(encoded, remaining, now)
+            for entry in answer.nodes:
+                node = node_from_tuple(entry, self._allow_public)
+                if node is not None and node.id != self._own_id:
+                    self.nearest.push(node)
         self.nearest.remove(toremove)
         if self.nearest.have_contacted_all():
             return
         await self.find()
 
-    def _take(self, entry: Any, now: float) -> None:
-        if (
-            not isinstance(entry, list)
-            or len(entry) != 2
-            or not isinstance(entry[0], bytes)
-            or not isinstance(entry[1], int | float)
-        ):
-            self.rejected["malformed"] = self.rejected.get("malformed", 0) + 1
-            return
+    def _take(self, encoded: bytes, remaining: float, now: float) -> None:
         try:
-            record = decode_record(entry[0], expected_key=self.key)
+            record = decode_record(encoded, expected_key=self.key)
         except RecordError as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            bump(self.owner._metrics, f"records_rejected_{exc.reason}")
+            self._counters.inc("records_rejected", reason=exc.reason)
             return
-        self.records.append(record.with_expiry(expiry_for(record, now=now, remaining=entry[1])))
+        self.records.append(record.with_expiry(expiry_for(record, now=now, remaining=remaining)))
         if not self.first_hit_round:
             self.first_hit_round = self.rounds
+
+    def result(self, local: list[Record]) -> LookupResult:
+        """Merge what the crawl found with the local copies (call after ``find``)."""
+        merged = merge_records([*local, *self.records], now=self._clock())
+        records = RecordSet({p: r for p, r in merged.items() if not r.tombstone})
+        records.truncated = self.truncated
+        return LookupResult(
+            records=records,
+            truncated=self.truncated,
+            rounds=self.rounds,
+            queried=self.queried,
+            responded=self.responded,
+            first_hit_round=self.first_hit_round,
+            rejected=self.rejected,
+        )

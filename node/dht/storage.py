@@ -44,10 +44,6 @@ class RecordStore:
     def __len__(self) -> int:
         return sum(len(records) for records in self._data.values())
 
-    def keys(self) -> list[bytes]:
-        self.purge()
-        return list(self._data)
-
     def put(self, dkey: bytes, record: Record, *, remaining: float | None = None) -> StoreOutcome:
         """Store a verified record. ``remaining`` caps its life (what the sender had left)."""
         now = self.clock()

@@ -7,12 +7,9 @@ and counted; valid ones from other nodes call ``on_peer(host, dht_port,
 node_id)``, which the daemon turns into ``DHTNode.add_bootstrap_peer``.
 
 Multicast uses TTL 1 so beacons never leave the link. ``interface`` picks the
-interface to send and join on (an IPv4 address or an interface name); tests pass
-127.0.0.1, or ``targets`` for plain unicast, so nothing reaches a real network.
-
-Beacon payload (msgpack inside the seal)::
-
-    [1, node_id (hex str), dht_host (str, "" = use the beacon's source address), dht_port]
+interface to send and join on (an IPv4 address or an interface name; the daemon
+passes ``network.listen``); tests pass 127.0.0.1, or ``targets`` for plain unicast,
+so nothing reaches a real network. The payload format is protocol/beacon.py.
 """
 
 from __future__ import annotations
@@ -26,21 +23,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import structlog
 
+from node.config_schema import DEFAULT_BEACON_GROUP, DEFAULT_BEACON_PORT
 from node.identity import ClusterKeys
-from node.net.addresses import is_allowed
-from protocol.seal import DEFAULT_MAX_SKEW, ReplayGuard, SealError, open_sealed, seal
+from node.net.addresses import is_allowed, parse_ip
+from node.system.counters import Counters
+from protocol.beacon import BeaconPayload, build_beacon, parse_beacon
+from protocol.seal import DEFAULT_MAX_SKEW, Drop, ReplayGuard
 
-__all__ = ["DEFAULT_GROUP", "DEFAULT_PORT", "Beacon", "BeaconError"]
+__all__ = ["Beacon", "BeaconError"]
 
 log = structlog.get_logger("enjambre.discovery")
 
-DEFAULT_GROUP = "239.255.74.20"
-DEFAULT_PORT = 7423
-_VERSION = 1
-_MAX_BEACON = 512
 
 
 class BeaconError(Exception):
@@ -65,8 +60,8 @@ def _interface_address(interface: str | None) -> str | None:
             return str(family_addr.address)
     raise BeaconError(
         f"beacon interface {interface!r} is neither an IPv4 address nor an interface with an "
-        "IPv4 address; set network.beacon_interface to the LAN interface (e.g. eth0 or "
-        "192.168.1.20)"
+        "IPv4 address; the beacon uses network.listen: set it to this machine's LAN address "
+        "(e.g. 192.168.1.20), or turn discovery off (network.discovery = false)"
     )
 
 
@@ -78,7 +73,7 @@ class _BeaconProtocol(asyncio.DatagramProtocol):
         self.beacon.handle_datagram(data, (str(addr[0]), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
-        self.beacon._bump("send_errors")
+        self.beacon.counters.inc("send_errors")
 
 
 class Beacon:
@@ -92,8 +87,8 @@ class Beacon:
         dht_host: str,
         dht_port: int,
         on_peer: Callable[[str, int, str], None],
-        group: str = DEFAULT_GROUP,
-        port: int = DEFAULT_PORT,
+        group: str = DEFAULT_BEACON_GROUP,
+        port: int = DEFAULT_BEACON_PORT,
         interface: str | None = "127.0.0.1",
         interval: float = 5.0,
         allow_public: bool = False,
@@ -112,7 +107,7 @@ class Beacon:
         except ValueError:
             raise BeaconError(
                 f"beacon group {group!r} is not an IPv4 multicast address (224.0.0.0/4); "
-                f"use the default {DEFAULT_GROUP}"
+                f"use the default {DEFAULT_BEACON_GROUP}"
             ) from None
         self.cluster = cluster
         self.node_id = node_id
@@ -128,12 +123,7 @@ class Beacon:
         self.max_skew = max_skew
         self.clock = clock
         self.wall_clock = wall_clock
-        self.metrics: dict[str, int] = {
-            "beacons_sent": 0,
-            "beacons_received": 0,
-            "peers_seen": 0,
-            "dropped_total": 0,
-        }
+        self.counters = Counters(("beacons_sent", "beacons_received", "peers_seen"), by_reason=("dropped",))
         self.peers: dict[str, tuple[str, int]] = {}
         self._notified_at: dict[str, float] = {}
         self._replay = ReplayGuard(max_skew, max_entries=10_000)
@@ -149,8 +139,8 @@ class Beacon:
         dht_host: str,
         dht_port: int,
         on_peer: Callable[[str, int, str], None],
-        group: str = DEFAULT_GROUP,
-        port: int = DEFAULT_PORT,
+        group: str = DEFAULT_BEACON_GROUP,
+        port: int = DEFAULT_BEACON_PORT,
         interface: str | None = "127.0.0.1",
         interval: float = 5.0,
         allow_public: bool = False,
@@ -172,12 +162,6 @@ class Beacon:
         )
         await beacon._start()
         return beacon
-
-    @property
-    def bound_port(self) -> int:
-        if self._transport is None:
-            return 0
-        return int(self._transport.get_extra_info("sockname")[1])
 
     def _make_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -208,7 +192,8 @@ class Beacon:
             raise BeaconError(
                 f"cannot start the LAN beacon on group {self.group} port {self.port} "
                 f"(interface {self.interface or 'default'}): {exc.strerror or exc}; check "
-                "network.beacon_interface, or disable the beacon and list bootstrap peers"
+                "network.listen and network.beacon_port, or turn discovery off "
+                "(network.discovery = false) and list network.bootstrap peers"
             ) from None
         return sock
 
@@ -229,20 +214,11 @@ class Beacon:
             self._transport.close()
             self._transport = None
 
-    def _bump(self, name: str, amount: int = 1) -> None:
-        self.metrics[name] = self.metrics.get(name, 0) + amount
-
-    def _drop(self, reason: str) -> None:
-        self._bump(f"dropped_{reason}")
-        self._bump("dropped_total")
-
     # ---------------------------------------------------------------- sending
 
     def beacon_datagram(self) -> bytes:
-        payload = msgpack.packb(
-            [_VERSION, self.node_id, self.dht_host, self.dht_port], use_bin_type=True
-        )
-        return seal(self.cluster.beacon_key, payload, now=self.wall_clock())
+        payload = BeaconPayload(self.node_id, self.dht_host, self.dht_port)
+        return build_beacon(payload, key=self.cluster.beacon_key, now=self.wall_clock())
 
     def send_now(self) -> None:
         if self._transport is None:
@@ -251,15 +227,15 @@ class Beacon:
         destinations = self.targets if self.targets is not None else [(self.group, self.port)]
         for destination in destinations:
             self._transport.sendto(datagram, destination)
-            self._bump("beacons_sent")
-            self._bump("bytes_sent", len(datagram))
+            self.counters.inc("beacons_sent")
+            self.counters.inc("bytes_sent", len(datagram))
 
     async def _send_loop(self) -> None:
         while True:
             try:
                 self.send_now()
             except OSError as exc:
-                self._bump("send_errors")
+                self.counters.inc("send_errors")
                 log.warning("beacon send failed", error=str(exc))
             # Jitter keeps many nodes that started together from beaconing in step.
             await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
@@ -267,59 +243,38 @@ class Beacon:
     # -------------------------------------------------------------- receiving
 
     def handle_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._bump("bytes_received", len(data))
+        self.counters.inc("bytes_received", len(data))
         if not is_allowed(addr[0], self.allow_public):
-            return self._drop("address")
-        if len(data) > _MAX_BEACON:
-            return self._drop("garbage")
-        now = self.wall_clock()
-        try:
-            unsealed = open_sealed(self.cluster.beacon_key, data, now=now, max_skew=self.max_skew)
-        except SealError as exc:
+            self.counters.inc("dropped", reason="address")
+            return
+        beacon = parse_beacon(
+            data, key=self.cluster.beacon_key, now=self.wall_clock(), max_skew=self.max_skew,
+            replay=self._replay,
+        )
+        if isinstance(beacon, Drop):
             # Another cluster on the same LAN lands here too: silently counted.
-            return self._drop(exc.reason)
-        if not self._replay.check(unsealed.nonce, now=now):
-            return self._drop("replay")
-        try:
-            message = msgpack.unpackb(
-                unsealed.payload, raw=False, max_array_len=8, max_map_len=0, max_ext_len=0
-            )
-        except Exception:
-            return self._drop("malformed")
-        if (
-            not isinstance(message, list)
-            or len(message) != 4
-            or message[0] != _VERSION
-            or not isinstance(message[1], str)
-            or not isinstance(message[2], str)
-            or not isinstance(message[3], int)
-            or not 0 < message[3] < 65536
-        ):
-            return self._drop("malformed")
-        _, node_id, host, dht_port = message
-        if node_id == self.node_id:
-            self._bump("own_beacons")
-            return None
-        self._bump("beacons_received")
-        host = self._peer_host(host, addr[0])
+            self.counters.inc("dropped", reason=beacon.reason)
+            return
+        if beacon.node_id == self.node_id:
+            self.counters.inc("own_beacons")
+            return
+        self.counters.inc("beacons_received")
+        host = self._peer_host(beacon.dht_host, addr[0])
         if not is_allowed(host, self.allow_public):
-            return self._drop("address")
-        self._notify(node_id, host, dht_port)
-        return None
+            self.counters.inc("dropped", reason="address")
+            return
+        self._notify(beacon.node_id, host, beacon.dht_port)
 
     @staticmethod
     def _peer_host(claimed: str, source: str) -> str:
-        try:
-            addr = ipaddress.ip_address(claimed)
-        except ValueError:
-            return source
-        return source if addr.is_unspecified else claimed
+        addr = parse_ip(claimed)
+        return source if addr is None or addr.is_unspecified else claimed
 
     def _notify(self, node_id: str, host: str, dht_port: int) -> None:
         now = self.clock()
         previous = self.peers.get(node_id)
         if previous is None:
-            self._bump("peers_seen")
+            self.counters.inc("peers_seen")
         last = self._notified_at.get(node_id)
         # Re-announce now and then, so a DHT that lost the peer relearns it.
         if previous == (host, dht_port) and last is not None and now - last < 10 * self.interval:
@@ -329,5 +284,5 @@ class Beacon:
         try:
             self.on_peer(host, dht_port, node_id)
         except Exception as exc:
-            self._bump("callback_errors")
+            self.counters.inc("callback_errors")
             log.warning("beacon on_peer callback failed", error=repr(exc))

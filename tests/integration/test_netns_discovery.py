@@ -30,6 +30,7 @@ N = 3
 NODE_CODE = textwrap.dedent(
     """
     import asyncio, json, os, sys, time
+    from node.cluster.directory import publish_member, read_members
     from node.dht.node import DHTNode
     from node.net.discovery import Beacon
     from node.identity import ClusterKeys, NodeKey, parse_secret
@@ -45,16 +46,16 @@ NODE_CODE = textwrap.dedent(
         result = {"node": i, "node_id": dht.node_id, "ok": False}
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
-            await dht.publish_member({"addr": addr}, ttl=120)
+            await publish_member(dht, {"addr": addr}, ttl=120)
             await dht.put(f"hello/{i}", f"from {i}", ttl=120)
-            members = await dht.members()
+            members = await read_members(dht)
             greetings = {}
             for j in range(%(n)d):
                 recs = await dht.get(f"hello/{j}")
                 greetings.update({p: r.value for p, r in recs.items()})
             if len(members) == %(n)d and len(greetings) == %(n)d:
                 result.update(ok=True, members=sorted(members), greetings=sorted(greetings.values()),
-                              beacon=beacon.metrics, peers=dht.peers_known())
+                              beacon=beacon.counters.as_dict(), peers=dht.peers_known())
                 break
             await asyncio.sleep(0.3)
         print("RESULT " + json.dumps(result), flush=True)

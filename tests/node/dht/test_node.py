@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from node.dht.node import DHTError, DHTNode, member_key
+from node.cluster.directory import member_key, publish_member, read_members
+from node.dht.errors import DHTError
+from node.dht.node import DHTNode
 from node.identity import ClusterKeys, NodeKey, generate_secret, parse_secret
 from node.net.addresses import PeerAddressRefused
 from protocol.records import MAX_RECORD_BYTES, RecordError
@@ -76,10 +78,10 @@ async def test_put_get_across_nodes(swarm: list[DHTNode]) -> None:
         assert record.publisher == swarm[3].node_id
     assert await swarm[1].get("missing") == {}
     assert swarm[0].peers_known() == 7
-    metrics = swarm[0].metrics
-    assert metrics["peers_known"] == 7
-    assert metrics["bytes_sent"] > 0 and metrics["bytes_received"] > 0
-    assert metrics["requests_received"] > 0 and metrics["dropped_total"] == 0
+    counters = swarm[0].counters
+    assert swarm[0].peers_known() == 7
+    assert counters["bytes_sent"] > 0 and counters["bytes_received"] > 0
+    assert counters["requests_received"] > 0 and counters["dropped"] == 0
 
 
 async def test_several_publishers_merge_and_newest_seq_wins(swarm: list[DHTNode]) -> None:
@@ -99,8 +101,8 @@ async def test_several_publishers_merge_and_newest_seq_wins(swarm: list[DHTNode]
 
 async def test_directory_lists_all_members(swarm: list[DHTNode]) -> None:
     for node in swarm:
-        await node.publish_member({"name": node.node_id[:8]}, ttl=60)
-    members = await swarm[5].members()
+        await publish_member(node, {"name": node.node_id[:8]}, ttl=60)
+    members = await read_members(swarm[5])
     assert set(members) == {n.node_id for n in swarm}
     assert all(r.value == {"name": p[:8]} for p, r in members.items())
     assert member_key("a" * 64) == "members/a"
@@ -115,12 +117,12 @@ async def test_delete_hides_own_record(swarm: list[DHTNode]) -> None:
 
 
 async def test_leave_withdraws_all_own_records(swarm: list[DHTNode]) -> None:
-    await swarm[2].publish_member({"up": True}, ttl=60)
+    await publish_member(swarm[2], {"up": True}, ttl=60)
     await swarm[2].put("holders/x", 1, ttl=60)
-    await swarm[3].publish_member({"up": True}, ttl=60)
+    await publish_member(swarm[3], {"up": True}, ttl=60)
     await swarm[2].leave()
-    assert swarm[2].node_id not in await swarm[0].members()
-    assert swarm[3].node_id in await swarm[0].members()
+    assert swarm[2].node_id not in await read_members(swarm[0])
+    assert swarm[3].node_id in await read_members(swarm[0])
     assert await swarm[0].get("holders/x") == {}
 
 
@@ -128,16 +130,16 @@ async def test_expiry_removes_stopped_nodes_record_and_republish_does_not_revive
     swarm: list[DHTNode], clock: Clock
 ) -> None:
     leaver = swarm[4]
-    await leaver.publish_member({"alive": True}, ttl=30)
-    await swarm[3].publish_member({"alive": True}, ttl=300)
-    assert leaver.node_id in await swarm[0].members()
+    await publish_member(leaver, {"alive": True}, ttl=30)
+    await publish_member(swarm[3], {"alive": True}, ttl=300)
+    assert leaver.node_id in await read_members(swarm[0])
     await leaver.stop()
     clock.offset += 31
     # The hourly refresh on every holder must not re-store other nodes' records.
     for node in swarm:
         if node is not leaver:
             await node._refresh_table()
-    members = await swarm[0].members()
+    members = await read_members(swarm[0])
     assert leaver.node_id not in members
     assert swarm[3].node_id in members
     held = [r.publisher for node in swarm if node is not leaver for _, r in node.storage]
@@ -174,7 +176,7 @@ async def test_find_value_truncates_and_reader_is_told(swarm: list[DHTNode]) -> 
     assert records.truncated
     assert 2 <= len(records) <= 8
     assert all(r.value == b"y" * 3000 for r in records.values())
-    assert sum(n.metrics.get("truncated_responses", 0) for n in swarm) > 0
+    assert sum(n.counters.get("truncated_responses") for n in swarm) > 0
 
 
 async def test_bootstrap_refuses_public_address(cluster: ClusterKeys) -> None:
@@ -185,8 +187,8 @@ async def test_bootstrap_refuses_public_address(cluster: ClusterKeys) -> None:
         with pytest.raises(DHTError, match="port"):
             await node.bootstrap([("127.0.0.1", 0)])
         node.add_bootstrap_peer("8.8.8.8", 7000)
-        assert node.metrics["refused_address"] == 1
-        assert node.metrics.get("requests_sent", 0) == 0
+        assert node.counters["refused_address"] == 1
+        assert node.counters.get("requests_sent") == 0
     finally:
         await node.stop()
 
@@ -204,7 +206,7 @@ async def test_unreachable_bootstrap_peer_is_retried_not_dropped(cluster: Cluste
     try:
         assert await node.bootstrap([("127.0.0.1", port)]) == 0
         await asyncio.sleep(1.0)  # several failed retries
-        assert node.metrics["bootstrap_failures"] >= 2
+        assert node.counters["bootstrap_failures"] >= 2
         late = await DHTNode.create(NodeKey.generate(), cluster, host="127.0.0.1", port=port)
         for _ in range(50):
             if node.peers_known() == 1:

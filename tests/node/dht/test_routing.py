@@ -9,7 +9,7 @@ import random
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
 
-from node.dht.node import _RoutingTable
+from node.dht.routing import ExactRoutingTable
 
 
 class _NoPing:
@@ -20,7 +20,7 @@ class _NoPing:
 
 
 async def _table(rng: random.Random, contacts: int, ksize: int) -> tuple[RoutingTable, list[Node]]:
-    table = _RoutingTable(_NoPing(), ksize, Node(rng.randbytes(20), "127.0.0.1", 1))
+    table = ExactRoutingTable(_NoPing(), ksize, Node(rng.randbytes(20), "127.0.0.1", 1))
     for i in range(contacts):
         table.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1000 + i))
     await asyncio.sleep(0)

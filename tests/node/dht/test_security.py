@@ -13,8 +13,11 @@ import pytest
 from kademlia.node import Node
 from kademlia.utils import digest
 
-from node.dht.node import DATAGRAM_DOMAIN, DHTError, DHTNode
+from node.cluster.directory import publish_member, read_members
+from node.dht.errors import DHTError
+from node.dht.node import DHTNode
 from node.identity import ClusterKeys, NodeKey, generate_secret, parse_secret
+from protocol.dht import DATAGRAM_DOMAIN
 from protocol.records import make_record
 from protocol.seal import seal, sign_envelope
 
@@ -105,7 +108,7 @@ async def test_foreign_cluster_node_never_joins(
 ) -> None:
     _, a, b, _ = pair
     await a.put("secret/plan", "classified", ttl=60)
-    await a.publish_member({"gpu": True}, ttl=60)
+    await publish_member(a, {"gpu": True}, ttl=60)
     intruder = await DHTNode.create(
         NodeKey.generate(), new_cluster(), host="127.0.0.1", port=0, rpc_timeout=0.3
     )
@@ -114,10 +117,10 @@ async def test_foreign_cluster_node_never_joins(
         intruder.add_bootstrap_peer("127.0.0.1", b.port)
         await asyncio.sleep(0.5)
         assert await intruder.get("secret/plan") == {}
-        assert await intruder.members() == {}
+        assert await read_members(intruder) == {}
         assert intruder.peers_known() == 0
         assert await intruder.put("evil", "x", ttl=60) == 1  # only itself
-        assert a.metrics["dropped_bad_seal"] >= 1
+        assert a.counters.get("dropped", "bad_seal") >= 1
         assert a.peers_known() == 1 and b.peers_known() == 1
         assert await b.get("evil") == {}
         await still_works(a, b)
@@ -137,9 +140,9 @@ async def test_garbage_and_forged_seals_dropped(
     forged[20] ^= 0xFF
     raw.send(bytes(forged), a.port)
     await raw.expect_nothing()
-    m = a.metrics
-    assert m["dropped_garbage"] == 3
-    assert m["dropped_bad_seal"] == 2
+    m = a.counters
+    assert m.get("dropped", "garbage") == 3
+    assert m.get("dropped", "bad_seal") == 2
     await still_works(a, b)
 
 
@@ -158,11 +161,11 @@ async def test_replayed_datagram_dropped(
     await b.put("replay/k", "v1", ttl=60)
     b.protocol.transport.sendto = original
     assert captured
-    before = a.metrics.get("dropped_replay", 0)
+    before = a.counters.get("dropped", "replay")
     for datagram in captured:
         raw.send(datagram, a.port)
     await raw.expect_nothing()
-    assert a.metrics["dropped_replay"] - before == len(captured)
+    assert a.counters.get("dropped", "replay") - before == len(captured)
     await still_works(a, b)
 
 
@@ -171,7 +174,7 @@ async def test_stale_datagram_dropped(pair: tuple[ClusterKeys, DHTNode, DHTNode,
     raw.send(ping(cluster, NodeKey.generate(), now=time.time() - 120), a.port)
     raw.send(ping(cluster, NodeKey.generate(), now=time.time() + 120), a.port)
     await raw.expect_nothing()
-    assert a.metrics["dropped_stale"] == 2
+    assert a.counters.get("dropped", "stale") == 2
 
 
 async def test_sender_id_must_match_key(
@@ -192,8 +195,8 @@ async def test_sender_id_must_match_key(
         a.port,
     )
     await raw.expect_nothing()
-    assert a.metrics["dropped_id_mismatch"] == 1
-    assert a.metrics["dropped_signature"] == 1
+    assert a.counters.get("dropped", "id_mismatch") == 1
+    assert a.counters.get("dropped", "signature") == 1
     assert a.peers_known() == 1
 
 
@@ -212,7 +215,7 @@ async def test_response_from_wrong_id_fails_call(
     raw.send(craft(cluster, insider, [1, msg_id, insider.dht_id]), a.port)
     ok, _ = await asyncio.wait_for(call, 2)
     assert not ok
-    assert a.metrics["dropped_id_mismatch"] == 1
+    assert a.counters.get("dropped", "id_mismatch") == 1
 
 
 async def test_bad_records_refused_by_store(
@@ -241,10 +244,10 @@ async def test_bad_records_refused_by_store(
         raw.send(datagram, a.port)
         reply = await asyncio.wait_for(raw.received.get(), 2)
         assert reply  # answered False
-    m = a.metrics
-    assert m["records_rejected_signature"] == 1
-    assert m["records_rejected_wrong_key"] == 1
-    assert m["records_rejected_malformed"] == 1
+    m = a.counters
+    assert m.get("records_rejected", "signature") == 1
+    assert m.get("records_rejected", "wrong_key") == 1
+    assert m.get("records_rejected", "malformed") == 1
     assert len(a.storage) == 0
 
 
@@ -268,7 +271,7 @@ async def test_older_seq_does_not_replace_newer(
         a.port,
     )
     await asyncio.wait_for(raw.received.get(), 2)
-    assert a.metrics["records_rejected_older_seq"] == 1
+    assert a.counters.get("records_rejected", "older_seq") == 1
     assert (await a.get("state"))[b.node_id].value == "new"
     assert (await b.get("state"))[b.node_id].value == "new"
 
@@ -298,7 +301,7 @@ async def test_malformed_inner_messages_dropped(
         raw.send(craft(cluster, k, message), a.port)
     raw.send(seal(cluster.dht_key, b"\xc1not msgpack", now=time.time()), a.port)
     await raw.expect_nothing()
-    m = a.metrics
-    assert m["dropped_malformed"] == 6
-    assert m["dropped_unsolicited"] == 1
+    m = a.counters
+    assert m.get("dropped", "malformed") == 6
+    assert m.get("dropped", "unsolicited") == 1
     await still_works(a, b)

@@ -51,7 +51,7 @@ def test_expiry_and_purge() -> None:
     assert [r.value for r in store.get(DKEY)] == ["b"]
     clock.now += 100
     assert store.get(DKEY) == []
-    assert store.keys() == []
+    assert len(store) == 0 and list(store) == []
 
 
 def test_remaining_caps_life_so_forwarding_never_extends_it() -> None:

@@ -75,9 +75,9 @@ async def test_two_beacons_find_each_other_multicast_on_loopback(
     await asyncio.sleep(0.3)
     # Repeated beacons do not repeat the callback; own beacons are ignored.
     assert len(found_a) == 1
-    assert a.metrics["own_beacons"] >= 1
-    assert a.metrics["beacons_sent"] >= 2
-    assert a.metrics["peers_seen"] == 1
+    assert a.counters["own_beacons"] >= 1
+    assert a.counters["beacons_sent"] >= 2
+    assert a.counters["peers_seen"] == 1
 
 
 async def test_other_cluster_ignored_and_counted(beacons: Callable[..., Awaitable[Beacon]]) -> None:
@@ -85,9 +85,9 @@ async def test_other_cluster_ignored_and_counted(beacons: Callable[..., Awaitabl
     found: Found = []
     mine = await beacons(new_cluster(), found, port=port)
     await beacons(new_cluster(), [], port=port)
-    await wait_for(lambda: mine.metrics.get("dropped_bad_seal", 0) >= 2)
+    await wait_for(lambda: mine.counters.get("dropped", "bad_seal") >= 2)
     assert found == []
-    assert mine.metrics["beacons_received"] == 0
+    assert mine.counters["beacons_received"] == 0
 
 
 async def test_unicast_targets(beacons: Callable[..., Awaitable[Beacon]]) -> None:
@@ -114,7 +114,7 @@ async def test_public_source_refused_unless_allowed(
     found: Found = []
     strict = await beacons(cluster, found, port=free_udp_port(), interval=60)
     strict.handle_datagram(datagram, ("8.8.8.8", 7423))
-    assert found == [] and strict.metrics["dropped_address"] == 1
+    assert found == [] and strict.counters.get("dropped", "address") == 1
     relaxed_found: Found = []
     relaxed = await beacons(
         cluster, relaxed_found, port=free_udp_port(), interval=60, allow_public=True
@@ -124,7 +124,7 @@ async def test_public_source_refused_unless_allowed(
     assert relaxed_found == [("8.8.8.8", 7000, "ab" * 32)]
     # The same datagram again is a replay.
     relaxed.handle_datagram(datagram, ("8.8.8.8", 7423))
-    assert relaxed.metrics["dropped_replay"] == 1
+    assert relaxed.counters.get("dropped", "replay") == 1
 
 
 async def test_beacon_claiming_public_dht_host_refused(
@@ -137,7 +137,7 @@ async def test_beacon_claiming_public_dht_host_refused(
     found: Found = []
     strict = await beacons(cluster, found, port=free_udp_port(), interval=60)
     strict.handle_datagram(sender.beacon_datagram(), ("127.0.0.1", 9999))
-    assert found == [] and strict.metrics["dropped_address"] == 1
+    assert found == [] and strict.counters.get("dropped", "address") == 1
 
 
 async def test_garbage_dropped(beacons: Callable[..., Awaitable[Beacon]]) -> None:
@@ -145,7 +145,7 @@ async def test_garbage_dropped(beacons: Callable[..., Awaitable[Beacon]]) -> Non
     beacon = await beacons(new_cluster(), found, port=free_udp_port(), interval=60)
     beacon.handle_datagram(b"hello", ("127.0.0.1", 1))
     beacon.handle_datagram(b"x" * 2000, ("127.0.0.1", 1))
-    assert beacon.metrics["dropped_garbage"] == 2 and found == []
+    assert beacon.counters.get("dropped", "garbage") == 2 and found == []
 
 
 def test_config_errors_are_clear() -> None:

@@ -1,0 +1,107 @@
+"""The cluster directory: every member's capability record, published in and read from the DHT.
+
+A node publishes its record under ``members/<first hex digit of its id>``: a record
+may be at most ~7.5 KB (one datagram), so the directory is sharded, and reading it
+means looking up the 16 shards at once. ``member_record`` builds this node's record,
+``status_view`` turns the records read into what ``nodectl status`` shows (a pure
+function of the records and the time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from node.dht.node import DHTNode
+from node.dht.routing import RecordSet
+
+__all__ = [
+    "DIRECTORY_PREFIX",
+    "DIRECTORY_SHARDS",
+    "member_key",
+    "member_record",
+    "publish_member",
+    "read_members",
+    "status_view",
+]
+
+DIRECTORY_PREFIX = "members/"
+DIRECTORY_SHARDS = "0123456789abcdef"
+
+
+def member_key(node_id: str) -> str:
+    """Directory key a node publishes its capability record under (16 shards)."""
+    return f"{DIRECTORY_PREFIX}{node_id[0]}"
+
+
+async def publish_member(dht: DHTNode, value: Any, *, ttl: float) -> None:
+    """Publish this node's capability record in the cluster directory."""
+    await dht.put(member_key(dht.node_id), value, ttl=ttl)
+
+
+async def read_members(dht: DHTNode) -> RecordSet:
+    """All directory records, read from the 16 shards concurrently."""
+    results = await asyncio.gather(*(dht.get(f"{DIRECTORY_PREFIX}{s}") for s in DIRECTORY_SHARDS))
+    merged = RecordSet()
+    for shard in results:
+        merged.update(shard)
+        merged.truncated = merged.truncated or shard.truncated
+    return merged
+
+
+def member_record(
+    capabilities: Mapping[str, Any],
+    *,
+    node_id: str,
+    name: str,
+    version: str,
+    protocol: int,
+    address: str,
+    peer_port: int,
+    dht_port: int,
+    state: str,
+    memory_free: int,
+    memory_used: int,
+    started_at: float,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """This node's capability record as published in the directory."""
+    now = time.time() if now is None else now
+    return {
+        **capabilities,
+        "id": node_id,
+        "name": name,
+        "version": version,
+        "protocol": protocol,
+        "addresses": [address],
+        "peer_port": peer_port,
+        "dht_port": dht_port,
+        "state": state,
+        "memory_free": memory_free,
+        "memory_used": memory_used,
+        "uptime_s": round(now - started_at, 1),
+        "ts": now,
+    }
+
+
+def status_view(
+    members: Mapping[str, Mapping[str, Any]], *, self_id: str, cluster_id: str, now: float
+) -> dict[str, Any]:
+    """The cluster as ``nodectl status`` shows it: this node first, then by name.
+
+    Nodes that announced they are leaving are left out (their record lingers
+    until it expires), except this node itself.
+    """
+    nodes = []
+    for node_id, value in members.items():
+        if value.get("state") == "leaving" and node_id != self_id:
+            continue
+        entry = {k: v for k, v in value.items() if k != "ts"}
+        entry["id"] = node_id
+        entry["last_seen_s"] = round(max(0.0, now - float(value.get("ts", now))), 1)
+        entry["self"] = node_id == self_id
+        nodes.append(entry)
+    nodes.sort(key=lambda n: (not n["self"], n.get("name", ""), n["id"]))
+    return {"self": self_id, "cluster": cluster_id, "nodes": nodes}

@@ -1,0 +1,35 @@
+"""The directory's pure parts: the shard key, this node's record, the status view."""
+
+from __future__ import annotations
+
+from node.cluster.directory import member_key, member_record, status_view
+
+
+def test_member_key_shards_by_first_hex_digit() -> None:
+    assert member_key("a" * 64) == "members/a"
+    assert member_key("0" + "f" * 63) == "members/0"
+
+
+def test_member_record_carries_capabilities_and_identity() -> None:
+    record = member_record(
+        {"tflops": 1.5, "device": "cpu"}, node_id="ab" * 32, name="kitchen", version="0.1",
+        protocol=1, address="10.0.0.2", peer_port=7420, dht_port=7421, state="ready",
+        memory_free=100, memory_used=10, started_at=1000.0, now=1012.34,
+    )
+    assert record["tflops"] == 1.5 and record["addresses"] == ["10.0.0.2"]
+    assert record["uptime_s"] == 12.3 and record["ts"] == 1012.34
+    assert record["id"] == "ab" * 32 and record["state"] == "ready"
+
+
+def test_status_view_orders_and_hides_leavers() -> None:
+    me, other, gone = "c" * 64, "a" * 64, "b" * 64
+    members = {
+        other: {"name": "beta", "state": "ready", "ts": 90.0},
+        gone: {"name": "alpha", "state": "leaving", "ts": 99.0},
+        me: {"name": "zeta", "state": "leaving", "ts": 100.0},
+    }
+    view = status_view(members, self_id=me, cluster_id="c1", now=100.0)
+    assert view["self"] == me and view["cluster"] == "c1"
+    assert [n["id"] for n in view["nodes"]] == [me, other]  # this node first, even when leaving
+    assert view["nodes"][1]["last_seen_s"] == 10.0 and "ts" not in view["nodes"][1]
+    assert view["nodes"][0]["self"] and not view["nodes"][1]["self"]
