@@ -20,8 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
+from node.config import (
+    DEFAULT_API_HOST,
+    DEFAULT_API_PORT,
+    DEFAULT_DHT_PORT,
+    DEFAULT_LISTEN,
+    DEFAULT_PEER_PORT,
+    LOG_LEVELS,
+)
+from node.net.addresses import format_hostport, parse_hostport
 
-DEFAULT_API = ("127.0.0.1", 7422)
+DEFAULT_API = (DEFAULT_API_HOST, DEFAULT_API_PORT)
 
 
 class CliError(Exception):
@@ -58,14 +67,7 @@ def _secret_text(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from node.config import (
-        ConfigError,
-        default_data_dir,
-        load_config,
-        parse_hostport,
-        render_config,
-        write_config,
-    )
+    from node.config import ConfigError, default_data_dir, load_config, render_config, write_config
     from node.identity import NodeKey, write_secret_file
 
     config_path = Path(args.config or _default_config_path()).expanduser().absolute()
@@ -75,7 +77,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     for hp in args.bootstrap:
         try:
             parse_hostport(hp)
-        except (ConfigError, ValueError) as exc:
+        except ValueError as exc:
             raise CliError(f"--bootstrap {hp}: {exc}") from None
     data_dir = Path(args.data_dir).expanduser().absolute() if args.data_dir else default_data_dir()
     secret_path = config_path.parent / "cluster.secret"
@@ -168,10 +170,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_service(args: argparse.Namespace) -> int:
-    from node.system import install as service
+def cmd_service_install(args: argparse.Namespace) -> int:
+    from node.system.install import InstallError, install
 
-    return service.main(args.service_args)
+    try:
+        install(
+            args.kind, nodectl_path=args.nodectl, config_path=args.config, dry_run=args.dry_run,
+            dest_root=args.dest_root, user=args.user, templates=args.templates,
+        )
+    except InstallError as exc:
+        raise CliError(f"service: {exc}") from None
+    return 0
 
 
 # ---------------------------------------------------------------------------- client side
@@ -179,8 +188,6 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
     """(host, port, token) of the daemon to talk to."""
-    from node.config import parse_hostport
-
     token = args.token or os.environ.get("ENJAMBRE_TOKEN")
     explicit = args.host or os.environ.get("ENJAMBRE_HOST")
     if explicit:
@@ -198,7 +205,7 @@ def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     if port == 0:  # the daemon picked a port and wrote it down
-        from node.daemon import read_runtime
+        from node.system.datadir import read_runtime
 
         runtime = read_runtime(cfg.node.data_dir) or {}
         port = int(runtime.get("api_port", 0))
@@ -212,7 +219,7 @@ def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
 
 def _call(args: argparse.Namespace, method: str, path: str) -> Any:
     host, port, token = _api_address(args)
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    shown = format_hostport(host, port)
     not_running = (
         f"no enjambre daemon is answering at {shown}; start one with `nodectl serve` "
         "(or `systemctl start enjambre`), or point --host / $ENJAMBRE_HOST at a running one"
@@ -258,7 +265,7 @@ def render_status(data: dict[str, Any]) -> str:
             "*" if n.get("id") == data.get("self") else "",
             str(n.get("name", "?")),
             str(n.get("id", ""))[:12],
-            f"{addr}:{n.get('peer_port', '?')}",
+            format_hostport(str(addr), n.get("peer_port", "?")),
             str(n.get("state", "?")),
             str(n.get("device", "?"))[:32],
             f"{_gib(n.get('memory_used'))} / {_gib(n.get('memory_allowed'))} / {_gib(n.get('memory_total'))}",
@@ -319,11 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(s)
     s.add_argument("--data-dir", help="where the node keeps its key and pieces")
     s.add_argument("--name", help="a name for this node (default: host name)")
-    s.add_argument("--listen", default="127.0.0.1", help="address this node binds and advertises to peers")
-    s.add_argument("--peer-port", type=int, default=7420, help="TCP port for encrypted node-to-node streams")
-    s.add_argument("--dht-port", type=int, default=7421, help="UDP port for the DHT")
-    s.add_argument("--api-host", default="127.0.0.1", help="address of the local HTTP API")
-    s.add_argument("--api-port", type=int, default=7422, help="port of the local HTTP API")
+    s.add_argument("--listen", default=DEFAULT_LISTEN,
+                   help="address this node binds and advertises to peers (default: %(default)s)")
+    s.add_argument("--peer-port", type=int, default=DEFAULT_PEER_PORT,
+                   help="TCP port for encrypted node-to-node streams (default: %(default)s)")
+    s.add_argument("--dht-port", type=int, default=DEFAULT_DHT_PORT, help="UDP port for the DHT (default: %(default)s)")
+    s.add_argument("--api-host", default=DEFAULT_API_HOST, help="address of the local HTTP API (default: %(default)s)")
+    s.add_argument("--api-port", type=int, default=DEFAULT_API_PORT, help="port of the local HTTP API (default: %(default)s)")
     s.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
                    help="another node's DHT address (its --listen and --dht-port); repeatable")
     s.add_argument("--no-discovery", action="store_true", help="do not use the LAN multicast beacon")
@@ -340,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the node daemon in the foreground")
     with_config(s)
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log.level of the config")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("status", help="show the cluster")
@@ -353,8 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_ping)
 
     s = sub.add_parser("service", help="install the systemd unit or launchd agent")
-    s.add_argument("service_args", nargs=argparse.REMAINDER, help="arguments for the installer (try: install --help)")
-    s.set_defaults(func=cmd_service)
+    service = s.add_subparsers(dest="service_command", required=True, metavar="ACTION")
+    si = service.add_parser(
+        "install", help="install the systemd unit (Linux) or launchd agent (macOS)",
+        description="Write the service file with the real nodectl and config paths, create the "
+        "system user (Linux) and print the commands that start the service.",
+    )
+    si.add_argument("--kind", choices=["systemd", "launchd"], help="default: from this OS")
+    si.add_argument("--nodectl", type=Path, help="path of nodectl (default: the one of this Python)")
+    si.add_argument("--config", type=Path, help="node config the service reads (systemd default: "
+                    "/etc/enjambre/node.toml; launchd default: ~/.config/enjambre/node.toml)")
+    si.add_argument("--user", help="system user of the service (systemd; default: enjambre)")
+    si.add_argument("--dry-run", action="store_true", help="print what would be done; change nothing")
+    si.add_argument("--dest-root", type=Path, help="write under this directory instead of /")
+    si.add_argument("--templates", type=Path, help="directory of the templates (default: the packaged ones)")
+    si.set_defaults(func=cmd_service_install)
     return p
 
 

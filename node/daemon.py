@@ -1,16 +1,15 @@
-"""The node daemon: wires identity, transport, DHT, discovery and the HTTP API.
+"""The node daemon: wires identity, transport, DHT, discovery and the HTTP API, and runs their lifecycle.
 
-Owns the lifecycle: a lock so one data dir has one daemon, start in order
-(transport, DHT, discovery, API), the periodic capability record, systemd
-notifications, and a clean stop on SIGTERM/SIGINT that announces the departure.
+Start in order (lock, keys, capabilities, transport, DHT, beacon, API, runtime
+file, bootstrap, first record), refresh the directory record periodically, tell
+systemd, and stop cleanly on SIGTERM/SIGINT after announcing the departure. What
+each part does lives in its own package; this module only connects them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import os
 import signal
 import time
@@ -22,67 +21,27 @@ import structlog
 from aiohttp import web
 
 from node import __version__
-from node.api.app import PeerNotFound, PeerUnreachable, build_app
+from node.api.app import build_app
 from node.cluster.capabilities import Capabilities, collect
+from node.cluster.directory import member_record, publish_member, read_members, status_view
+from node.cluster.ping import ping_member
 from node.config import Config
-from node.dht.node import DHTError, DHTNode
+from node.dht.errors import DHTError
+from node.dht.node import DHTNode
 from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
-from node.net.transport import Transport, TransportError
+from node.net.errors import TransportError
+from node.net.transport import Transport
 from node.system import sdnotify
-from node.system.files import atomic_write
-from node.system.metrics import Registry
+from node.system.datadir import DataDirLock, LockedError, remove_runtime, write_runtime
+from node.system.metrics import CountersCollector, GaugesCollector, new_registry, render
 from protocol.messages import PROTOCOL_VERSION
 
 log = structlog.get_logger("enjambre.daemon")
 
-RUNTIME_FILE = "daemon.json"
-# Entries of DHTNode.metrics that are levels, not counts.
-_DHT_GAUGES = frozenset({"peers_known", "records_held"})
-LOCK_FILE = "daemon.lock"
-
 
 class DaemonError(Exception):
     """The daemon cannot start; the message says why and what to do."""
-
-
-class DataDirLock:
-    """An exclusive lock on the data dir, so two daemons never share one."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise DaemonError(
-                f"another enjambre daemon (pid {other}) is already running with data dir "
-                f"{self.path.parent}; stop it first (`systemctl stop enjambre` or kill {other}), "
-                "or give this one its own config and data dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def read_runtime(data_dir: Path) -> dict[str, Any] | None:
-    """What a running daemon wrote about itself (actual ports when the config said 0)."""
-    try:
-        data = json.loads((data_dir / RUNTIME_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _read_token(path: Path | None) -> str | None:
@@ -113,13 +72,16 @@ class Daemon:
         self.beacon: Beacon | None = None
         self._runner: web.AppRunner | None = None
         self.api_port = 0
-        self.metrics = Registry()
+        self.metrics = new_registry()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         cfg = self.config
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except LockedError as exc:
+            raise DaemonError(str(exc)) from None
         try:
             await self._start(cfg)
         except BaseException:
@@ -217,7 +179,7 @@ class Daemon:
             await self.dht.stop()
         if self.transport is not None:
             await self.transport.close()
-        (self.config.node.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+        remove_runtime(self.config.node.data_dir)
         self._lock.release()
         self.state = "stopped"
         self._stopped.set()
@@ -235,43 +197,32 @@ class Daemon:
 
     def _write_runtime(self) -> None:
         assert self.transport is not None and self.dht is not None
-        data = {
+        write_runtime(self.config.node.data_dir, {
             "pid": os.getpid(), "node_id": self.key.node_id, "api_host": self.config.api.host,
             "api_port": self.api_port, "peer_port": self.transport.port, "dht_port": self.dht.port,
-        }
-        atomic_write(self.config.node.data_dir / RUNTIME_FILE, json.dumps(data))
+        })
 
     # ------------------------------------------------------------------ membership
 
     def record(self) -> dict[str, Any]:
         """This node's capability record as published in the DHT directory."""
         assert self.transport is not None and self.dht is not None
-        caps = self.caps.to_dict()
-        return {
-            **caps,
-            "id": self.key.node_id,
-            "name": self.config.node.name,
-            "version": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "addresses": [self.config.network.listen],
-            "peer_port": self.transport.port,
-            "dht_port": self.dht.port,
-            "state": self.state,
-            "memory_free": (self.caps.device_memory_available
-                            if self.caps.device_kind != "cpu" and self.caps.device_memory_available is not None
-                            else self.caps.memory_available),
-            "memory_used": psutil.Process().memory_info().rss,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "ts": time.time(),
-        }
+        caps = self.caps
+        return member_record(
+            caps.to_dict(), node_id=self.key.node_id, name=self.config.node.name, version=__version__,
+            protocol=PROTOCOL_VERSION, address=self.config.network.listen,
+            peer_port=self.transport.port or 0, dht_port=self.dht.port, state=self.state,
+            memory_free=caps.memory_free, memory_used=psutil.Process().memory_info().rss,
+            started_at=self.started_at,
+        )
 
     async def _publish(self, ttl: float | None = None) -> None:
         assert self.dht is not None
-        await self.dht.publish_member(self.record(), ttl=ttl or self.config.dht.record_ttl)
+        await publish_member(self.dht, self.record(), ttl=ttl or self.config.dht.record_ttl)
 
     async def _refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.dht.refresh_interval)
+            await asyncio.sleep(self.config.dht.republish_interval)
             try:
                 self.caps = self.caps.refresh_memory()
                 await self._publish()
@@ -289,67 +240,33 @@ class Daemon:
 
     async def _members(self) -> dict[str, dict[str, Any]]:
         assert self.dht is not None
-        found = {pid: rec.value for pid, rec in (await self.dht.members()).items() if isinstance(rec.value, dict)}
+        found = {pid: rec.value for pid, rec in (await read_members(self.dht)).items() if isinstance(rec.value, dict)}
         found[self.key.node_id] = self.record()
         return found
 
     async def cluster_status(self) -> dict[str, Any]:
-        now = time.time()
-        nodes = []
-        for node_id, value in (await self._members()).items():
-            if value.get("state") == "leaving" and node_id != self.key.node_id:
-                continue
-            entry = {k: v for k, v in value.items() if k != "ts"}
-            entry["id"] = node_id
-            entry["last_seen_s"] = round(max(0.0, now - float(value.get("ts", now))), 1)
-            entry["self"] = node_id == self.key.node_id
-            nodes.append(entry)
-        nodes.sort(key=lambda n: (not n["self"], n.get("name", ""), n["id"]))
-        return {"self": self.key.node_id, "cluster": self.cluster.cluster_id, "nodes": nodes}
+        return status_view(
+            await self._members(), self_id=self.key.node_id, cluster_id=self.cluster.cluster_id, now=time.time()
+        )
 
     async def ping_peer(self, node_id: str) -> dict[str, Any]:
         assert self.transport is not None
-        members = await self._members()
-        matches = [nid for nid in members if nid.startswith(node_id)]
-        if len(matches) != 1:
-            raise PeerNotFound(
-                f"no node with id {node_id}" if not matches else f"id prefix {node_id} is ambiguous"
-            )
-        value = members[matches[0]]
-        host = value["addresses"][0]
-        start = time.perf_counter()
-        try:
-            conn = await asyncio.wait_for(
-                self.transport.connect(host, int(value["peer_port"]), expect_node_id=matches[0]), 5.0
-            )
-            connected = time.perf_counter()
-            info = await conn.request("node.info", None, timeout=5.0)
-        except (TransportError, OSError, TimeoutError) as exc:
-            raise PeerUnreachable(
-                f"node {matches[0][:12]} at {host}:{value['peer_port']} did not answer ({exc or type(exc).__name__})"
-            ) from None
-        done = time.perf_counter()
-        return {
-            "id": matches[0], "name": info.get("name"), "address": f"{host}:{value['peer_port']}",
-            "connect_ms": round((connected - start) * 1000, 3), "rtt_ms": round((done - connected) * 1000, 3),
-        }
+        return await ping_member(self.transport, await self._members(), node_id)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "state": self.state, "node_id": self.key.node_id, "version": __version__}
 
     def _register_metrics(self) -> None:
-        m = self.metrics
         dht, transport, beacon = self.dht, self.transport, self.beacon
         assert dht is not None and transport is not None
-        m.gauge_callback("enjambre_peers_known", "Peers in the DHT routing table", dht.peers_known)
-        m.gauge_callback("enjambre_dht_records_held", "Records this node stores for the DHT",
-                         lambda: dht.metrics.get("records_held", 0))
-        m.counters_from_dict("enjambre_dht", "DHT counters", lambda: {
-            k: v for k, v in dht.metrics.items() if k not in _DHT_GAUGES
-        })
-        m.counters_from_dict("enjambre_transport", "Transport counters", transport.stats_dict)
+        self.metrics.register(GaugesCollector({
+            "enjambre_peers_known": ("Peers in the DHT routing table", dht.peers_known),
+            "enjambre_dht_records_held": ("Records this node stores for the DHT", dht.records_held),
+        }))
+        self.metrics.register(CountersCollector("dht", dht.counters))
+        self.metrics.register(CountersCollector("transport", transport.counters))
         if beacon is not None:
-            m.counters_from_dict("enjambre_beacon", "LAN beacon counters", lambda: beacon.metrics)
+            self.metrics.register(CountersCollector("beacon", beacon.counters))
 
-    def metrics_text(self) -> str:
-        return self.metrics.render()
+    def metrics_text(self) -> bytes:
+        return render(self.metrics)

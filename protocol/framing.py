@@ -92,7 +92,6 @@ class FrameDecoder:
         self._buf += view
         self._parse()
 
-    feed = receive_data
 
     def feed_eof(self) -> None:
         """Mark the end of the stream; a partial frame then raises TruncatedFrame."""

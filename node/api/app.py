@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from node import __version__
+from node.cluster.ping import PeerNotFound, PeerUnreachable
 from node.system.metrics import CONTENT_TYPE
 
 log = structlog.get_logger("enjambre.api")
@@ -33,15 +34,7 @@ class NodeView(Protocol):
 
     def health(self) -> JSON: ...
 
-    def metrics_text(self) -> str: ...
-
-
-class PeerNotFound(LookupError):
-    """The node id is not in the cluster directory."""
-
-
-class PeerUnreachable(ConnectionError):
-    """The node is in the directory but did not answer over the transport."""
+    def metrics_text(self) -> bytes: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -92,7 +85,7 @@ def build_app(node: NodeView, *, token: str | None = None) -> web.Application:
             return _error(502, str(exc))
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=node.metrics_text().encode(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=node.metrics_text(), headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/healthz", health)
     app.router.add_get("/api/version", version)

@@ -1,6 +1,7 @@
 """Installing the node as an OS service: a systemd unit on Linux, a launchd agent on macOS.
 
-Owns ``install`` (behind ``nodectl service install`` and ``scripts/install-service``):
+Owns ``install`` (behind ``nodectl service install``, whose flags are in node/cli.py, and
+``scripts/install-service``):
 it renders ``configs/enjambre.service`` or ``configs/com.enjambre.node.plist`` with the
 real ``nodectl`` and config paths, writes it where the service manager looks, creates
 the ``enjambre`` system user on Linux when missing, and prints the commands to start
@@ -10,7 +11,6 @@ and skips creating users; ``dry_run`` prints what would happen and changes nothi
 
 from __future__ import annotations
 
-import argparse
 import os
 import plistlib
 import re
@@ -31,7 +31,6 @@ __all__ = [
     "InstallError",
     "InstallResult",
     "install",
-    "main",
     "render_launchd",
     "render_systemd",
 ]
@@ -258,12 +257,14 @@ def install(
     config_path: Path | None = None,
     dry_run: bool = False,
     dest_root: Path | None = None,
-    user: str = DEFAULT_USER,
-    templates: Path = TEMPLATES,
+    user: str | None = None,
+    templates: Path | None = None,
     out: TextIO | None = None,
 ) -> InstallResult:
     """Install the service for this OS (or ``kind``); see the module docstring."""
     stream = out if out is not None else sys.stdout
+    user = DEFAULT_USER if user is None else user
+    templates = TEMPLATES if templates is None else templates
     if not _USER_RE.fullmatch(user):
         raise InstallError(
             f"{user!r} is not a valid user name; use lower-case letters, digits, '_' and '-'"
@@ -437,58 +438,3 @@ def _print_next(commands: Sequence[str], out: TextIO) -> None:
     print("\nnext:", file=out)
     for command in commands:
         print(f"  {command}", file=out)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nodectl service", description="Install enjambre as an OS service."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "install",
-        help="install the systemd unit (Linux) or launchd agent (macOS)",
-        description="Write the service file with the real nodectl and config paths, create "
-        "the system user (Linux) and print the commands that start the service.",
-    )
-    p.add_argument("--kind", choices=["systemd", "launchd"], help="default: from this OS")
-    p.add_argument("--nodectl", type=Path, help="path of nodectl (default: the one of this Python)")
-    p.add_argument(
-        "--config",
-        type=Path,
-        help=f"node config the service reads (systemd default: {SYSTEMD_CONFIG}; "
-        "launchd default: ~/.config/enjambre/node.toml)",
-    )
-    p.add_argument("--user", default=DEFAULT_USER, help="system user of the service (systemd)")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print what would be done; change nothing"
-    )
-    p.add_argument("--dest-root", type=Path, help="write under this directory instead of /")
-    p.add_argument("--templates", type=Path, default=TEMPLATES, help="directory of the templates")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``nodectl service`` and ``python -m node.system.install``."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    try:
-        install(
-            args.kind,
-            nodectl_path=args.nodectl,
-            config_path=args.config,
-            dry_run=args.dry_run,
-            dest_root=args.dest_root,
-            user=args.user,
-            templates=args.templates,
-        )
-    except InstallError as exc:
-        print(f"nodectl service: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

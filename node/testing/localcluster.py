@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.daemon import read_runtime
+from node.config import update_config
+from node.system.datadir import read_runtime
 
 
 class ClusterTimeout(TimeoutError):
@@ -98,8 +99,9 @@ class LocalCluster:
             secret = self._nodectl("secret", "--config", str(node.config)).strip()
             self.secret_file.write_text(secret + "\n")
             self.secret_file.chmod(0o600)
-        with node.config.open("a") as f:
-            f.write(f"\n[dht]\nrefresh_interval = {self.refresh_interval}\nrecord_ttl = {self.record_ttl}\n")
+        # init wrote a [dht] section (all commented out), so set the keys in it, not after it.
+        update_config(node.config, {"dht": {"republish_interval": self.refresh_interval,
+                                            "record_ttl": self.record_ttl}})
         self.nodes.append(node)
         return node
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from node.config import update_config
 from tests.helpers.netns import Host, bridged_hosts, netns_unusable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -56,10 +57,8 @@ def test_daemons_discover_each_other_by_beacon(tmp_path: Path) -> None:
                 if i == 0:
                     text = _nodectl(host, "secret", "--config", str(cfg), env=env).stdout
                     (tmp_path / "secret.txt").write_text(text)
-                with cfg.open("a") as f:
-                    f.write("\n[dht]\nrefresh_interval = 1.0\nrecord_ttl = 6.0\n")
-                text = cfg.read_text().replace("discovery = true", "discovery = true\nbeacon_interval = 0.5")
-                cfg.write_text(text)
+                update_config(cfg, {"dht": {"republish_interval": 1.0, "record_ttl": 6.0},
+                                    "network": {"beacon_interval": 0.5}})
                 configs.append(cfg)
             for host, cfg in zip(hosts, configs, strict=True):
                 log = (cfg.parent / "daemon.log").open("wb")

@@ -6,7 +6,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from node.api.app import PeerNotFound, PeerUnreachable, build_app
+from node.api.app import build_app
+from node.cluster.ping import PeerNotFound, PeerUnreachable
 
 
 class FakeNode:
@@ -29,8 +30,8 @@ class FakeNode:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "state": "ready"}
 
-    def metrics_text(self) -> str:
-        return "# TYPE x gauge\nx 1\n"
+    def metrics_text(self) -> bytes:
+        return b"# TYPE x gauge\nx 1\n"
 
 
 async def _client(token: str | None) -> TestClient[Any, Any]:

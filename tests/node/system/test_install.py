@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from node.cli import main as nodectl
 from node.system import install as service
-from node.system.install import InstallError, install, main, render_launchd, render_systemd
+from node.system.install import InstallError, install, render_launchd, render_systemd
 
 REPO = Path(__file__).resolve().parents[3]
 UNIT = REPO / "configs" / "enjambre.service"
@@ -312,17 +313,17 @@ def test_broken_templates() -> None:
 
 def test_main_cli(tmp_path: Path, fake_nodectl: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "root"
-    code = main(
-        ["install", "--kind", "systemd", "--nodectl", str(fake_nodectl), "--dest-root", str(root)]
+    code = nodectl(
+        ["service", "install", "--kind", "systemd", "--nodectl", str(fake_nodectl), "--dest-root", str(root)]
     )
     assert code == 0
     assert (root / "etc" / "systemd" / "system" / "enjambre.service").is_file()
     assert "next:" in capsys.readouterr().out
-    code = main(["install", "--kind", "systemd", "--nodectl", str(tmp_path / "nope")])
+    code = nodectl(["service", "install", "--kind", "systemd", "--nodectl", str(tmp_path / "nope")])
     assert code == 1
-    assert "nodectl service: " in capsys.readouterr().err
+    assert "nodectl: service: " in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        main(["install", "--kind", "upstart"])
+        nodectl(["service", "install", "--kind", "upstart"])
     assert info.value.code == 2
 
 
