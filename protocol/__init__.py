@@ -1,59 +1,9 @@
-"""enjambre's wire protocol, sans-I/O: bytes <-> frames <-> typed messages.
+"""enjambre's wire protocol, sans-I/O: bytes <-> frames <-> typed messages, and the decisions on them.
 
-Nothing here touches sockets, asyncio or JAX (a test enforces it); the I/O
-side is node/transport.py.
+Nothing here touches sockets, asyncio or JAX (a test enforces it); the I/O side is
+node/net/ and node/dht/. Import the modules themselves (``protocol.codec``,
+``protocol.framing``, ``protocol.messages``, ``protocol.handshake``, ``protocol.ids``,
+``protocol.records``, ``protocol.seal``, ``protocol.dht``, ``protocol.beacon``): this
+face imports nothing, so a light module such as ``protocol.ids`` does not pull in the
+codec's numpy and ml_dtypes (0.7 s at every ``nodectl`` call).
 """
-
-from protocol.codec import pack, pack_parts, unpack
-from protocol.errors import (
-    DecodeError,
-    EncodeError,
-    FrameTooLarge,
-    ProtocolError,
-    TruncatedFrame,
-    UnknownMessageType,
-)
-from protocol.framing import FrameDecoder, encode_frame, frame_header
-from protocol.messages import (
-    PROTOCOL_VERSION,
-    Error,
-    Hello,
-    Message,
-    Notify,
-    Ping,
-    Pong,
-    Request,
-    Response,
-    decode_message,
-    encode_message,
-    encode_message_parts,
-    message,
-)
-
-__all__ = [
-    "PROTOCOL_VERSION",
-    "DecodeError",
-    "EncodeError",
-    "Error",
-    "FrameDecoder",
-    "FrameTooLarge",
-    "Hello",
-    "Message",
-    "Notify",
-    "Ping",
-    "Pong",
-    "ProtocolError",
-    "Request",
-    "Response",
-    "TruncatedFrame",
-    "UnknownMessageType",
-    "decode_message",
-    "encode_frame",
-    "encode_message",
-    "encode_message_parts",
-    "frame_header",
-    "message",
-    "pack",
-    "pack_parts",
-    "unpack",
-]
