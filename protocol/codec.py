@@ -20,6 +20,12 @@ tensor's declared shape must match its byte count exactly, and only the dtypes
 in :data:`ALLOWED_DTYPES` are accepted (never ``object``). Decoding errors are
 always :class:`~protocol.errors.DecodeError` or :class:`~protocol.errors.FrameTooLarge`.
 
+Work is bounded too, not only bytes: a frame of nested empty arrays is a few
+bytes per Python object, so every decode counts the containers (arrays and maps)
+it builds and stops at ``max_containers``; frames above :data:`CONTROL_MAX` are
+"bulk" frames, which must carry their bytes in a few bin or ext (tensor) fields,
+and get tighter container and length limits (:data:`BULK_LIMITS`).
+
 Conventions: tuples decode as lists; map keys must be ``str`` or ``bytes``
 (integer keys would make hash-flooding cheap); numpy scalars travel as 0-d
 arrays (except ``np.float64``, a ``float`` subclass, which travels as a float);
@@ -42,6 +48,7 @@ from protocol.errors import DecodeError, EncodeError, FrameTooLarge, ProtocolErr
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "CONTROL_MAX",
     "DEFAULT_MAX_SIZE",
     "TENSOR_EXT",
     "pack",
@@ -51,6 +58,15 @@ __all__ = [
 
 TENSOR_EXT = 1
 DEFAULT_MAX_SIZE = 64 * 2**20
+# Frames up to this size are control messages; larger ones must be bulk-shaped.
+CONTROL_MAX = 2**20
+# Containers one control frame may hold: 8k, where 1 MiB of empty arrays would
+# otherwise become a million Python lists (measured: 16 MiB of them decoded to
+# 1.2 GB and held the event loop for 7 s).
+MAX_CONTROL_CONTAINERS = 8192
+MAX_CONTROL_ITEMS = 65536
+# Bulk frames: a handful of containers and short lists around big bin/ext fields.
+BULK_LIMITS = {"containers": 256, "items": 1024, "str": 64 * 1024}
 MAX_NDIM = 32
 # Arrays up to this size are copied into the msgpack buffer (cheaper than a
 # separate buffer per array); larger ones are referenced, not copied.
@@ -273,24 +289,47 @@ def _header_meta(head: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int, int]
     return dtype, shape, count, count * dtype.itemsize
 
 
+class _ContainerBudget:
+    """msgpack list/object hook that refuses a value once it has built too many containers."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, value: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise DecodeError("too many arrays and maps in one message (a bulk message carries its "
+                              "data in bin or tensor fields)")
+        return value
+
+
 def unpack(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_SIZE) -> Any:
     """Decode one msgpack value; raises only ProtocolError subclasses."""
     size = len(data) if type(data) is not memoryview else data.nbytes
     if size > max_size:
         raise FrameTooLarge(size, max_size, "message")
+    if size > CONTROL_MAX:
+        containers, items, max_str = BULK_LIMITS["containers"], BULK_LIMITS["items"], BULK_LIMITS["str"]
+    else:
+        containers, items, max_str = MAX_CONTROL_CONTAINERS, MAX_CONTROL_ITEMS, size
+    budget = _ContainerBudget(containers)
     try:
         return msgpack.unpackb(
             data,
             ext_hook=_ext_hook,
+            list_hook=budget,
+            object_hook=budget,
             raw=False,
             use_list=True,
             strict_map_key=True,
             # Each element takes at least one byte, so nothing declared inside
             # the input can legitimately be longer than the input itself.
-            max_str_len=size,
+            max_str_len=min(size, max_str),
             max_bin_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
+            max_array_len=min(size, items),
+            max_map_len=min(size // 2, items),
             max_ext_len=size,
         )
     except ProtocolError:

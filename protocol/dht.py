@@ -7,6 +7,9 @@ Ed25519 public key. Inside is plain msgpack (never pickle, no ext types)::
     request:  [0, msg_id (20 bytes), name, [sender dht id, args...]]
     response: [1, msg_id, result]
 
+The seal's associated data is the receiver's ``ip:port`` (``receiver_tag``), so a
+datagram captured on its way to one node is refused by every other.
+
 ``parse_datagram`` runs the checks cheapest first (seal, clock skew, replay window,
 signature, shape, sender id) and returns a :class:`DhtRequest`, a
 :class:`DhtResponse` or a :class:`Drop` whose ``reason`` is a metric label; it never
@@ -18,6 +21,7 @@ before any of it reaches a routing table or a crawl.
 from __future__ import annotations
 
 from collections.abc import Callable
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,7 @@ from protocol.seal import (
 )
 
 __all__ = [
+    "COOKIE_LEN",
     "DATAGRAM_DOMAIN",
     "ID_LEN",
     "MAX_DATAGRAM",
@@ -50,6 +55,7 @@ __all__ = [
     "parse_datagram",
     "parse_node_tuple",
     "parse_value_answer",
+    "receiver_tag",
 ]
 
 DATAGRAM_DOMAIN = b"enjambre/dht-datagram/v1"
@@ -60,8 +66,10 @@ MAX_REQUEST_BYTES = 8192
 RESPONSE_BUDGET = 8192
 MAX_DATAGRAM = 65507
 ID_LEN = DHT_ID_BYTES
-# The RPCs and how many arguments each takes (the sender's id included).
-RPC_ARITY = {"ping": 1, "find_node": 2, "find_value": 2, "store": 4}
+# The RPCs and how many arguments each takes (the sender's id included); a
+# find_value may carry the address cookie an earlier short answer handed out.
+RPC_ARITY: dict[str, tuple[int, ...]] = {"ping": (1,), "find_node": (2,), "find_value": (2, 3), "store": (4,)}
+COOKIE_LEN = 16
 _UNPACK_LIMITS: dict[str, Any] = {
     "raw": False,
     "strict_map_key": True,
@@ -81,6 +89,8 @@ class DhtRequest:
     key: bytes | None = None  # find_node, find_value, store
     value: bytes | None = None  # store: an encoded record
     remaining: float | None = None  # store: the sender's remaining lifetime of it
+    cookie: bytes | None = None  # find_value: proof the sender receives at its address
+    sent_at: float = 0.0  # the sender's clock (authentic: it is sealed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,16 @@ class DhtResponse:
     msg_id: bytes
     sender_id: bytes
     result: Any
+    sent_at: float = 0.0
+
+
+def receiver_tag(host: str, port: int) -> bytes:
+    """The associated data that binds a datagram to the node at ``host:port``."""
+    try:
+        host = ipaddress.ip_address(host.split("%", 1)[0]).compressed
+    except ValueError:
+        pass
+    return f"{host}|{port}".encode()
 
 
 def pack_body(message: list[Any]) -> bytes:
@@ -95,21 +115,22 @@ def pack_body(message: list[Any]) -> bytes:
 
 
 def build_datagram(
-    body: bytes, *, seal_key: bytes, public_key: bytes, sign: Callable[[bytes], bytes], now: float
+    body: bytes, *, seal_key: bytes, public_key: bytes, sign: Callable[[bytes], bytes], now: float,
+    receiver: bytes,
 ) -> bytes:
-    """Sign ``body`` (a packed request or response) and seal it."""
+    """Sign ``body`` (a packed request or response) and seal it for ``receiver``."""
     envelope = sign_envelope(public_key, sign, body, domain=DATAGRAM_DOMAIN, timestamp=now)
-    return seal(seal_key, envelope, now=now)
+    return seal(seal_key, envelope, now=now, receiver=receiver)
 
 
 def parse_datagram(
-    data: bytes, *, seal_key: bytes, now: float, max_skew: float, replay: ReplayGuard
+    data: bytes, *, seal_key: bytes, now: float, max_skew: float, replay: ReplayGuard, receiver: bytes
 ) -> DhtRequest | DhtResponse | Drop:
-    """Open and check one datagram (see the module docstring)."""
+    """Open and check one datagram sent to ``receiver`` (see the module docstring)."""
     try:
-        unsealed = open_sealed(seal_key, data, now=now, max_skew=max_skew)
+        unsealed = open_sealed(seal_key, data, now=now, max_skew=max_skew, receiver=receiver)
     except SealError as exc:
-        return Drop(exc.reason, str(exc))
+        return Drop(exc.reason, str(exc), exc.timestamp)
     # Only authentic datagrams reach the replay guard, so garbage cannot flush it.
     if not replay.check(unsealed.nonce, now=now):
         return Drop("replay")
@@ -121,17 +142,17 @@ def parse_datagram(
         message = msgpack.unpackb(envelope.payload, **_UNPACK_LIMITS)
     except Exception:  # msgpack raises several types for bad input
         return Drop("malformed")
-    return _parse_message(message, dht_id_for(envelope.public_key))
+    return _parse_message(message, dht_id_for(envelope.public_key), unsealed.timestamp)
 
 
-def _parse_message(message: Any, sender_id: bytes) -> DhtRequest | DhtResponse | Drop:
+def _parse_message(message: Any, sender_id: bytes, sent_at: float) -> DhtRequest | DhtResponse | Drop:
     if not isinstance(message, list) or len(message) < 3:
         return Drop("malformed")
     kind, msg_id = message[0], message[1]
     if not isinstance(msg_id, bytes) or len(msg_id) != ID_LEN:
         return Drop("malformed")
     if kind == 1 and len(message) == 3:
-        return DhtResponse(msg_id, sender_id, message[2])
+        return DhtResponse(msg_id, sender_id, message[2], sent_at)
     if kind != 0 or len(message) != 4:
         return Drop("malformed")
     name, args = message[2], message[3]
@@ -140,19 +161,23 @@ def _parse_message(message: Any, sender_id: bytes) -> DhtRequest | DhtResponse |
     if args[0] != sender_id:
         # A peer may only speak for the id its key hashes to.
         return Drop("id_mismatch")
-    if len(args) != RPC_ARITY[name]:
+    if len(args) not in RPC_ARITY[name]:
         return Drop("malformed")
     if name == "ping":
-        return DhtRequest(msg_id, name, sender_id)
+        return DhtRequest(msg_id, name, sender_id, sent_at=sent_at)
     key = args[1]
     if not isinstance(key, bytes) or len(key) != ID_LEN:
         return Drop("malformed")
+    if name == "find_value" and len(args) == 3:
+        if not isinstance(args[2], bytes) or len(args[2]) != COOKIE_LEN:
+            return Drop("malformed")
+        return DhtRequest(msg_id, name, sender_id, key, cookie=args[2], sent_at=sent_at)
     if name != "store":
-        return DhtRequest(msg_id, name, sender_id, key)
+        return DhtRequest(msg_id, name, sender_id, key, sent_at=sent_at)
     value, remaining = args[2], args[3]
     if not isinstance(value, bytes) or isinstance(remaining, bool) or not isinstance(remaining, int | float):
         return Drop("malformed")
-    return DhtRequest(msg_id, name, sender_id, key, value, float(remaining))
+    return DhtRequest(msg_id, name, sender_id, key, value, float(remaining), sent_at=sent_at)
 
 
 def parse_node_tuple(entry: Any) -> tuple[bytes, str, int] | None:
@@ -177,6 +202,7 @@ class ValueAnswer:
     nodes: list[Any]  # raw node tuples, checked one by one with parse_node_tuple
     truncated: bool
     malformed: int  # record entries refused for their shape
+    cookie: bytes | None = None  # a short answer to an unverified asker: ask again with this
 
 
 def parse_value_answer(result: Any) -> ValueAnswer:
@@ -186,6 +212,7 @@ def parse_value_answer(result: Any) -> ValueAnswer:
         return ValueAnswer([], result, False, 0)
     if not isinstance(result, dict):
         return ValueAnswer([], [], False, 0)
+    cookie = result.get("cookie")
     nodes = result.get("nodes", [])
     entries = result.get("records", []) or []
     records: list[tuple[bytes, float]] = []
@@ -202,5 +229,6 @@ def parse_value_answer(result: Any) -> ValueAnswer:
         else:
             malformed += 1
     return ValueAnswer(
-        records, nodes if isinstance(nodes, list) else [], result.get("truncated") is True, malformed
+        records, nodes if isinstance(nodes, list) else [], result.get("truncated") is True, malformed,
+        cookie if isinstance(cookie, bytes) and len(cookie) == COOKIE_LEN else None,
     )

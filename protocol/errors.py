@@ -9,13 +9,26 @@ carrying :attr:`ProtocolError.code`, and close the connection.
 from __future__ import annotations
 
 __all__ = [
+    "PEER_TEXT_LIMIT",
     "DecodeError",
     "EncodeError",
     "FrameTooLarge",
     "ProtocolError",
     "TruncatedFrame",
     "UnknownMessageType",
+    "clip",
 ]
+
+# Strings a peer chose (type names, methods, topics, error texts) are cut to this
+# many characters before they reach a log line or an Error sent back.
+PEER_TEXT_LIMIT = 200
+
+
+def clip(text: object, limit: int = PEER_TEXT_LIMIT) -> str:
+    """A peer-supplied value as printable text of at most ``limit`` characters."""
+    value = text if isinstance(text, str) else repr(text)
+    value = "".join(ch if ch.isprintable() else "\ufffd" for ch in value[: limit + 1])
+    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 class ProtocolError(Exception):
@@ -60,10 +73,10 @@ class UnknownMessageType(ProtocolError):
     code = "unknown_message_type"
 
     def __init__(self, type_name: str, request_id: int | None = None) -> None:
+        self.type_name = clip(type_name)
         super().__init__(
-            f"unknown message type {type_name!r}; the peer may run a newer enjambre version"
+            f"unknown message type {self.type_name!r}; the peer may run a newer enjambre version"
         )
-        self.type_name = type_name
         self.request_id = request_id
 
 

@@ -8,8 +8,11 @@ frames come out of :meth:`~FrameDecoder.next_frame`.
 
 The length is checked against ``max_frame_size`` as soon as the 4 header
 bytes are in, before any payload is buffered, so a header announcing 4 GiB is
-refused at once. A large frame's buffer is allocated once at its exact size and
-the socket layer can read straight into it (no copies, no regrowth).
+refused at once; ``first_frame_limit`` holds the first frame (the Hello) to a
+smaller size, so a peer that is not even introduced cannot ask for much. A large
+frame's buffer grows by doubling as its bytes arrive, never ahead of them (a
+header announcing 64 MiB costs nothing until 64 MiB are sent), and the socket
+layer reads straight into it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _MAX_LENGTH = 2**32 - 1
 # directly; smaller ones are cut out of the shared receive buffer.
 _DIRECT_FRAME = 64 * 1024
 _SCRATCH_SIZE = 256 * 1024
+# A large frame's buffer starts at this size and doubles as it fills.
+_DIRECT_START = 256 * 1024
 
 
 def frame_header(payload_size: int) -> bytes:
@@ -59,13 +64,17 @@ class FrameDecoder:
     After an error the decoder stays failed: every later call re-raises it.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, first_frame_limit: int | None = None
+    ) -> None:
         if not 0 < max_frame_size <= _MAX_LENGTH:
             raise ValueError(f"max_frame_size must be in 1..{_MAX_LENGTH}")
         self.max_frame_size = max_frame_size
+        self._first_limit = first_frame_limit
         self._buf = bytearray()  # bytes not yet cut into frames
         self._frames: deque[bytes | bytearray] = deque()
         self._direct: bytearray | None = None  # a large frame being filled in place
+        self._direct_size = 0  # the frame's announced size (the buffer grows up to it)
         self._direct_filled = 0
         self._scratch: bytearray | None = None
         self._error: ProtocolError | None = None
@@ -82,13 +91,15 @@ class FrameDecoder:
             return
         if self._eof:
             raise ProtocolError("data received after the end of the stream")
-        if self._direct is not None:
-            take = min(view.nbytes, len(self._direct) - self._direct_filled)
-            self._direct[self._direct_filled : self._direct_filled + take] = view[:take]
+        while self._direct is not None and view.nbytes:
+            room = self._direct_room()
+            take = min(view.nbytes, len(room))
+            room[:take] = view[:take]
+            room.release()
             self._advance_direct(take)
             view = view[take:]
-            if not view.nbytes:
-                return
+        if not view.nbytes:
+            return
         self._buf += view
         self._parse()
 
@@ -101,7 +112,7 @@ class FrameDecoder:
         """A writable buffer for the next bytes (asyncio BufferedProtocol style)."""
         self._check()
         if self._direct is not None:
-            return memoryview(self._direct)[self._direct_filled :]
+            return self._direct_room()
         if self._scratch is None:
             self._scratch = bytearray(_SCRATCH_SIZE)
         return memoryview(self._scratch)
@@ -154,19 +165,34 @@ class FrameDecoder:
         """Bytes held that do not form a complete frame yet."""
         return len(self._buf) + self._direct_filled
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Memory held for incomplete and undelivered frames (for budgets)."""
+        direct = len(self._direct) if self._direct is not None else 0
+        return len(self._buf) + direct + sum(len(f) for f in self._frames)
+
     # ------------------------------------------------------------------ internals
 
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
 
+    def _direct_room(self) -> memoryview:
+        """The unfilled part of the large frame's buffer, grown (doubled) when full."""
+        assert self._direct is not None
+        if self._direct_filled == len(self._direct):
+            grown = bytearray(min(self._direct_size, 2 * len(self._direct)))
+            grown[: self._direct_filled] = self._direct
+            self._direct = grown
+        return memoryview(self._direct)[self._direct_filled :]
+
     def _advance_direct(self, nbytes: int) -> None:
         assert self._direct is not None
         self._direct_filled += nbytes
-        if self._direct_filled == len(self._direct):
+        if self._direct_filled == self._direct_size:
             self._frames.append(self._direct)
             self._direct = None
-            self._direct_filled = 0
+            self._direct_filled = self._direct_size = 0
 
     def _parse(self) -> None:
         with memoryview(self._buf) as view:
@@ -183,18 +209,22 @@ class FrameDecoder:
         pos = 0
         while end - pos >= HEADER_SIZE:
             (size,) = _HEADER.unpack_from(buf, pos)
-            if size > self.max_frame_size:
-                self._error = FrameTooLarge(size, self.max_frame_size)
+            limit = self.max_frame_size if self._first_limit is None else self._first_limit
+            if size > limit:
+                what = "first frame (the hello)" if self._first_limit is not None else "frame"
+                self._error = FrameTooLarge(size, limit, what)
                 raise self._error
+            self._first_limit = None
             start = pos + HEADER_SIZE
             if end - start >= size:
                 self._frames.append(bytes(buf[start : start + size]))
                 pos = start + size
             elif size >= _DIRECT_FRAME:
-                # Only now, with the size checked, allocate the frame's buffer.
-                self._direct = bytearray(size)
+                # The frame's own buffer holds what arrived, with room to grow.
                 have = end - start
+                self._direct = bytearray(min(size, max(_DIRECT_START, 2 * have)))
                 self._direct[:have] = buf[start:end]
+                self._direct_size = size
                 self._direct_filled = have
                 pos = end
                 break

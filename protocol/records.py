@@ -6,14 +6,18 @@ sequence number per publisher winning.
 
 Wire format (msgpack)::
 
-    [1, body, signature]
+    [2, body, signature]
     body = msgpack([key: str, public_key: 32 bytes, value: any msgpack, seq: int,
-                    ttl: float, tombstone: bool])
-    signature = Ed25519(public key, b"enjambre/dht-record/v1\\0" + body)
+                    ttl: float, tombstone: bool, issued_at: float])
+    signature = Ed25519(public key, b"enjambre/dht-record/v2\\0" + body)
 
 The signature covers the exact body bytes, so verification never depends on
 re-encoding. The publisher id is derived from the public key (hex sha256, the
 node id) rather than carried, so a record cannot claim another publisher.
+
+``issued_at`` is the publisher's wall clock when it signed: a record older than
+its ttl (plus ``ISSUE_TOLERANCE`` for clocks that differ) is refused, so a copy
+captured once cannot be replayed into the DHT later.
 
 Expiry is relative to receipt: clocks on LAN machines differ, so a storer
 keeps a record for ``min(ttl, remaining, MAX_TTL)`` seconds of its own clock,
@@ -35,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from protocol.ids import node_id_for
 
 __all__ = [
+    "ISSUE_TOLERANCE",
     "MAX_KEY_BYTES",
     "MAX_RECORD_BYTES",
     "MAX_TTL",
@@ -47,8 +52,11 @@ __all__ = [
     "supersedes",
 ]
 
-VERSION = 1
-DOMAIN = b"enjambre/dht-record/v1\x00"
+VERSION = 2
+DOMAIN = b"enjambre/dht-record/v2\x00"
+# How far a record's issue time may lie outside [now - ttl, now]: DHT datagrams
+# already need clocks within 60 s of each other.
+ISSUE_TOLERANCE = 120.0
 # rpcudp refuses requests over 8192 bytes of msgpack; a store request adds
 # about 100 bytes of framing around the record (ids, digest, remaining ttl).
 MAX_RECORD_BYTES = 7680
@@ -75,6 +83,7 @@ class Record:
     seq: int
     ttl: float
     tombstone: bool
+    issued_at: float
     signature: bytes
     encoded: bytes = field(repr=False, compare=False)
     # Local only, never signed or sent: when this copy expires on the holder's
@@ -99,6 +108,7 @@ class Record:
             seq=self.seq,
             ttl=self.ttl,
             tombstone=self.tombstone,
+            issued_at=self.issued_at,
             signature=self.signature,
             encoded=self.encoded,
             expires_at=expires_at,
@@ -133,9 +143,12 @@ def make_record(
     sign: Callable[[bytes], bytes],
     seq: int,
     ttl: float,
+    issued_at: float,
     tombstone: bool = False,
 ) -> Record:
-    """Build and sign a record. Raises RecordError with a clear message if it cannot be sent."""
+    """Build and sign a record (``issued_at``: the publisher's wall clock now).
+
+    Raises RecordError with a clear message if it cannot be sent."""
     _check_key(key)
     _check_ttl(ttl)
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
@@ -146,7 +159,7 @@ def make_record(
         raise RecordError("bad_value", "a tombstone record carries no value")
     try:
         body = msgpack.packb(
-            [key, public_key, value, seq, float(ttl), tombstone], use_bin_type=True
+            [key, public_key, value, seq, float(ttl), tombstone, float(issued_at)], use_bin_type=True
         )
     except (TypeError, ValueError, OverflowError) as exc:
         raise RecordError(
@@ -173,6 +186,7 @@ def make_record(
         seq=seq,
         ttl=float(ttl),
         tombstone=tombstone,
+        issued_at=float(issued_at),
         signature=signature,
         encoded=encoded,
     )
@@ -189,8 +203,12 @@ _LIMITS: dict[str, Any] = {
 }
 
 
-def decode_record(data: bytes, *, expected_key: str | None = None) -> Record:
-    """Parse and verify a record. Raises RecordError (with a metric ``reason``) if invalid."""
+def decode_record(data: bytes, *, expected_key: str | None = None, now: float | None = None) -> Record:
+    """Parse and verify a record. Raises RecordError (with a metric ``reason``) if invalid.
+
+    With ``now`` (wall-clock seconds), a record issued more than its ttl (plus
+    ISSUE_TOLERANCE) ago, or that far in the future, is refused as ``stale``.
+    """
     if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
         raise RecordError("too_large", f"record is over {MAX_RECORD_BYTES} bytes")
     try:
@@ -210,9 +228,9 @@ def decode_record(data: bytes, *, expected_key: str | None = None) -> Record:
         fields = msgpack.unpackb(body, **_LIMITS)
     except Exception:
         raise RecordError("malformed", "record body is not valid msgpack") from None
-    if not isinstance(fields, list) or len(fields) != 6:
-        raise RecordError("malformed", "record body must have 6 fields")
-    key, public_key, value, seq, ttl, tombstone = fields
+    if not isinstance(fields, list) or len(fields) != 7:
+        raise RecordError("malformed", "record body must have 7 fields")
+    key, public_key, value, seq, ttl, tombstone, issued_at = fields
     if not isinstance(public_key, bytes) or len(public_key) != _PUBLIC_KEY_LEN:
         raise RecordError("malformed", "record public key must be 32 bytes")
     if len(signature) != _SIGNATURE_LEN:
@@ -223,6 +241,12 @@ def decode_record(data: bytes, *, expected_key: str | None = None) -> Record:
         raise RecordError("bad_seq", "record seq is not an integer in [0, 2^63)")
     _check_key(key)
     _check_ttl(ttl)
+    if isinstance(issued_at, bool) or not isinstance(issued_at, int | float) or not math.isfinite(issued_at):
+        raise RecordError("malformed", "record issue time is not a number")
+    if now is not None and not now - ttl - ISSUE_TOLERANCE <= issued_at <= now + ISSUE_TOLERANCE:
+        raise RecordError(
+            "stale", f"record for {key!r} was issued {now - issued_at:+.0f} s ago with a ttl of {ttl:g} s"
+        )
     if expected_key is not None and key != expected_key:
         raise RecordError("wrong_key", f"record is for key {key!r}, not {expected_key!r}")
     try:
@@ -238,6 +262,7 @@ def decode_record(data: bytes, *, expected_key: str | None = None) -> Record:
         seq=seq,
         ttl=float(ttl),
         tombstone=tombstone,
+        issued_at=float(issued_at),
         signature=signature,
         encoded=data,
     )

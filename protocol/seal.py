@@ -4,7 +4,11 @@ Pure (no sockets, no clocks): every function that needs the time takes ``now``.
 
 Wire format of a sealed datagram::
 
-    b"E1" | nonce (12 bytes) | ChaCha20-Poly1305(key, nonce, ts_ms (8 bytes BE) | payload, aad=b"E1")
+    b"E1" | nonce (12 bytes) | ChaCha20-Poly1305(key, nonce, ts_ms (8 bytes BE) | payload,
+                                                  aad=b"E1" + receiver)
+
+``receiver`` binds a datagram to the one it was sent to (the DHT uses the
+receiver's ``ip:port``), so one captured on its way to A is refused by B.
 
 Only holders of the cluster secret can build or read one. A datagram whose
 timestamp is further than ``max_skew`` from the receiver's clock is stale; a
@@ -58,11 +62,15 @@ ENVELOPE_OVERHEAD = PUBLIC_KEY_LEN + SIGNATURE_LEN + 8
 
 
 class SealError(ValueError):
-    """A datagram could not be opened. ``reason`` is a short metric label."""
+    """A datagram could not be opened. ``reason`` is a short metric label.
 
-    def __init__(self, reason: str, message: str) -> None:
+    For ``stale`` datagrams ``timestamp`` is the sender's (authentic) clock, which
+    lets the receiver estimate how far apart the clocks are."""
+
+    def __init__(self, reason: str, message: str, timestamp: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.timestamp = timestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,7 @@ class Drop:
 
     reason: str
     detail: str = ""
+    sent_at: float | None = None  # the sender's clock, when authentic (a stale datagram)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +94,9 @@ def _check_key(key: bytes) -> None:
         raise ValueError(f"seal key must be {KEY_LEN} bytes, got {len(key)}")
 
 
-def seal(key: bytes, payload: bytes, *, now: float, nonce: bytes | None = None) -> bytes:
+def seal(
+    key: bytes, payload: bytes, *, now: float, nonce: bytes | None = None, receiver: bytes = b""
+) -> bytes:
     """Encrypt and authenticate ``payload`` stamped with ``now`` (seconds since the epoch)."""
     _check_key(key)
     if nonce is None:
@@ -93,11 +104,11 @@ def seal(key: bytes, payload: bytes, *, now: float, nonce: bytes | None = None) 
     if len(nonce) != NONCE_LEN:
         raise ValueError(f"nonce must be {NONCE_LEN} bytes")
     plaintext = _TS.pack(round(now * 1000)) + payload
-    return MAGIC + nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, MAGIC)
+    return MAGIC + nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, MAGIC + receiver)
 
 
 def open_sealed(
-    key: bytes, datagram: bytes, *, now: float, max_skew: float = DEFAULT_MAX_SKEW
+    key: bytes, datagram: bytes, *, now: float, max_skew: float = DEFAULT_MAX_SKEW, receiver: bytes = b""
 ) -> Unsealed:
     """Open a sealed datagram, checking its tag and timestamp (not replays: see ReplayGuard)."""
     _check_key(key)
@@ -105,7 +116,9 @@ def open_sealed(
         raise SealError("garbage", "not a sealed enjambre datagram")
     nonce = datagram[len(MAGIC) : len(MAGIC) + NONCE_LEN]
     try:
-        plaintext = ChaCha20Poly1305(key).decrypt(nonce, datagram[len(MAGIC) + NONCE_LEN :], MAGIC)
+        plaintext = ChaCha20Poly1305(key).decrypt(
+            nonce, datagram[len(MAGIC) + NONCE_LEN :], MAGIC + receiver
+        )
     except InvalidTag:
         raise SealError(
             "bad_seal", "datagram seal did not verify (different cluster secret or tampered)"
@@ -117,6 +130,7 @@ def open_sealed(
             "stale",
             f"datagram timestamp is {timestamp - now:+.1f}s from local time (limit ±{max_skew:g}s); "
             "check that the machines' clocks are synchronised (NTP)",
+            timestamp,
         )
     return Unsealed(nonce=nonce, timestamp=timestamp, payload=plaintext[_TS.size :])
 

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -47,7 +48,9 @@ from node.dht.protocol import DatagramSettings, SealedProtocol
 from node.dht.routing import LookupResult, RecordCrawl, RecordSet
 from node.dht.storage import RecordStore
 from node.identity import ClusterKeys, NodeKey
+from node.system.clock import ClockOffsets
 from node.system.counters import Counters
+from node.system.files import atomic_write
 from protocol.records import MAX_TTL, Record, expiry_for, make_record
 from protocol.seal import DEFAULT_MAX_SKEW
 
@@ -82,8 +85,16 @@ class DHTNode(Server):
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         bootstrap_backoff: tuple[float, float] = (1.0, 60.0),
+        clock_offsets: ClockOffsets | None = None,
+        seq_file: Path | None = None,
     ) -> None:
+        """``seq_file`` keeps the last record sequence number across restarts (and across
+        a wall clock that jumped forward and was set back): without it the sequence
+        numbers are wall-clock milliseconds, and records published after the clock
+        was corrected would lose to the ones published while it ran ahead."""
         self.key = key
+        self.clock_offsets = clock_offsets
+        self._seq_file = seq_file
         self.allow_public = allow_public
         self.refresh_interval = refresh_interval
         self.clock = clock
@@ -102,7 +113,7 @@ class DHTNode(Server):
         self.host = ""
         self.port = 0
         self._own: dict[str, Record] = {}
-        self._last_seq = 0
+        self._last_seq = _read_seq(seq_file)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bootstrapper: Bootstrapper | None = None
         self._stopped = False
@@ -145,6 +156,7 @@ class DHTNode(Server):
         return SealedProtocol(
             self.node, self.storage, self.ksize, settings=self.settings, counters=self.counters,
             clock=self.clock, wall_clock=self.wall_clock, spawn=self._spawn,
+            clock_offsets=self.clock_offsets,
         )
 
     def refresh_table(self, interval: float | None = None) -> None:
@@ -237,6 +249,11 @@ class DHTNode(Server):
         # Wall-clock milliseconds, so a restarted node's records still beat
         # the ones it published before the restart.
         self._last_seq = max(self._last_seq + 1, int(self.wall_clock() * 1000))
+        if self._seq_file is not None:
+            try:
+                atomic_write(self._seq_file, str(self._last_seq), mode=0o600)
+            except OSError as exc:  # not fatal: the clock usually moves forward anyway
+                log.warning("cannot persist the record sequence number", path=str(self._seq_file), error=str(exc))
         return self._last_seq
 
     async def put(self, key: str, value: Any, *, ttl: float) -> int:
@@ -269,6 +286,7 @@ class DHTNode(Server):
             sign=self.key.sign,
             seq=self._next_seq(),
             ttl=ttl,
+            issued_at=self.wall_clock(),
             tombstone=tombstone,
         )
         record = record.with_expiry(expiry_for(record, now=self.clock()))
@@ -307,7 +325,7 @@ class DHTNode(Server):
         crawl = RecordCrawl(
             self.protocol, target, nearest, key, ksize=self.ksize, alpha=self.alpha,
             own_id=self.node.id, allow_public=self.allow_public, clock=self.clock,
-            counters=self.counters,
+            wall_clock=self.wall_clock, counters=self.counters,
         )
         if nearest:
             await crawl.find()
@@ -316,3 +334,12 @@ class DHTNode(Server):
     async def get(self, key: str) -> RecordSet:
         """publisher node id -> newest verified, unexpired record under ``key``."""
         return (await self.lookup(key)).records
+
+
+def _read_seq(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        return max(0, int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return 0

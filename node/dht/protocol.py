@@ -8,7 +8,12 @@ What it changes in the ``kademlia``/``rpcudp`` packages and why:
   counted by reason. This module only adds the address policy and the I/O.
 * Identity. The sender id of a request is proved by the envelope's key (checked
   in protocol/dht.py); a response must come from the address asked and, where
-  the id asked is known, from that id.
+  the id asked is known, from that id. A datagram is sealed for its receiver's
+  address, so a copy replayed to another node is refused.
+* Contacts. A sender joins the routing table only after it answers our ping at
+  the address it claims; until then it gets short answers (node/dht/guard.py),
+  so a spoofed source cannot turn this node into an amplifier, and a flood of
+  fresh identities cannot make it push its records to each of them.
 * Values. ``store`` hands signed records to the RecordStore with the sender's
   remaining lifetime; ``find_value`` answers with both records (within
   RESPONSE_BUDGET) and neighbours; a new contact gets the records it should hold.
@@ -32,9 +37,11 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
 from node.dht.errors import DHTError
+from node.dht.guard import SenderGuard
 from node.dht.routing import ExactRoutingTable, node_from_tuple
 from node.dht.storage import RecordStore
 from node.net.addresses import format_hostport, is_allowed
+from node.system.clock import ClockOffsets
 from node.system.counters import Counters
 from protocol.dht import (
     ID_LEN,
@@ -46,6 +53,7 @@ from protocol.dht import (
     build_datagram,
     pack_body,
     parse_datagram,
+    receiver_tag,
 )
 from protocol.records import Record, RecordError, decode_record
 from protocol.seal import DEFAULT_MAX_SKEW, ReplayGuard
@@ -81,6 +89,8 @@ class SealedProtocol(KademliaProtocol):
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        clock_offsets: ClockOffsets | None = None,
+        guard: SenderGuard | None = None,
     ) -> None:
         super().__init__(source_node, storage, ksize)
         self.router = ExactRoutingTable(self, ksize, source_node)
@@ -89,10 +99,18 @@ class SealedProtocol(KademliaProtocol):
         self.clock = clock
         self.wall_clock = wall_clock
         self._spawn = spawn
+        self._offsets = clock_offsets
+        self.guard = guard or SenderGuard()
         self._wait_timeout = settings.rpc_timeout
         self._expect: dict[bytes, tuple[tuple[str, int], bytes | None, str]] = {}
         self.replay = ReplayGuard(settings.max_skew)
         self._last_stale_warning = -math.inf
+        self._receiver = b""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        host, port = transport.get_extra_info("sockname")[:2]
+        self._receiver = receiver_tag(str(host), int(port))
 
     # ----------------------------------------------------------------- sending
 
@@ -100,7 +118,7 @@ class SealedProtocol(KademliaProtocol):
         s = self.settings
         datagram = build_datagram(
             pack_body(message), seal_key=s.seal_key, public_key=s.public_key, sign=s.sign,
-            now=self.wall_clock(),
+            now=self.wall_clock(), receiver=receiver_tag(*address),
         )
         if self.transport is None or self.transport.is_closing():
             return
@@ -159,9 +177,11 @@ class SealedProtocol(KademliaProtocol):
         return self._call(address, "find_node", [nodeid, key], expect)
 
     def find_value(
-        self, address: tuple[str, int], nodeid: bytes, key: bytes, expect: bytes | None = None
+        self, address: tuple[str, int], nodeid: bytes, key: bytes, expect: bytes | None = None,
+        cookie: bytes | None = None,
     ) -> asyncio.Future[tuple[bool, Any]]:
-        return self._call(address, "find_value", [nodeid, key], expect)
+        args = [nodeid, key] if cookie is None else [nodeid, key, cookie]
+        return self._call(address, "find_value", args, expect)
 
     def store(
         self,
@@ -190,10 +210,12 @@ class SealedProtocol(KademliaProtocol):
             result = (True, [(n.id, n.ip, n.port) for n in nodes if n is not None])
         return self.handle_call_response(result, node_to_ask)
 
-    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+    async def call_find_value(
+        self, node_to_ask: Node, node_to_find: Node, cookie: bytes | None = None
+    ) -> tuple[bool, Any]:
         address = (node_to_ask.ip, node_to_ask.port)
         result = await self.find_value(
-            address, self.source_node.id, node_to_find.id, expect=node_to_ask.id
+            address, self.source_node.id, node_to_find.id, expect=node_to_ask.id, cookie=cookie
         )
         return self.handle_call_response(result, node_to_ask)
 
@@ -223,12 +245,18 @@ class SealedProtocol(KademliaProtocol):
         if not is_allowed(address[0], self.settings.allow_public):
             self.counters.inc("dropped", reason="address")
             return
-        s = self.settings
+        if not self.guard.allow_datagram(address, self.clock()):
+            self.counters.inc("dropped", reason="rate_limited")
+            return
+        s, now = self.settings, self.wall_clock()
         message = parse_datagram(
-            data, seal_key=s.seal_key, now=self.wall_clock(), max_skew=s.max_skew, replay=self.replay
+            data, seal_key=s.seal_key, now=now, max_skew=s.max_skew, replay=self.replay, receiver=self._receiver
         )
+        sent_at = message.sent_at
+        if self._offsets is not None and sent_at:
+            self._offsets.observe(format_hostport(*address), sent_at, now)
         if isinstance(message, DhtRequest):
-            self._handle_request(message, address)
+            self._handle_request(message, address, len(data))
         elif isinstance(message, DhtResponse):
             self._handle_response(message, address)
         else:
@@ -245,19 +273,65 @@ class SealedProtocol(KademliaProtocol):
                 log.warning("dht peer clock out of range", peer=format_hostport(*address),
                             detail=drop.detail)
 
-    def _handle_request(self, req: DhtRequest, address: tuple[str, int]) -> None:
+    def _handle_request(self, req: DhtRequest, address: tuple[str, int], size: int) -> None:
         self.counters.inc("requests_received")
+        source = Node(req.sender_id, address[0], address[1])
+        contact = self._is_contact(source)
+        verifying = False
+        if contact:
+            self.router.add_contact(source)  # seen again: moves to the fresh end of its bucket
+        else:
+            verifying = self._verify(source)
+        full = contact or self.guard.cookie_ok(req.cookie, address, req.sender_id, self.clock())
+        budget = None if full else self.guard.reply_budget(size, verifying=verifying)
         if req.name == "ping":
-            result: Any = self.rpc_ping(address, req.sender_id)
+            result: Any = self.source_node.id
         elif req.name == "find_node":
-            result = self.rpc_find_node(address, req.sender_id, req.key)
+            assert req.key is not None
+            result = self._neighbors(req.key, source, budget)
         elif req.name == "find_value":
             assert req.key is not None
-            result = self.rpc_find_value(address, req.sender_id, req.key)
+            if full:
+                result = self._find_value(req.key, source)
+            else:
+                # A short answer: nodes that fit, and a cookie to ask again with.
+                cookie = self.guard.cookie(address, req.sender_id, self.clock())
+                assert budget is not None
+                result = {"nodes": self._neighbors(req.key, source, budget - 40), "cookie": cookie}
+                self.counters.inc("short_answers")
         else:
             assert req.key is not None and req.value is not None and req.remaining is not None
-            result = self.rpc_store(address, req.sender_id, req.key, req.value, req.remaining)
+            result = self.accept_record(req.key, req.value, req.remaining, source=source, contact=contact)
         self._send([1, req.msg_id, result], address)
+
+    def _is_contact(self, node: Node) -> bool:
+        """Is ``node`` (this id at this address) in the routing table already?"""
+        known = self.router.buckets[self.router.get_bucket_for(node)].nodes.get(node.id)
+        return known is not None and (known.ip, known.port) == (node.ip, node.port)
+
+    def _verify(self, node: Node) -> bool:
+        """Ping an unverified sender at the address it claims; True if a ping went out."""
+        address = (node.ip, node.port)
+        if not self.guard.start_verify(address, self.clock()):
+            return False
+        self.counters.inc("verifications")
+
+        async def verify() -> None:
+            ok = False
+            try:
+                ok, _ = await self.call_ping(node)  # a good answer welcomes it (handle_call_response)
+            finally:
+                self.guard.verified(address, ok, self.clock())
+
+        self._spawn(verify())
+        return True
+
+    def _neighbors(self, key: bytes, exclude: Node, budget: int | None) -> list[list[Any]]:
+        neighbors = [list(n) for n in self.router.find_neighbors(Node(key), exclude=exclude)]
+        if budget is not None:
+            while neighbors and len(pack_body(neighbors)) > budget:
+                neighbors.pop()
+        return neighbors
 
     def _handle_response(self, resp: DhtResponse, address: tuple[str, int]) -> None:
         expected = self._expect.get(resp.msg_id)
@@ -283,43 +357,55 @@ class SealedProtocol(KademliaProtocol):
 
     # -------------------------------------------------------------------- rpcs
 
-    def accept_record(self, dkey: bytes, data: bytes, remaining: float) -> bool:
-        """Store a record a peer sent, if it is valid and belongs under ``dkey``."""
+    def accept_record(
+        self, dkey: bytes, data: bytes, remaining: float, *, source: Node | None = None, contact: bool = True
+    ) -> bool:
+        """Store a record a peer sent, if it is valid and belongs under ``dkey``.
+
+        From a sender not yet verified only its own record is taken (a node that has
+        just joined publishes at once); records of others come from known contacts.
+        """
         try:
-            record = decode_record(data)
+            record = decode_record(data, now=self.wall_clock())
         except RecordError as exc:
             self.counters.inc("records_rejected", reason=exc.reason)
             return False
         if digest(record.key) != dkey:
             self.counters.inc("records_rejected", reason="wrong_key")
             return False
-        outcome = self.storage.put(dkey, record, remaining=remaining)
+        publisher_dht_id = bytes.fromhex(record.publisher)[:ID_LEN]
+        if not contact and source is not None and publisher_dht_id != source.id:
+            self.counters.inc("records_rejected", reason="unverified_sender")
+            return False
+        outcome = self.storage.put(
+            dkey, record, remaining=remaining, source=source.ip if source is not None else None,
+            trusted=self._is_known_id(publisher_dht_id),
+        )
         if outcome.accepted:
             self.counters.inc("records_stored")
         else:
             self.counters.inc("records_rejected", reason=outcome.reason)
         return bool(outcome.accepted)
 
-    def rpc_store(
-        self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes, remaining: float
-    ) -> bool:
-        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-        return self.accept_record(key, value, remaining)
+    def _is_known_id(self, dht_id: bytes) -> bool:
+        if dht_id == self.source_node.id:
+            return True
+        probe = Node(dht_id)
+        return dht_id in self.router.buckets[self.router.get_bucket_for(probe)].nodes
 
-    def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: bytes) -> Any:
-        source = Node(nodeid, sender[0], sender[1])
-        self.welcome_if_new(source)
+    def _find_value(self, key: bytes, source: Node) -> Any:
         neighbors = [list(n) for n in self.router.find_neighbors(Node(key), exclude=source)]
         records = self.storage.get(key)
         if not records:
             return neighbors
         now = self.clock()
         # Records get the full budget (so the largest allowed record always
-        # fits); the neighbour list (~1 KB for k=20) comes on top.
+        # fits); the neighbour list (~1 KB for k=20) comes on top. Oldest first
+        # seen first, so re-stored spam cannot push standing records out.
         budget = RESPONSE_BUDGET - 64
         chosen: list[list[Any]] = []
         truncated = False
-        for record in records:  # freshest first
+        for record in records:
             cost = len(record.encoded) + 16
             if cost > budget:
                 truncated = True
@@ -331,10 +417,29 @@ class SealedProtocol(KademliaProtocol):
         return {"records": chosen, "nodes": neighbors, "truncated": truncated}
 
     def welcome_if_new(self, node: Node) -> None:
-        """As kademlia's, but hands over signed records with their remaining lifetime."""
+        """A verified new contact: add it, and hand it the records it should hold.
+
+        Called only for nodes that answered us at their address (kademlia calls it
+        from handle_call_response). One id per ip:port: a contact that answers at an
+        address replaces whatever id was there. Records are pushed once per
+        ``welcome_every``, at most ``records_per_welcome`` of them, and never more
+        than ``max_welcome_stores`` stores at a time.
+        """
         if not self.router.is_new_node(node):
             return
+        for bucket in self.router.buckets:
+            for other in list(bucket.nodes.values()):
+                if (other.ip, other.port) == (node.ip, node.port) and other.id != node.id:
+                    self.router.remove_contact(other)
+        self.router.add_contact(node)
+        guard = self.guard
+        if not guard.should_welcome(node.id, self.clock()):
+            return
+        pushed = 0
         for dkey, record in self.storage:
+            if pushed >= guard.records_per_welcome or guard.welcome_stores >= guard.max_welcome_stores:
+                self.counters.inc("welcome_skipped")
+                break
             keynode = Node(dkey)
             neighbors = self.router.find_neighbors(keynode)
             if neighbors:
@@ -343,8 +448,15 @@ class SealedProtocol(KademliaProtocol):
                 first = neighbors[0].distance_to(keynode)
                 this_closest = self.source_node.distance_to(keynode) < first
             if not neighbors or (new_node_close and this_closest):
-                self._spawn(self.call_store(node, dkey, record))
-        self.router.add_contact(node)
+                pushed += 1
+                guard.welcome_stores += 1  # counted now, so this loop sees its own stores
+                self._spawn(self._welcome_store(node, dkey, record))
+
+    async def _welcome_store(self, node: Node, dkey: bytes, record: Record) -> None:
+        try:
+            await self.call_store(node, dkey, record)
+        finally:
+            self.guard.welcome_stores -= 1
 
     def error_received(self, exc: Exception) -> None:
         self.counters.inc("socket_errors")

@@ -9,6 +9,7 @@ they reach the table or a crawl.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class RecordCrawl(SpiderCrawl):
         own_id: bytes,
         allow_public: bool,
         clock: Callable[[], float],
+        wall_clock: Callable[[], float],
         counters: Counters,
     ) -> None:
         super().__init__(protocol, target, peers, ksize, alpha)
@@ -103,6 +105,7 @@ class RecordCrawl(SpiderCrawl):
         self._own_id = own_id
         self._allow_public = allow_public
         self._clock = clock
+        self._wall_clock = wall_clock
         self._counters = counters
         self.records: list[Record] = []
         self.truncated = False
@@ -124,6 +127,17 @@ class RecordCrawl(SpiderCrawl):
     async def _nodes_found(self, responses: dict[bytes, tuple[bool, Any]]) -> None:
         toremove = []
         now = self._clock()
+        # A peer that has not verified us yet answers short, with a cookie: ask again
+        # with it at once for the records (one more round trip, only at first contact).
+        again = {}
+        for peer_id, (ok, result) in responses.items():
+            answer = parse_value_answer(result) if ok else None
+            peer = self.nearest.get_node(peer_id)
+            if answer is not None and answer.cookie is not None and peer is not None:
+                again[peer_id] = self.protocol.call_find_value(peer, self.node, cookie=answer.cookie)
+        if again:
+            retried = dict(zip(again, await asyncio.gather(*again.values()), strict=True))
+            responses = {**responses, **retried}
         for peer_id, (ok, result) in responses.items():
             if not ok:
                 toremove.append(peer_id)
@@ -146,7 +160,7 @@ class RecordCrawl(SpiderCrawl):
 
     def _take(self, encoded: bytes, remaining: float, now: float) -> None:
         try:
-            record = decode_record(encoded, expected_key=self.key)
+            record = decode_record(encoded, expected_key=self.key, now=self._wall_clock())
         except RecordError as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
             self._counters.inc("records_rejected", reason=exc.reason)

@@ -8,9 +8,9 @@ listener (node/net/transport.py) keeps serving everyone else. A connection gets
 frozen ``ConnectionSettings`` and ``ConnectionHooks`` (handler tables, counters, three
 callables of its pool), never a reference to the Transport.
 
-No copies on the hot path: TLS decrypts straight into the frame decoder's buffer, and
-a message goes out as header plus the encoder's buffers (arrays as views) with
-``writelines``; small frames are joined into one TLS record.
+Its two halves are node/net/inbound.py (frames out of decrypted bytes, within the
+shared memory budget) and node/net/outbound.py (frames out, flow control, the
+slow-reader rule); this module dispatches and runs the lifecycle.
 """
 
 from __future__ import annotations
@@ -33,12 +33,16 @@ from node.net.errors import (
     HandshakeError,
     ProtocolVersionMismatch,
     RemoteError,
+    RequestRefused,
     RequestTimeout,
 )
+from node.net.inbound import Inbound
+from node.net.limits import InboundBudget
+from node.net.outbound import WRITE_HIGH_WATER, Outbound
 from node.net.tls import PeerIdentity, peer_identity
 from node.system.counters import Counters
-from protocol.errors import FrameTooLarge, ProtocolError, UnknownMessageType
-from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_header
+from protocol.errors import ProtocolError, UnknownMessageType, clip
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.handshake import check_hello
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -51,7 +55,6 @@ from protocol.messages import (
     Request,
     Response,
     decode_message,
-    encode_message_parts,
 )
 
 __all__ = ["CLOSE_TIMEOUT", "FEATURES", "Connection", "ConnectionHooks", "ConnectionSettings",
@@ -64,11 +67,6 @@ log = structlog.get_logger("node.transport")
 
 FEATURES: tuple[str, ...] = ("tensor-ext-1",)
 CLOSE_TIMEOUT = 2.0
-_WRITE_HIGH_WATER = 4 * 2**20
-# Frames up to this size are joined into one buffer before writing: each
-# buffer handed to TLS becomes its own record (and its own AEAD call), which
-# costs more than copying a small payload once.
-_JOIN_BELOW = 256 * 1024
 # Python 3.12's eager tasks run a handler's first step inside the read callback,
 # so one that does not block answers without a trip through the event loop. On
 # 3.11 a plain task is the correct choice (see the README for the measured cost).
@@ -88,6 +86,14 @@ class ConnectionSettings:
     # Queued notifications plus running request handlers above which the connection
     # stops reading, which pushes back on a peer that sends faster than we handle.
     inbound_backlog: int = 128
+    # The first frame (the Hello) is small: a peer not yet introduced gets nothing big.
+    hello_limit: int = 16 * 1024
+    # A peer that leaves this much of our replies unread is dropped (slow_reader): it
+    # pings or asks and never reads, and the replies would pile up in our memory.
+    slow_reader_limit: int = 2 * WRITE_HIGH_WATER
+    # A frame that has been arriving for this long is cut off (frame_timeout): its
+    # buffer counts against the inbound budget every connection shares.
+    frame_timeout: float = 120.0
     protocol_version: int = PROTOCOL_VERSION
     features: tuple[str, ...] = FEATURES
 
@@ -99,6 +105,7 @@ class ConnectionHooks:
     requests: Mapping[str, RequestHandler]
     notifies: Mapping[str, NotifyHandler]
     counters: Counters
+    budget: InboundBudget  # bytes of inbound frames all connections may hold together
     kept: Callable[[str], Connection | None]  # the pool's connection to a node id
     closing: Callable[[Connection], None]  # stop handing this connection out
     lost: Callable[[Connection], None]  # the connection is gone
@@ -107,15 +114,8 @@ class ConnectionHooks:
 class Connection(asyncio.BufferedProtocol):
     """One authenticated connection to a peer; usable in both directions."""
 
-    def __init__(
-        self,
-        settings: ConnectionSettings,
-        hooks: ConnectionHooks,
-        *,
-        outbound: bool,
-        remote_address: Any,
-        expect_node_id: str | None = None,
-    ) -> None:
+    def __init__(self, settings: ConnectionSettings, hooks: ConnectionHooks, *, outbound: bool,
+                 remote_address: Any, expect_node_id: str | None = None) -> None:
         self._settings = settings
         self._hooks = hooks
         self._counters = hooks.counters
@@ -126,8 +126,9 @@ class Connection(asyncio.BufferedProtocol):
         self.peer: PeerIdentity | None = None
         self.hello: Hello | None = None
         self._tr: asyncio.Transport | None = None
-        self._decoder = FrameDecoder(settings.max_frame_size)
-        self._discard: bytearray | None = None
+        self._inbound = Inbound(settings.max_frame_size, settings.hello_limit, hooks.budget)
+        self._budget_blocked = False
+        self._partial_since: float | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._hello_fut: asyncio.Future[Hello] = self._loop.create_future()
@@ -136,8 +137,7 @@ class Connection(asyncio.BufferedProtocol):
         self._failed = False
         self._deferred_error: tuple[str, str] | None = None  # failed before TLS handed us the transport
         self._retired = False
-        self._write_paused = False
-        self._drain_waiters: deque[asyncio.Future[None]] = deque()
+        self._out = Outbound(settings.max_frame_size, settings.slow_reader_limit, hooks.counters)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._notify_queue: deque[Notify] = deque()
         self._notify_task: asyncio.Task[None] | None = None
@@ -165,9 +165,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._close_reason
 
     # A per-call timeout is part of the API (callers know their deadline).
-    async def request(
-        self, method: str, body: Any = None, timeout: float | None = None  # noqa: ASYNC109
-    ) -> Any:
+    async def request(self, method: str, body: Any = None, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """Send a request and wait for its response body; RemoteError if the peer failed it."""
         if self._retired:
             replacement = self._hooks.kept(self.node_id)
@@ -175,7 +173,7 @@ class Connection(asyncio.BufferedProtocol):
                 return await replacement.request(method, body, timeout)
         self._check_open()
         limit = self._settings.request_timeout if timeout is None else timeout
-        if self._write_paused:  # the peer is not reading: wait for room before adding more
+        if self._out.paused:  # the peer is not reading: wait for room before adding more
             try:
                 async with asyncio.timeout(limit):
                     await self._drain()
@@ -191,7 +189,7 @@ class Connection(asyncio.BufferedProtocol):
         # A timer on the future is cheaper than asyncio.timeout() on this hot path.
         timer = self._loop.call_later(limit, self._expire, fut, method, limit)
         try:
-            self._write(Request(rid, method, body))
+            self._out.write(Request(rid, method, body))
             self._counters.inc("requests_sent")
             return await fut
         finally:
@@ -213,7 +211,7 @@ class Connection(asyncio.BufferedProtocol):
         them before this call returns.
         """
         self._check_open()
-        self._write(Notify(topic, body))
+        self._out.write(Notify(topic, body))
         self._counters.inc("notifies_sent")
         await self._drain()
 
@@ -265,13 +263,13 @@ class Connection(asyncio.BufferedProtocol):
         if self._tr is not None:
             return
         self._tr = transport
+        self._out.attach(transport)
         if self._deferred_error is not None or self.closed:
             if self._deferred_error is not None:
                 with contextlib.suppress(Exception):
-                    self._write(Error(*self._deferred_error))
+                    self._out.write(Error(*self._deferred_error))
             transport.close()
             return
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.last_received = self._loop.time()
         try:
             self.peer = peer_identity(transport.get_extra_info("ssl_object"))
@@ -279,34 +277,40 @@ class Connection(asyncio.BufferedProtocol):
             self._protocol_failure("bad_certificate", str(exc))
             return
         s = self._settings
-        self._write(Hello(s.protocol_version, s.node_id, s.name, s.software_version, s.features))
+        self._out.write(Hello(s.protocol_version, s.node_id, s.name, s.software_version, s.features))
         self._deliver()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._failed:
-            # Keep reading (and dropping) until TLS shuts down.
-            if self._discard is None:
-                self._discard = bytearray(64 * 1024)
-            return memoryview(self._discard)
-        return self._decoder.get_buffer(sizehint)
+        return self._inbound.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._counters.inc("bytes_received", nbytes)
         # Any bytes count as a sign of life, so a long frame does not look like silence.
-        self.last_received = self._loop.time()
+        self.last_received = now = self._loop.time()
         if self._failed:
             return
         try:
-            self._decoder.buffer_updated(nbytes)
+            self._inbound.received(nbytes)
         except ProtocolError as exc:
             self._protocol_failure(exc.code, exc.message)
             return
         if self._tr is not None:  # frames that arrive with the TLS handshake wait for attach()
             self._deliver()
+        pending = self._inbound.pending_bytes
+        self._partial_since = (self._partial_since or now) if pending else None
+        if self._inbound.over_budget and not self._budget_blocked:
+            self._counters.inc("budget_pauses")
+            self._budget_blocked = True
+            self._hooks.budget.when_available(self._budget_available)
+            self._update_reading()
+
+    def _budget_available(self) -> None:
+        self._budget_blocked = False
+        self._update_reading()
 
     def eof_received(self) -> bool | None:
         if not self._failed:
-            self._decoder.feed_eof()
+            self._inbound.ended()
             if self._tr is not None:
                 self._deliver()
         return False
@@ -315,20 +319,16 @@ class Connection(asyncio.BufferedProtocol):
         self._on_lost(exc)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._out.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        while self._drain_waiters:
-            fut = self._drain_waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        self._out.resume()
 
     # ------------------------------------------------------------------ receiving
 
     def _deliver(self) -> None:
         try:
-            for frame in self._decoder:
+            for frame in self._inbound.frames():
                 self._on_frame(frame)
                 if self._failed:
                     return
@@ -342,7 +342,7 @@ class Connection(asyncio.BufferedProtocol):
         except UnknownMessageType as exc:
             # Maybe a newer peer: answer, but keep the connection.
             log.info("unknown_message_type", peer=self.peer.node_id if self.peer else None, type=exc.type_name)
-            self._write(Error(exc.code, exc.message, exc.request_id))
+            self._reply(Error(exc.code, exc.message, exc.request_id))
             return
         except ProtocolError as exc:
             self._protocol_failure(exc.code, exc.message)
@@ -368,16 +368,16 @@ class Connection(asyncio.BufferedProtocol):
             if msg.request_id is not None:
                 fut = self._pending.get(msg.request_id)
                 if fut is not None and not fut.done():
-                    fut.set_exception(RemoteError(msg.code, msg.message))
+                    fut.set_exception(RemoteError(clip(msg.code), clip(msg.message)))
             else:
-                log.warning("peer_reported_error", peer=self.node_id, code=msg.code, error=msg.message)
-                self.last_peer_error = RemoteError(msg.code, msg.message)
+                log.warning("peer_reported_error", peer=self.node_id, code=clip(msg.code), error=clip(msg.message))
+                self.last_peer_error = RemoteError(clip(msg.code), clip(msg.message))
         elif isinstance(msg, Ping):
-            self._write(Pong(msg.nonce))
+            self._reply(Pong(msg.nonce))
         elif isinstance(msg, Hello):
             self._protocol_failure("unexpected_hello", "hello sent twice on one connection")
         elif not isinstance(msg, Pong):
-            self._write(Error("unhandled_message", f"this node does not handle {type(msg).TYPE!r} messages"))
+            self._reply(Error("unhandled_message", f"this node does not handle {type(msg).TYPE!r} messages"))
 
     def _on_first_message(self, msg: Message) -> None:
         # Checked here, synchronously, so that a request the peer sends right
@@ -404,8 +404,8 @@ class Connection(asyncio.BufferedProtocol):
         elif isinstance(msg, Error):
             error_type = ProtocolVersionMismatch if msg.code == "protocol_version" else HandshakeError
             if not fut.done():
-                fut.set_exception(error_type(f"the peer refused the connection: {msg.message}"))
-            self._begin_close(f"peer refused: {msg.message}")
+                fut.set_exception(error_type(f"the peer refused the connection: {clip(msg.message)}"))
+            self._begin_close(f"peer refused: {clip(msg.message)}")
         else:
             self._protocol_failure("expected_hello", f"the first message must be hello, got {type(msg).TYPE}")
 
@@ -425,10 +425,10 @@ class Connection(asyncio.BufferedProtocol):
             return
         backlog = len(self._notify_queue) + self._running_handlers
         limit = self._settings.inbound_backlog
-        if not self._reading_paused and backlog > limit:
+        if not self._reading_paused and (backlog > limit or self._budget_blocked):
             self._reading_paused = True
             self._tr.pause_reading()
-        elif self._reading_paused and backlog <= limit // 2:
+        elif self._reading_paused and backlog <= limit // 2 and not self._budget_blocked:
             self._reading_paused = False
             self._tr.resume_reading()
 
@@ -439,26 +439,29 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if handler is None:
                 reply: Message = Error(
-                    "unknown_method", f"this node has no handler for method {req.method!r}", req.request_id
+                    "unknown_method", f"this node has no handler for method {clip(req.method)!r}",
+                    req.request_id,
                 )
             else:
                 try:
                     reply = Response(req.request_id, await handler(self, req.body))
                 except asyncio.CancelledError:
                     raise
+                except RequestRefused as exc:
+                    reply = Error(exc.code, exc.message, req.request_id)
                 except Exception as exc:
+                    # The detail stays in our log; the peer learns only that it failed.
                     self._counters.inc("handler_errors")
-                    log.warning("request_handler_failed", method=req.method, peer=self.node_id,
+                    log.warning("request_handler_failed", method=clip(req.method), peer=self.node_id,
                                 error=f"{type(exc).__name__}: {exc}")
-                    reply = Error("handler_error", f"{type(exc).__name__}: {exc}", req.request_id)
-            if self._tr is None or self._tr.is_closing():
-                return
+                    reply = Error("handler_error", "the request failed on the peer (see its log)",
+                                  req.request_id)
+            # Wait for room first, so replies queue in their handlers, not in our buffer.
+            await self._drain()
             try:
-                self._write(reply)
+                self._out.write(reply)
             except ProtocolError as exc:  # the handler returned something we cannot send
-                self._write(Error(exc.code, f"the reply could not be sent: {exc.message}", req.request_id))
-            if self._write_paused:
-                await self._drain()
+                self._out.write(Error(exc.code, f"the reply could not be sent: {exc.message}", req.request_id))
         except ConnectionClosed:
             pass
         finally:
@@ -473,7 +476,7 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()
             handler = self._hooks.notifies.get(msg.topic)
             if handler is None:
-                log.info("unhandled_notify", topic=msg.topic, peer=self.node_id)
+                log.info("unhandled_notify", topic=clip(msg.topic), peer=self.node_id)
                 continue
             try:
                 await handler(self, msg.body)
@@ -481,7 +484,7 @@ class Connection(asyncio.BufferedProtocol):
                 raise
             except Exception as exc:
                 self._counters.inc("handler_errors")
-                log.warning("notify_handler_failed", topic=msg.topic, peer=self.node_id,
+                log.warning("notify_handler_failed", topic=clip(msg.topic), peer=self.node_id,
                             error=f"{type(exc).__name__}: {exc}")
         self._maybe_finish_retire()
 
@@ -493,28 +496,19 @@ class Connection(asyncio.BufferedProtocol):
                 f"connection to {format_address(self.remote_address)} is closed ({self._close_reason})"
             )
 
-    def _write(self, msg: Message) -> None:
+    def _reply(self, msg: Message) -> None:
+        """A reply that cannot wait (Pong, Error); a peer that does not read loses the connection."""
+        if self._out.reply(msg):
+            return
+        self._counters.inc("dropped_peers", reason="slow_reader")
+        log.warning("slow_reader", peer=self.peer.node_id if self.peer else None,
+                    address=format_address(self.remote_address), unread=self._out.unread)
+        self._close_reason = "slow_reader: the peer does not read its replies"
         assert self._tr is not None
-        parts = encode_message_parts(msg)
-        if len(parts) == 1:  # the usual small message: one bytes object
-            size = len(parts[0])
-        else:
-            size = sum(memoryview(p).nbytes for p in parts)
-        limit = self._settings.max_frame_size
-        if size > limit:
-            raise FrameTooLarge(size, limit, f"outgoing {type(msg).__name__} message")
-        if size < _JOIN_BELOW:
-            self._tr.write(b"".join([frame_header(size), *parts]))
-        else:
-            self._tr.writelines([frame_header(size), *parts])
-        self._counters.inc("bytes_sent", size + 4)
-        self._counters.inc("frames_sent")
+        self._tr.abort()
 
     async def _drain(self) -> None:
-        if self._write_paused:
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._drain_waiters.append(fut)
-            await fut
+        await self._out.wait_room(lambda: self.closed)
         self._check_open()
 
     # ------------------------------------------------------------------ lifecycle
@@ -524,6 +518,10 @@ class Connection(asyncio.BufferedProtocol):
         nonce = itertools.count(1)
         while not self.closed:
             await asyncio.sleep(interval)
+            since = self._partial_since
+            if since is not None and self._loop.time() - since > self._settings.frame_timeout:
+                self._protocol_failure("frame_timeout", f"a frame took over {self._settings.frame_timeout:g} s")
+                return
             idle = self._loop.time() - self.last_received
             if idle >= 2 * interval:
                 self._counters.inc("keepalive_timeouts")
@@ -531,8 +529,8 @@ class Connection(asyncio.BufferedProtocol):
                             idle_s=round(idle, 3))
                 self._begin_close(f"peer silent for {idle:.1f} s (keepalive timeout)")
                 return
-            if idle >= interval and self._tr is not None and not self._tr.is_closing():
-                self._write(Ping(next(nonce)))
+            if idle >= interval and self._out.open:
+                self._out.write(Ping(next(nonce)))
 
     def _begin_close(self, reason: str) -> None:
         if self.closed:
@@ -550,6 +548,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._failed:
             return
         self._failed = True
+        self._inbound.close()
         self._counters.inc("protocol_errors", reason=code)
         log.warning("peer_protocol_error", address=format_address(self.remote_address),
                     peer=self.peer.node_id if self.peer else None, code=code, error=message)
@@ -562,12 +561,14 @@ class Connection(asyncio.BufferedProtocol):
             return
         if not self._tr.is_closing():
             with contextlib.suppress(Exception):
-                self._write(Error(code, message))
+                self._out.write(Error(code, message))
         self._begin_close(f"{code}: {message}")
 
     def _on_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
+        self._inbound.close()
+        self._hooks.budget.forget(self._budget_available)
         if exc is not None and self._close_reason == "closed":
             self._close_reason = f"connection lost: {exc}"
         elif self.last_peer_error is not None and self._close_reason == "closed":
@@ -583,10 +584,7 @@ class Connection(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)  # _drain() re-checks and raises ConnectionClosed
-        self._drain_waiters.clear()
+        self._out.wake_all()  # _drain() re-checks and raises ConnectionClosed
         current = asyncio.current_task()
         for task in [*self._tasks, self._notify_task, self._keepalive_task]:
             if task is not None and task is not current and not task.done():

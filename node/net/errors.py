@@ -13,6 +13,7 @@ __all__ = [
     "HandshakeError",
     "ProtocolVersionMismatch",
     "RemoteError",
+    "RequestRefused",
     "RequestTimeout",
     "TransportError",
 ]
@@ -47,5 +48,19 @@ class RemoteError(TransportError):
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"peer error [{code}]: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestRefused(TransportError):
+    """Raised by a request handler to answer with this code and message.
+
+    Any other exception in a handler reaches the peer only as a generic
+    ``handler_error`` (its text could reveal this node's internals); this one is
+    meant for the peer: a refusal it can act on ("layer range not loaded").
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
         self.code = code
         self.message = message

@@ -15,6 +15,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -30,16 +31,30 @@ from node.net.connection import (
     RequestHandler,
 )
 from node.net.errors import ConnectFailed, ConnectionClosed, HandshakeError, TransportError
+from node.net.limits import FailureSummary, HandshakeGate, InboundBudget, RateLimiter
 from node.net.tls import client_ssl_context, server_ssl_context
 from node.system.counters import Counters
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.messages import PROTOCOL_VERSION
 
-__all__ = ["COUNTERS", "Transport"]
+__all__ = ["COUNTERS", "Transport", "TransportLimits"]
 
 log = structlog.get_logger(__name__)
 
-_HANDSHAKE_TIMEOUT = 10.0
+# A LAN handshake takes milliseconds; each pending one costs ~94 KiB and a socket.
+_HANDSHAKE_TIMEOUT = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """How much strangers and members together can make the listener hold."""
+
+    handshakes: int = 64  # TLS + Hello handshakes in progress at once
+    handshakes_per_source: int = 8  # ... from one IP address
+    connects_per_second: float = 20.0  # new connections per source IP (bursts of twice that)
+    connections: int = 512  # established connections in all
+    connections_per_peer: int = 4  # ... with one node id
+    inbound_budget: int = 256 * 2**20  # bytes of inbound frames not yet delivered, all connections
 
 
 # Counted from the start (so /metrics shows them at 0); protocol_errors is kept by reason.
@@ -68,6 +83,7 @@ class Transport:
         handshake_timeout: float = _HANDSHAKE_TIMEOUT,
         inbound_backlog: int = 128,
         protocol_version: int = PROTOCOL_VERSION,
+        limits: TransportLimits = TransportLimits(),
     ) -> None:
         """See ConnectionSettings for the per-connection limits; ``protocol_version``
         is changed only by tests that provoke a mismatch."""
@@ -80,7 +96,11 @@ class Transport:
             keepalive_interval=keepalive_interval, inbound_backlog=inbound_backlog,
             protocol_version=protocol_version,
         )
-        self.counters = Counters(COUNTERS, by_reason=("protocol_errors",))
+        self.limits = limits
+        self.counters = Counters(COUNTERS, by_reason=("protocol_errors", "refused_connections"))
+        self._gate = HandshakeGate(limits.handshakes, limits.handshakes_per_source)
+        self._connect_rate = RateLimiter(limits.connects_per_second, 2 * limits.connects_per_second)
+        self._failures = FailureSummary()
         self.connections: dict[str, Connection] = {}
         self.port: int | None = None
         self._server_ctx = server_ssl_context(cluster, key, name)
@@ -91,7 +111,7 @@ class Transport:
         self._notify_handlers: dict[str, NotifyHandler] = {}
         self._hooks = ConnectionHooks(
             requests=self._request_handlers, notifies=self._notify_handlers,
-            counters=self.counters, kept=self.connections.get,
+            counters=self.counters, budget=InboundBudget(limits.inbound_budget), kept=self.connections.get,
             closing=self._unlist, lost=self._forget,
         )
         self._all: set[Connection] = set()
@@ -141,29 +161,49 @@ class Transport:
                 log.warning("accept_failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
+            source = str(peername[0])
             try:
-                check_peer_address(str(peername[0]), self.allow_public)
+                check_peer_address(source, self.allow_public)
             except PeerAddressRefused as exc:
                 self.counters.inc("refused_addresses")
-                log.warning("peer_address_refused", address=format_address(peername), error=str(exc))
+                self._log_failure(source, str(exc))
                 sock.close()
                 continue
-            self._track(self._serve_inbound(sock, peername))
+            # Cheapest checks first; a refused socket is closed before any TLS work.
+            if not self._connect_rate.allow(source, loop.time()):
+                refused = "rate"
+            elif len(self._all) + self._gate.pending >= self.limits.connections:
+                refused = "connections"
+            elif not self._gate.enter(source):
+                refused = "handshakes"
+            else:
+                self._track(self._serve_inbound(sock, peername, source))
+                continue
+            self.counters.inc("refused_connections", reason=refused)
+            self._log_failure(source, f"refused ({refused} limit)")
+            sock.close()
+
+    def _log_failure(self, source: str, reason: str) -> None:
+        # One line per source and minute, however many attempts: a scan cannot fill the log.
+        report = self._failures.record(source, reason, asyncio.get_running_loop().time())
+        if report is not None:
+            log.warning("peer_connection_failed", peer=source, failures=report[0], last_error=report[1])
 
     def _track(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_inbound(self, sock: socket.socket, peername: Any) -> None:
+    async def _serve_inbound(self, sock: socket.socket, peername: Any, source: str) -> None:
         try:
             await self._establish(sock, peername, server_side=True, expect_node_id=None)
         except (HandshakeError, ConnectionClosed):
-            pass  # already logged once in _establish
+            pass  # already counted and logged in _establish
         except Exception as exc:  # never let one bad peer disturb the listener
-            log.warning("inbound_connection_failed", peer=format_address(peername),
-                        error=f"{type(exc).__name__}: {exc}")
+            self._log_failure(source, f"{type(exc).__name__}: {exc}")
             sock.close()
+        finally:
+            self._gate.leave(source)
 
     # ------------------------------------------------------------------ connecting
 
@@ -264,7 +304,7 @@ class Transport:
             self.counters.inc("handshake_failures")
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if server_side:
-                log.warning("tls_handshake_failed", peer=where, error=reason)
+                self._log_failure(str(peername[0]), f"TLS handshake: {reason}")
             raise HandshakeError(
                 f"TLS handshake with {where} failed ({reason}); the peer is not a member of this "
                 "cluster (different cluster secret?) or not an enjambre node"
@@ -276,9 +316,14 @@ class Transport:
         except (HandshakeError, ConnectionClosed) as exc:
             self.counters.inc("hello_failures")
             if server_side:
-                log.warning("hello_failed", peer=where, error=str(exc))
+                self._log_failure(str(peername[0]), f"hello: {exc}")
             await conn.close(str(exc))
             raise
+        same_peer = sum(1 for c in self._all if c.peer is not None and c.peer.node_id == conn.node_id)
+        if same_peer > self.limits.connections_per_peer:
+            self.counters.inc("refused_connections", reason="per_peer")
+            await conn.close(f"more than {self.limits.connections_per_peer} connections from one node")
+            raise HandshakeError(f"{where}: too many connections with node {conn.node_id[:12]}")
         self.counters.inc("connections_opened")
         log.info("peer_connected", peer=conn.node_id, name=conn.peer.name if conn.peer else "",
                  address=where, direction="out" if conn.outbound else "in")

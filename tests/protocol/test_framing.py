@@ -59,17 +59,49 @@ def test_buffered_protocol_interface(frames: list[bytes], sizes: list[int]) -> N
     assert out == frames
 
 
-def test_large_frame_is_filled_in_place() -> None:
-    payload = b"\x07" * 1_000_000
+def test_large_frame_is_filled_in_place_and_grows_with_what_arrives() -> None:
+    payload = bytes(range(256)) * 4000  # ~1 MB
     decoder = FrameDecoder()
     decoder.receive_data(frame_header(len(payload)) + payload[:10])
+    received = 10
     view = decoder.get_buffer(-1)
-    assert len(view) == len(payload) - 10  # exactly the rest of the frame
-    view[:] = payload[10:]
-    decoder.buffer_updated(len(view))
+    while True:
+        # Memory follows the bytes that came, never the size the header announced.
+        assert decoder.allocated_bytes <= max(256 * 1024, 2 * received)
+        take = min(len(view), len(payload) - received, 100_000)
+        view[:take] = payload[received : received + take]
+        owner = view.obj
+        view.release()
+        decoder.buffer_updated(take)
+        received += take
+        if received == len(payload):
+            break
+        view = decoder.get_buffer(-1)
     frame = decoder.next_frame()
     assert frame is not None and frame == payload
-    assert frame is view.obj  # the buffer handed out is the frame itself
+    assert frame is owner  # the last buffer handed out is the frame itself
+
+
+def test_announcing_a_huge_frame_costs_nothing_until_it_is_sent() -> None:
+    decoder = FrameDecoder(max_frame_size=64 * 2**20)
+    tracemalloc.start()
+    try:
+        decoder.receive_data(frame_header(64 * 2**20 - 1) + b"x")
+        decoder.get_buffer(-1).release()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_first_frame_limit_holds_only_the_first_frame() -> None:
+    decoder = FrameDecoder(first_frame_limit=16 * 1024)
+    big = b"y" * 100_000
+    decoder.receive_data(encode_frame(b"hello") + encode_frame(big))
+    assert decoder.next_frame() == b"hello" and decoder.next_frame() == big
+    strict = FrameDecoder(first_frame_limit=16 * 1024)
+    with pytest.raises(FrameTooLarge, match="first frame"):
+        strict.receive_data(frame_header(64 * 2**20) + b"x")
 
 
 def test_4gib_header_is_rejected_without_buffering() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import msgpack
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from node.identity import NodeKey
 from protocol.ids import node_id_for
 from protocol.records import (
+    ISSUE_TOLERANCE,
     MAX_RECORD_BYTES,
     MAX_TTL,
     Record,
@@ -30,7 +32,7 @@ KEY_B = NodeKey.generate()
 def rec(
     key: NodeKey = KEY_A, *, name: str = "k", value: object = 1, seq: int = 1, ttl: float = 60.0
 ) -> Record:
-    return make_record(name, value, public_key=key.public_bytes, sign=key.sign, seq=seq, ttl=ttl)
+    return make_record(name, value, public_key=key.public_bytes, sign=key.sign, seq=seq, ttl=ttl, issued_at=time.time())
 
 
 def test_roundtrip_and_publisher_is_node_id() -> None:
@@ -44,7 +46,7 @@ def test_roundtrip_and_publisher_is_node_id() -> None:
 
 def test_signed_by_wrong_key_is_rejected() -> None:
     # Claims publisher A (A's public key) but is signed by B.
-    forged = make_record("k", 1, public_key=KEY_A.public_bytes, sign=KEY_B.sign, seq=1, ttl=60)
+    forged = make_record("k", 1, public_key=KEY_A.public_bytes, sign=KEY_B.sign, seq=1, ttl=60, issued_at=time.time())
     with pytest.raises(RecordError) as info:
         decode_record(forged.encoded)
     assert info.value.reason == "signature"
@@ -57,7 +59,7 @@ def test_swapping_public_key_to_claim_another_publisher_is_rejected() -> None:
     fields[1] = KEY_A.public_bytes  # claim to be A, keep B's signature
     body2 = msgpack.packb(fields, use_bin_type=True)
     with pytest.raises(RecordError, match="signature"):
-        decode_record(msgpack.packb([1, body2, sig], use_bin_type=True))
+        decode_record(msgpack.packb([2, body2, sig], use_bin_type=True))
 
 
 def test_tampered_value_is_rejected() -> None:
@@ -65,7 +67,7 @@ def test_tampered_value_is_rejected() -> None:
     _, body, sig = msgpack.unpackb(good.encoded, raw=False)
     tampered = body.replace(b"honest", b"evil!!")
     with pytest.raises(RecordError) as info:
-        decode_record(msgpack.packb([1, tampered, sig], use_bin_type=True))
+        decode_record(msgpack.packb([2, tampered, sig], use_bin_type=True))
     assert info.value.reason == "signature"
 
 
@@ -100,7 +102,7 @@ def test_bad_inputs_refused() -> None:
         rec(seq=-1)
     with pytest.raises(RecordError, match="tombstone"):
         make_record(
-            "k", 1, public_key=KEY_A.public_bytes, sign=KEY_A.sign, seq=1, ttl=1, tombstone=True
+            "k", 1, public_key=KEY_A.public_bytes, sign=KEY_A.sign, seq=1, ttl=1, tombstone=True, issued_at=time.time()
         )
 
 
@@ -109,7 +111,8 @@ def test_bad_inputs_refused() -> None:
     [
         b"",
         b"garbage",
-        msgpack.packb([2, b"", b""]),
+        msgpack.packb([3, b"", b""]),
+        msgpack.packb([2, b"\x90", b"s" * 64]),
         msgpack.packb([1, b"\x90", b"s" * 64]),
         msgpack.packb({"a": 1}),
     ],
@@ -176,3 +179,14 @@ def test_roundtrip_property(value: object, seq: int, ttl: float) -> None:
 def test_random_bytes_never_crash(data: bytes) -> None:
     with pytest.raises(RecordError):
         decode_record(data)
+
+
+def test_old_and_future_records_are_refused_when_the_time_is_known() -> None:
+    now = 1_700_000_000.0
+    fresh = make_record("k", 1, public_key=KEY_A.public_bytes, sign=KEY_A.sign, seq=1, ttl=60, issued_at=now)
+    assert decode_record(fresh.encoded, now=now + 60).issued_at == now
+    assert decode_record(fresh.encoded).value == 1  # no clock, no check
+    for when in (now + 60 + ISSUE_TOLERANCE + 1, now - ISSUE_TOLERANCE - 1):
+        with pytest.raises(RecordError) as info:
+            decode_record(fresh.encoded, now=when)
+        assert info.value.reason == "stale"

@@ -17,7 +17,7 @@ from node.cluster.directory import publish_member, read_members
 from node.dht.errors import DHTError
 from node.dht.node import DHTNode
 from node.identity import ClusterKeys, NodeKey, generate_secret, parse_secret
-from protocol.dht import DATAGRAM_DOMAIN
+from protocol.dht import DATAGRAM_DOMAIN, receiver_tag
 from protocol.records import make_record
 from protocol.seal import seal, sign_envelope
 
@@ -50,6 +50,10 @@ class RawPeer(asyncio.DatagramProtocol):
             await asyncio.wait_for(self.received.get(), wait)
 
 
+# The port crafted datagrams are sealed for (node a of the pair) unless a test says.
+TARGET: dict[str, int] = {}
+
+
 def craft(
     cluster: ClusterKeys,
     key: NodeKey,
@@ -57,13 +61,15 @@ def craft(
     *,
     now: float | None = None,
     signer: NodeKey | None = None,
+    to: int | None = None,
 ) -> bytes:
     now = time.time() if now is None else now
     body = msgpack.packb(message, use_bin_type=True)
     envelope = sign_envelope(
         key.public_bytes, (signer or key).sign, body, domain=DATAGRAM_DOMAIN, timestamp=now
     )
-    return seal(cluster.dht_key, envelope, now=now)
+    receiver = receiver_tag("127.0.0.1", to if to is not None else TARGET["port"])
+    return seal(cluster.dht_key, envelope, now=now, receiver=receiver)
 
 
 def ping(cluster: ClusterKeys, key: NodeKey, **kw: Any) -> bytes:
@@ -78,6 +84,7 @@ async def pair() -> AsyncIterator[tuple[ClusterKeys, DHTNode, DHTNode, RawPeer]]
     transport, raw = await asyncio.get_running_loop().create_datagram_endpoint(
         RawPeer, local_addr=("127.0.0.1", 0)
     )
+    TARGET["port"] = a.port
     try:
         assert await b.bootstrap([("127.0.0.1", a.port)]) == 1
         yield cluster, a, b, raw
@@ -234,11 +241,11 @@ async def test_bad_records_refused_by_store(
 
     # Signed by the wrong key (claims a's key).
     wrong_sig = make_record(
-        "victim", "x", public_key=a.key.public_bytes, sign=mallory.sign, seq=2**40, ttl=60
+        "victim", "x", public_key=a.key.public_bytes, sign=mallory.sign, seq=2**40, ttl=60, issued_at=time.time()
     )
     # Valid record but stored under a different key's digest.
     misfiled = make_record(
-        "other", "x", public_key=mallory.public_bytes, sign=mallory.sign, seq=1, ttl=60
+        "other", "x", public_key=mallory.public_bytes, sign=mallory.sign, seq=1, ttl=60, issued_at=time.time()
     )
     for datagram in (store(wrong_sig.encoded), store(misfiled.encoded), store(b"not a record")):
         raw.send(datagram, a.port)
@@ -258,7 +265,7 @@ async def test_older_seq_does_not_replace_newer(
     await b.put("state", "new", ttl=60)
     newest = next(r for _, r in a.storage)
     old = make_record(
-        "state", "old", public_key=b.key.public_bytes, sign=b.key.sign, seq=newest.seq - 1, ttl=60
+        "state", "old", public_key=b.key.public_bytes, sign=b.key.sign, seq=newest.seq - 1, ttl=60, issued_at=time.time()
     )
     # Replayed by someone else (an old record captured earlier).
     mallory = NodeKey.generate()
@@ -271,6 +278,10 @@ async def test_older_seq_does_not_replace_newer(
         a.port,
     )
     await asyncio.wait_for(raw.received.get(), 2)
+    # From an unverified sender only its own records are taken...
+    assert a.counters.get("records_rejected", "unverified_sender") == 1
+    # ...and from a contact, the older seq loses.
+    assert not a.protocol.accept_record(digest("state"), old.encoded, 60.0)
     assert a.counters.get("records_rejected", "older_seq") == 1
     assert (await a.get("state"))[b.node_id].value == "new"
     assert (await b.get("state"))[b.node_id].value == "new"
@@ -299,7 +310,7 @@ async def test_malformed_inner_messages_dropped(
     ]
     for message in bad:
         raw.send(craft(cluster, k, message), a.port)
-    raw.send(seal(cluster.dht_key, b"\xc1not msgpack", now=time.time()), a.port)
+    raw.send(seal(cluster.dht_key, b"\xc1not msgpack", now=time.time(), receiver=receiver_tag("127.0.0.1", a.port)), a.port)
     await raw.expect_nothing()
     m = a.counters
     assert m.get("dropped", "malformed") == 6

@@ -70,9 +70,9 @@ async def test_failed_tls_handshake_is_logged_once_and_listener_keeps_serving(ki
                 if server.counters["handshake_failures"]:
                     break
                 await asyncio.sleep(0.02)
-        failures = [e for e in logs if e["event"] == "tls_handshake_failed"]
+        failures = [e for e in logs if e["event"] == "peer_connection_failed"]
         assert len(failures) == 1, logs
-        assert failures[0]["peer"].startswith("127.0.0.1:")
+        assert failures[0]["peer"] == "127.0.0.1" and "TLS handshake" in failures[0]["last_error"]
         assert failures[0]["log_level"] == "warning"
         assert server.counters["handshake_failures"] == 1
         assert not server.connections
@@ -247,12 +247,13 @@ async def test_keepalive_closes_a_silent_peer() -> None:
 
 async def test_keepalive_keeps_a_responsive_peer() -> None:
     cluster = new_cluster()
-    async with running(cluster, "a", keepalive_interval=0.05) as a, running(
-        cluster, "b", keepalive_interval=0.05
+    # Intervals long enough that a loaded 2-core CI machine does not miss a beat.
+    async with running(cluster, "a", keepalive_interval=0.2) as a, running(
+        cluster, "b", keepalive_interval=0.2
     ) as b:
         b.on_request("echo", echo)
         conn = await a.connect(HOST, b.port or 0)
-        await asyncio.sleep(0.5)  # ten intervals of silence from the application
+        await asyncio.sleep(1.2)  # six intervals of silence from the application
         assert not conn.closed
         assert await conn.request("echo", 1) == 1
         assert a.counters["keepalive_timeouts"] == 0 and b.counters["keepalive_timeouts"] == 0
@@ -290,8 +291,8 @@ async def test_silent_tcp_client_times_out_in_handshake() -> None:
         try:
             with capture_logs() as logs:
                 assert await asyncio.wait_for(reader.read(), 5) == b""  # the server hangs up
-            failures = [e for e in logs if e["event"] == "tls_handshake_failed"]
-            assert len(failures) == 1 and failures[0]["peer"].startswith("127.0.0.1:")
+            failures = [e for e in logs if e["event"] == "peer_connection_failed"]
+            assert len(failures) == 1 and failures[0]["peer"] == "127.0.0.1"
         finally:
             writer.close()
         await _good_client_works(cluster, server)

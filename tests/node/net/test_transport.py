@@ -17,6 +17,7 @@ from node.net.errors import (
     HandshakeError,
     ProtocolVersionMismatch,
     RemoteError,
+    RequestRefused,
     RequestTimeout,
 )
 from tests.helpers.transport import HOST, echo, new_cluster, running
@@ -151,18 +152,26 @@ async def test_handler_error_and_unknown_method_are_error_replies() -> None:
     cluster = new_cluster()
     async with running(cluster, "a") as a, running(cluster, "b") as b:
         async def boom(conn: Connection, body: Any) -> Any:
-            raise ValueError("bad layer range")
+            raise ValueError("secret internals")
+
+        async def refuse(conn: Connection, body: Any) -> Any:
+            raise RequestRefused("bad_range", "layers 3-9 are not loaded here")
 
         async def unsendable(conn: Connection, body: Any) -> Any:
             return {1, 2}
 
         b.on_request("boom", boom)
+        b.on_request("refuse", refuse)
         b.on_request("echo", echo)
         b.on_request("unsendable", unsendable)
         conn = await a.connect(HOST, b.port or 0)
         with pytest.raises(RemoteError) as err:
             await conn.request("boom", None)
-        assert err.value.code == "handler_error" and "bad layer range" in err.value.message
+        # the detail stays in b's log; a learns only that it failed
+        assert err.value.code == "handler_error" and "secret" not in err.value.message
+        with pytest.raises(RemoteError) as err:
+            await conn.request("refuse", None)
+        assert err.value.code == "bad_range" and err.value.message == "layers 3-9 are not loaded here"
         with pytest.raises(RemoteError) as err:
             await conn.request("nope", None)
         assert err.value.code == "unknown_method" and "nope" in err.value.message
