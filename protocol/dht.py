@@ -20,8 +20,8 @@ before any of it reaches a routing table or a crawl.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
