@@ -188,7 +188,8 @@ def cmd_service_install(args: argparse.Namespace) -> int:
 
 def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
     """(host, port, token) of the daemon to talk to."""
-    token = args.token or os.environ.get("ENJAMBRE_TOKEN")
+    # Never from the command line: other users can read a process's arguments.
+    token = _token_from_file(args.token_file) if args.token_file else os.environ.get("ENJAMBRE_TOKEN")
     explicit = args.host or os.environ.get("ENJAMBRE_HOST")
     if explicit:
         text = explicit.removeprefix("http://")
@@ -217,6 +218,13 @@ def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
     return host, port, token
 
 
+def _token_from_file(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise CliError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+
 def _call(args: argparse.Namespace, method: str, path: str) -> Any:
     host, port, token = _api_address(args)
     shown = format_hostport(host, port)
@@ -226,7 +234,10 @@ def _call(args: argparse.Namespace, method: str, path: str) -> Any:
     )
     if port == 0:
         raise CliError(not_running)
-    req = urllib.request.Request(f"http://{shown}{path}", method=method)
+    body = b"{}" if method == "POST" else None
+    req = urllib.request.Request(f"http://{shown}{path}", data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -255,6 +266,12 @@ def _ago(seconds: Any) -> str:
     return "now" if seconds < 1 else f"{seconds:.0f}s ago"
 
 
+def _printable(value: Any, limit: int = 64) -> str:
+    # Names and devices come from other members' records: never let them move the
+    # cursor, clear the screen or forge lines on the operator's terminal.
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value)[:limit])
+
+
 def render_status(data: dict[str, Any]) -> str:
     nodes = data.get("nodes", [])
     header = ["", "NAME", "ID", "ADDRESS", "STATE", "DEVICE", "MEMORY GiB used/allowed/total", "TFLOPS", "SEEN"]
@@ -263,11 +280,11 @@ def render_status(data: dict[str, Any]) -> str:
         addr = (n.get("addresses") or ["?"])[0]
         rows.append([
             "*" if n.get("id") == data.get("self") else "",
-            str(n.get("name", "?")),
-            str(n.get("id", ""))[:12],
-            format_hostport(str(addr), n.get("peer_port", "?")),
-            str(n.get("state", "?")),
-            str(n.get("device", "?"))[:32],
+            _printable(n.get("name", "?")),
+            _printable(n.get("id", ""), 12),
+            _printable(format_hostport(str(addr), n.get("peer_port", "?"))),
+            _printable(n.get("state", "?")),
+            _printable(n.get("device", "?"), 32),
             f"{_gib(n.get('memory_used'))} / {_gib(n.get('memory_allowed'))} / {_gib(n.get('memory_total'))}",
             f"{float(n.get('tflops', 0.0)):.2f}",
             _ago(n.get("last_seen_s")),
@@ -282,6 +299,14 @@ def render_status(data: dict[str, Any]) -> str:
         f"cluster {data.get('cluster', '?')}: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
         f"{_gib(mem_allowed)} GiB allowed of {_gib(mem_total)} GiB, {tflops:.2f} TFLOPS  (* = this node)"
     )
+    for n in nodes:
+        offset = n.get("clock_offset_s")
+        if isinstance(offset, int | float) and abs(offset) >= 10:
+            side = "ahead of" if offset > 0 else "behind"
+            lines.append(
+                f"warning: {_printable(n.get('name', '?'))}'s clock is {abs(offset):.0f} s {side} its peers'; "
+                "synchronise it (NTP): beyond 60 s the DHT drops its traffic"
+            )
     return "\n".join(lines)
 
 
@@ -318,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     def client(sp: argparse.ArgumentParser) -> None:
         with_config(sp)
         sp.add_argument("--host", help="daemon API as HOST:PORT (default $ENJAMBRE_HOST, else the config's)")
-        sp.add_argument("--token", help="API bearer token (default $ENJAMBRE_TOKEN, else the config's token_file)")
+        sp.add_argument("--token-file", help="file holding the API bearer token "
+                        "(default $ENJAMBRE_TOKEN, else the config's api.token_file)")
         sp.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the daemon")
         sp.add_argument("--json", action="store_true", help="print JSON")
 

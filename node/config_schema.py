@@ -284,6 +284,15 @@ class ApiSection:
             example="api.token",
         )
     )
+    allowed_origins: tuple[str, ...] = field(
+        metadata=key(
+            v.origins,
+            "Web pages (origins, e.g. \"http://192.168.1.20:3000\" for a chat front end) that "
+            "may call the API from a browser. Requests from any other page are refused, so "
+            "a web page open on this machine cannot use the API behind your back.",
+            default=[],
+        )
+    )
 
     @property
     def is_loopback(self) -> bool:

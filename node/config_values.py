@@ -212,3 +212,22 @@ def bootstrap(value: Any, ctx: Ctx) -> tuple[tuple[str, int], ...]:
         except ValueError as exc:
             raise Invalid(f"entry {index}: {exc}") from None
     return tuple(out)
+
+
+def origins(value: Any, ctx: Ctx) -> tuple[str, ...]:
+    """Web origins ("http://host:port", as a browser sends them in the Origin header)."""
+    if not isinstance(value, list):
+        raise _type_error('a list of origins such as "http://192.168.1.20:8080"', value)
+    out: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise Invalid(f"entry {index} must be a string, got {item!r}")
+        text = item.strip().rstrip("/").lower()
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+            raise Invalid(
+                f"entry {index} ({item!r}) is not an origin; write scheme and host with an optional "
+                'port and no path, e.g. "http://192.168.1.20:8080"'
+            )
+        out.append(text)
+    return tuple(out)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -23,7 +25,13 @@ from aiohttp import web
 from node import __version__
 from node.api.app import build_app
 from node.cluster.capabilities import Capabilities, collect
-from node.cluster.directory import member_record, publish_member, read_members, status_view
+from node.cluster.directory import (
+    member_problem,
+    member_record,
+    publish_member,
+    read_members,
+    status_view,
+)
 from node.cluster.ping import ping_member
 from node.config import Config
 from node.dht.errors import DHTError
@@ -33,11 +41,26 @@ from node.net.discovery import Beacon
 from node.net.errors import TransportError
 from node.net.transport import Transport
 from node.system import sdnotify
+from node.system.clock import ClockOffsets
+from node.system.counters import Counters
 from node.system.datadir import DataDirLock, LockedError, remove_runtime, write_runtime
 from node.system.metrics import CountersCollector, GaugesCollector, new_registry, render
 from protocol.messages import PROTOCOL_VERSION
 
 log = structlog.get_logger("enjambre.daemon")
+
+SEQ_FILE = "dht.seq"
+# An offset from the peers' clocks this large gets a warning in this node's log.
+CLOCK_WARNING_S = 10.0
+
+
+def _raise_open_files_limit() -> None:
+    # Every peer, handshake and API client is a descriptor; 1024 (a common default)
+    # filled up under a connection flood and made accept() fail for members too.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class DaemonError(Exception):
@@ -73,6 +96,9 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self.api_port = 0
         self.metrics = new_registry()
+        self.clock_offsets = ClockOffsets()
+        self.counters = Counters(by_reason=("members_invalid",))
+        self._clock_warned_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,6 +122,7 @@ class Daemon:
             raise DaemonError(str(exc)) from None
         log.info("starting", node_id=self.key.node_id, name=cfg.node.name, version=__version__,
                  cluster=self.cluster.cluster_id)
+        _raise_open_files_limit()
         # The TFLOPS probe runs JAX for a second or two: keep it off the loop.
         self.caps = await asyncio.to_thread(collect, cfg, data_dir=cfg.node.data_dir)
 
@@ -109,14 +136,16 @@ class Daemon:
 
         self.dht = await self._bind(
             DHTNode.create(self.key, self.cluster, host=net.listen, port=net.dht_port,
-                           ksize=cfg.dht.ksize, alpha=cfg.dht.alpha, allow_public=net.allow_public),
+                           ksize=cfg.dht.ksize, alpha=cfg.dht.alpha, allow_public=net.allow_public,
+                           clock_offsets=self.clock_offsets, seq_file=cfg.node.data_dir / SEQ_FILE),
             "DHT", net.dht_port,
         )
         if net.discovery:
             self.beacon = await Beacon.create(
-                self.cluster, node_id=self.key.node_id, dht_host=net.listen, dht_port=self.dht.port,
+                self.cluster, key=self.key, dht_host=net.listen, dht_port=self.dht.port,
                 on_peer=self._on_beacon_peer, group=net.beacon_group, port=net.beacon_port,
                 interface=net.listen, interval=net.beacon_interval, allow_public=net.allow_public,
+                clock_offsets=self.clock_offsets,
             )
 
         await self._start_api()
@@ -144,7 +173,8 @@ class Daemon:
 
     async def _start_api(self) -> None:
         cfg = self.config.api
-        app = build_app(self, token=_read_token(cfg.token_file))
+        app = build_app(self, token=_read_token(cfg.token_file), api_host=cfg.host,
+                        allowed_origins=cfg.allowed_origins)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
@@ -213,8 +243,23 @@ class Daemon:
             protocol=PROTOCOL_VERSION, address=self.config.network.listen,
             peer_port=self.transport.port or 0, dht_port=self.dht.port, state=self.state,
             memory_free=caps.memory_free, memory_used=psutil.Process().memory_info().rss,
-            started_at=self.started_at,
+            started_at=self.started_at, clock_offset_s=self._clock_offset(),
         )
+
+    def _clock_offset(self) -> float | None:
+        """How far this node's clock is from its peers' (their median minus ours), and a
+        warning in this node's own log when it is far enough to matter: beyond ±60 s
+        every DHT datagram is dropped both ways, and only this node can tell why."""
+        now = time.time()
+        offset = self.clock_offsets.offset(now)
+        if offset is None:
+            return None
+        if abs(offset) >= CLOCK_WARNING_S and time.monotonic() - self._clock_warned_at >= 600:
+            self._clock_warned_at = time.monotonic()
+            log.warning("this node's clock differs from its peers'", offset_s=round(-offset, 1),
+                        peers=self.clock_offsets.peers(now),
+                        fix="synchronise the clock (NTP); beyond 60 s the DHT drops this node's traffic")
+        return -offset
 
     async def _publish(self, ttl: float | None = None) -> None:
         assert self.dht is not None
@@ -240,7 +285,13 @@ class Daemon:
 
     async def _members(self) -> dict[str, dict[str, Any]]:
         assert self.dht is not None
-        found = {pid: rec.value for pid, rec in (await read_members(self.dht)).items() if isinstance(rec.value, dict)}
+        found = {}
+        for pid, rec in (await read_members(self.dht)).items():
+            problem = member_problem(pid, rec.value)
+            if problem is None:
+                found[pid] = rec.value
+            else:  # one member's bad record must not break the view for everyone
+                self.counters.inc("members_invalid", reason=problem)
         found[self.key.node_id] = self.record()
         return found
 
@@ -254,7 +305,8 @@ class Daemon:
         return await ping_member(self.transport, await self._members(), node_id)
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "state": self.state, "node_id": self.key.node_id, "version": __version__}
+        # Liveness only: no id, version or name for whoever can reach the port.
+        return {"status": "ok" if self.state in ("ready", "busy") else self.state}
 
     def _register_metrics(self) -> None:
         dht, transport, beacon = self.dht, self.transport, self.beacon
@@ -264,6 +316,7 @@ class Daemon:
             "enjambre_dht_records_held": ("Records this node stores for the DHT", dht.records_held),
         }))
         self.metrics.register(CountersCollector("dht", dht.counters))
+        self.metrics.register(CountersCollector("cluster", self.counters))
         self.metrics.register(CountersCollector("transport", transport.counters))
         if beacon is not None:
             self.metrics.register(CountersCollector("beacon", beacon.counters))

@@ -3,13 +3,16 @@
 A node publishes its record under ``members/<first hex digit of its id>``: a record
 may be at most ~7.5 KB (one datagram), so the directory is sharded, and reading it
 means looking up the 16 shards at once. ``member_record`` builds this node's record,
-``status_view`` turns the records read into what ``nodectl status`` shows (a pure
-function of the records and the time).
+``member_problem`` checks one read from the DHT (any member with the secret can
+publish anything, so a record of the wrong shape is skipped and counted rather
+than trusted), and ``status_view`` turns the valid records into what ``nodectl
+status`` shows (a pure function of the records and the time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +24,7 @@ __all__ = [
     "DIRECTORY_PREFIX",
     "DIRECTORY_SHARDS",
     "member_key",
+    "member_problem",
     "member_record",
     "publish_member",
     "read_members",
@@ -65,6 +69,7 @@ def member_record(
     memory_free: int,
     memory_used: int,
     started_at: float,
+    clock_offset_s: float | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """This node's capability record as published in the directory."""
@@ -82,8 +87,59 @@ def member_record(
         "memory_free": memory_free,
         "memory_used": memory_used,
         "uptime_s": round(now - started_at, 1),
+        "clock_offset_s": None if clock_offset_s is None else round(clock_offset_s, 1),
         "ts": now,
     }
+
+
+STATES = frozenset({"joining", "ready", "busy", "leaving"})
+_TEXT = {"name": 64, "device": 128, "version": 32, "os": 32, "platform": 256, "arch": 32,
+         "cpu_model": 128, "device_kind": 16, "jax_version": 32}
+_COUNTS = ("peer_port", "dht_port", "protocol", "cpu_count", "device_count", "memory_total",
+           "memory_available", "memory_allowed", "memory_free", "memory_used", "tflops_matmul_size")
+_OPTIONAL_COUNTS = ("device_memory_total", "device_memory_available")
+_NUMBERS = ("ts", "tflops", "uptime_s")
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def member_problem(publisher: str, value: Any) -> str | None:
+    """Why a directory record cannot be used (a short metric label), or None if it can."""
+    if not isinstance(value, dict):
+        return "not_a_map"
+    if value.get("id") != publisher:
+        return "wrong_id"
+    for key, limit in _TEXT.items():
+        text = value.get(key)
+        if key in ("name", "version") and not isinstance(text, str):
+            return f"bad_{key}"
+        if text is not None and (not isinstance(text, str) or len(text) > limit or not text.isprintable()):
+            return f"bad_{key}"
+    addresses = value.get("addresses")
+    if (not isinstance(addresses, list) or not 1 <= len(addresses) <= 8
+            or not all(isinstance(a, str) and 0 < len(a) <= 64 and a.isprintable() for a in addresses)):
+        return "bad_addresses"
+    if value.get("state") not in STATES:
+        return "bad_state"
+    for key in _COUNTS:
+        count = value.get(key)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return f"bad_{key}"
+    if not 0 < value["peer_port"] < 65536 or not 0 < value["dht_port"] < 65536:
+        return "bad_port"
+    for key in _OPTIONAL_COUNTS:
+        count = value.get(key)
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            return f"bad_{key}"
+    for key in _NUMBERS:
+        if not _number(value.get(key)):
+            return f"bad_{key}"
+    offset = value.get("clock_offset_s")
+    if offset is not None and not _number(offset):
+        return "bad_clock_offset_s"
+    return None
 
 
 def status_view(

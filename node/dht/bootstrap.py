@@ -1,9 +1,11 @@
 """Bootstrap of the DHT: configured and discovered peers, retried forever with backoff.
 
 Configured peers that do not answer are retried with exponential backoff and
-never given up on (exo's bug #2191 was dropping them); peers from the LAN beacon
-join the same retry list. A reached peer is checked again at the slowest pace, so
-it is re-contacted if it falls out of the routing table.
+never given up on (exo's bug #2191 was dropping them). Peers from the LAN beacon
+join the same retry list, but at most ``MAX_DISCOVERED`` of them, and one that
+fails ``FORGET_AFTER`` times in a row is forgotten: beacons can be forged by a
+member, configured peers cannot. A reached peer is checked again at the slowest
+pace, so it is re-contacted if it falls out of the routing table.
 
 A Bootstrapper gets the protocol it pings through, this node's own contact and
 address, the settings and counters it needs; it never sees the DHT node.
@@ -26,12 +28,16 @@ from node.net.addresses import check_peer_address, is_allowed, is_ip
 from node.system.counters import Counters
 from protocol.dht import ID_LEN
 
-__all__ = ["Bootstrapper"]
+__all__ = ["FORGET_AFTER", "MAX_DISCOVERED", "Bootstrapper"]
+
+MAX_DISCOVERED = 256
+FORGET_AFTER = 3
 
 
 @dataclass
 class _PeerState:
     backoff: float
+    discovered: bool = False
     next_try: float = 0.0
     failures: int = 0
 
@@ -102,7 +108,12 @@ class Bootstrapper:
         addr = (host, port)
         if addr == self._own_address:
             return
-        state = self.peers.setdefault(addr, _PeerState(self._backoff[0]))
+        state = self.peers.get(addr)
+        if state is None:
+            if sum(1 for s in self.peers.values() if s.discovered) >= MAX_DISCOVERED:
+                self._counters.inc("discovered_refused")
+                return
+            state = self.peers[addr] = _PeerState(self._backoff[0], discovered=True)
         state.next_try = 0.0
         self._ensure_loop()
         self._wakeup.set()
@@ -148,6 +159,9 @@ class Bootstrapper:
                     node = Node(result, resolved[0], resolved[1])
             if state is not None:
                 state.record(node is not None, self._clock(), self._backoff)
+                if state.discovered and state.failures >= FORGET_AFTER:
+                    self.peers.pop(addr, None)
+                    self._counters.inc("discovered_forgotten")
             if node is None:
                 self._counters.inc("bootstrap_failures")
             return node

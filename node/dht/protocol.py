@@ -254,7 +254,7 @@ class SealedProtocol(KademliaProtocol):
         )
         sent_at = message.sent_at
         if self._offsets is not None and sent_at:
-            self._offsets.observe(format_hostport(*address), sent_at, now)
+            self._offsets.observe(address[0], sent_at, now)
         if isinstance(message, DhtRequest):
             self._handle_request(message, address, len(data))
         elif isinstance(message, DhtResponse):

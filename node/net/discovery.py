@@ -1,7 +1,11 @@
 """LAN beacon: find DHT bootstrap peers on the local network without configuration.
 
-Every few seconds a node multicasts a sealed beacon (``protocol.seal`` with the
-cluster's ``beacon_key``) carrying only its node id and DHT address. Beacons of
+Every few seconds a node multicasts a beacon, signed with its node key and sealed
+with the cluster's ``beacon_key`` (protocol/beacon.py), carrying only its DHT
+address; the node id is the signing key's. At most ``max_peers`` identities are
+remembered (the least recently heard are forgotten), so a member that mints keys
+to forge beacons fills a bounded table; the DHT forgets peers learned this way
+that do not answer. Beacons of
 other clusters, forged, replayed, stale or from non-LAN addresses are dropped
 and counted; valid ones from other nodes call ``on_peer(host, dht_port,
 node_id)``, which the daemon turns into ``DHTNode.add_bootstrap_peer``.
@@ -20,16 +24,18 @@ import ipaddress
 import random
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from node.config_schema import DEFAULT_BEACON_GROUP, DEFAULT_BEACON_PORT
-from node.identity import ClusterKeys
+from node.identity import ClusterKeys, NodeKey
 from node.net.addresses import is_allowed, parse_ip
+from node.system.clock import ClockOffsets
 from node.system.counters import Counters
-from protocol.beacon import BeaconPayload, build_beacon, parse_beacon
+from protocol.beacon import build_beacon, parse_beacon
 from protocol.seal import DEFAULT_MAX_SKEW, Drop, ReplayGuard
 
 __all__ = ["Beacon", "BeaconError"]
@@ -83,7 +89,7 @@ class Beacon:
         self,
         cluster: ClusterKeys,
         *,
-        node_id: str,
+        key: NodeKey,
         dht_host: str,
         dht_port: int,
         on_peer: Callable[[str, int, str], None],
@@ -96,6 +102,8 @@ class Beacon:
         max_skew: float = DEFAULT_MAX_SKEW,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        clock_offsets: ClockOffsets | None = None,
+        max_peers: int = 256,
     ) -> None:
         if not 0 < dht_port < 65536:
             raise BeaconError(f"beacon DHT port {dht_port} is not a valid UDP port")
@@ -110,7 +118,8 @@ class Beacon:
                 f"use the default {DEFAULT_BEACON_GROUP}"
             ) from None
         self.cluster = cluster
-        self.node_id = node_id
+        self.key = key
+        self.node_id = key.node_id
         self.dht_host = dht_host
         self.dht_port = dht_port
         self.on_peer = on_peer
@@ -124,7 +133,9 @@ class Beacon:
         self.clock = clock
         self.wall_clock = wall_clock
         self.counters = Counters(("beacons_sent", "beacons_received", "peers_seen"), by_reason=("dropped",))
-        self.peers: dict[str, tuple[str, int]] = {}
+        self.max_peers = max_peers
+        self.clock_offsets = clock_offsets
+        self.peers: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._notified_at: dict[str, float] = {}
         self._replay = ReplayGuard(max_skew, max_entries=10_000)
         self._transport: asyncio.DatagramTransport | None = None
@@ -135,7 +146,7 @@ class Beacon:
         cls,
         cluster: ClusterKeys,
         *,
-        node_id: str,
+        key: NodeKey,
         dht_host: str,
         dht_port: int,
         on_peer: Callable[[str, int, str], None],
@@ -149,7 +160,7 @@ class Beacon:
         """Start listening and beaconing. ``interface`` None lets the OS pick (daemon use)."""
         beacon = cls(
             cluster,
-            node_id=node_id,
+            key=key,
             dht_host=dht_host,
             dht_port=dht_port,
             on_peer=on_peer,
@@ -217,8 +228,10 @@ class Beacon:
     # ---------------------------------------------------------------- sending
 
     def beacon_datagram(self) -> bytes:
-        payload = BeaconPayload(self.node_id, self.dht_host, self.dht_port)
-        return build_beacon(payload, key=self.cluster.beacon_key, now=self.wall_clock())
+        return build_beacon(
+            self.dht_host, self.dht_port, key=self.cluster.beacon_key, public_key=self.key.public_bytes,
+            sign=self.key.sign, now=self.wall_clock(),
+        )
 
     def send_now(self) -> None:
         if self._transport is None:
@@ -247,10 +260,10 @@ class Beacon:
         if not is_allowed(addr[0], self.allow_public):
             self.counters.inc("dropped", reason="address")
             return
-        beacon = parse_beacon(
-            data, key=self.cluster.beacon_key, now=self.wall_clock(), max_skew=self.max_skew,
-            replay=self._replay,
-        )
+        now = self.wall_clock()
+        beacon = parse_beacon(data, key=self.cluster.beacon_key, now=now, max_skew=self.max_skew, replay=self._replay)
+        if self.clock_offsets is not None and beacon.sent_at:
+            self.clock_offsets.observe(addr[0], beacon.sent_at, now)
         if isinstance(beacon, Drop):
             # Another cluster on the same LAN lands here too: silently counted.
             self.counters.inc("dropped", reason=beacon.reason)
@@ -272,14 +285,18 @@ class Beacon:
 
     def _notify(self, node_id: str, host: str, dht_port: int) -> None:
         now = self.clock()
-        previous = self.peers.get(node_id)
+        previous = self.peers.pop(node_id, None)
         if previous is None:
             self.counters.inc("peers_seen")
+        self.peers[node_id] = (host, dht_port)  # the most recently heard last
+        while len(self.peers) > self.max_peers:
+            forgotten, _ = self.peers.popitem(last=False)
+            self._notified_at.pop(forgotten, None)
+            self.counters.inc("peers_forgotten")
         last = self._notified_at.get(node_id)
         # Re-announce now and then, so a DHT that lost the peer relearns it.
         if previous == (host, dht_port) and last is not None and now - last < 10 * self.interval:
             return
-        self.peers[node_id] = (host, dht_port)
         self._notified_at[node_id] = now
         try:
             self.on_peer(host, dht_port, node_id)

@@ -11,6 +11,7 @@ from anything the peer says.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +39,6 @@ __all__ = [
 # A fixed validity window keeps the CA certificate byte-identical on every node.
 _CA_NOT_BEFORE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 _CA_NOT_AFTER = dt.datetime(2124, 1, 1, tzinfo=dt.UTC)
-_NODE_CERT_DAYS = 3650
 
 
 def _ca_name(cluster: ClusterKeys) -> x509.Name:
@@ -78,21 +78,23 @@ def ca_pem(cluster: ClusterKeys) -> str:
 
 
 
-def issue_certificate(cluster: ClusterKeys, key: NodeKey, name: str = "") -> x509.Certificate:
-    """This node's certificate: its own key, its node id as subject, signed by the cluster CA."""
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, key.node_id)]
-    if name:
-        attrs.append(x509.NameAttribute(NameOID.PSEUDONYM, name[:64]))
-    now = dt.datetime.now(dt.UTC)
+def issue_certificate(cluster: ClusterKeys, key: NodeKey) -> x509.Certificate:
+    """This node's certificate: its own key, its node id as subject, signed by the cluster CA.
+
+    Nothing else is in it: anyone who connects sees the certificate before any
+    check, so the node's name travels only in the Hello, to members. The validity
+    window is the CA's, not "now": a certificate issued while the clock ran ahead
+    must not be refused once the clock is right again.
+    """
     ca_public = cluster.ca_key.public_key()
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name(attrs))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, key.node_id)]))
         .issuer_name(_ca_name(cluster))
         .public_key(key.private_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=_NODE_CERT_DAYS))
+        .not_valid_before(_CA_NOT_BEFORE)
+        .not_valid_after(_CA_NOT_AFTER)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -103,10 +105,12 @@ def issue_certificate(cluster: ClusterKeys, key: NodeKey, name: str = "") -> x50
     )
 
 
-def _load_identity_into(ctx: ssl.SSLContext, cluster: ClusterKeys, key: NodeKey, name: str) -> None:
-    cert = issue_certificate(cluster, key, name)
-    # ssl can only load a certificate chain from files: write them to a private
-    # temporary directory and remove them at once.
+def _load_identity_into(ctx: ssl.SSLContext, cluster: ClusterKeys, key: NodeKey) -> None:
+    cert = issue_certificate(cluster, key)
+    # ssl loads a certificate chain only from files. The key goes to disk encrypted
+    # with a one-time password that never leaves this process, in a private
+    # directory removed at once: its plain bytes are never on disk.
+    password = secrets.token_bytes(32)
     with tempfile.TemporaryDirectory(prefix="enjambre-tls-") as tmp:
         cert_path = Path(tmp, "node.crt")
         key_path = Path(tmp, "node.key")
@@ -114,10 +118,11 @@ def _load_identity_into(ctx: ssl.SSLContext, cluster: ClusterKeys, key: NodeKey,
         key_path.touch(mode=0o600)
         key_path.write_bytes(
             key.private_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(password),
             )
         )
-        ctx.load_cert_chain(str(cert_path), str(key_path))
+        ctx.load_cert_chain(str(cert_path), str(key_path), password=password)
     ctx.load_verify_locations(cadata=ca_pem(cluster))
 
 
@@ -129,18 +134,18 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     return ctx
 
 
-def server_ssl_context(cluster: ClusterKeys, key: NodeKey, name: str = "") -> ssl.SSLContext:
+def server_ssl_context(cluster: ClusterKeys, key: NodeKey) -> ssl.SSLContext:
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
-    _load_identity_into(ctx, cluster, key, name)
+    _load_identity_into(ctx, cluster, key)
     return ctx
 
 
-def client_ssl_context(cluster: ClusterKeys, key: NodeKey, name: str = "") -> ssl.SSLContext:
+def client_ssl_context(cluster: ClusterKeys, key: NodeKey) -> ssl.SSLContext:
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     # Peers are named by node id (read from the verified certificate), not by host name.
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
-    _load_identity_into(ctx, cluster, key, name)
+    _load_identity_into(ctx, cluster, key)
     return ctx
 
 
@@ -148,7 +153,6 @@ def client_ssl_context(cluster: ClusterKeys, key: NodeKey, name: str = "") -> ss
 class PeerIdentity:
     node_id: str
     public_key: bytes
-    name: str
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerIdentity:
@@ -168,6 +172,4 @@ def identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not cns or cns[0].value != node_id:
         raise IdentityError("the peer's certificate names a node id that does not match its key")
-    names = cert.subject.get_attributes_for_oid(NameOID.PSEUDONYM)
-    name = str(names[0].value) if names else ""
-    return PeerIdentity(node_id=node_id, public_key=raw, name=name)
+    return PeerIdentity(node_id=node_id, public_key=raw)

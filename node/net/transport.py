@@ -34,6 +34,7 @@ from node.net.errors import ConnectFailed, ConnectionClosed, HandshakeError, Tra
 from node.net.limits import FailureSummary, HandshakeGate, InboundBudget, RateLimiter
 from node.net.tls import client_ssl_context, server_ssl_context
 from node.system.counters import Counters
+from protocol.errors import clip
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.messages import PROTOCOL_VERSION
 
@@ -103,8 +104,8 @@ class Transport:
         self._failures = FailureSummary()
         self.connections: dict[str, Connection] = {}
         self.port: int | None = None
-        self._server_ctx = server_ssl_context(cluster, key, name)
-        self._client_ctx = client_ssl_context(cluster, key, name)
+        self._server_ctx = server_ssl_context(cluster, key)
+        self._client_ctx = client_ssl_context(cluster, key)
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._request_handlers: dict[str, RequestHandler] = {}
@@ -325,7 +326,7 @@ class Transport:
             await conn.close(f"more than {self.limits.connections_per_peer} connections from one node")
             raise HandshakeError(f"{where}: too many connections with node {conn.node_id[:12]}")
         self.counters.inc("connections_opened")
-        log.info("peer_connected", peer=conn.node_id, name=conn.peer.name if conn.peer else "",
+        log.info("peer_connected", peer=conn.node_id, name=clip(conn.hello.name) if conn.hello else "",
                  address=where, direction="out" if conn.outbound else "in")
         kept = self._register(conn)
         conn.start_keepalive()

@@ -121,7 +121,7 @@ class LocalCluster:
                 node.runtime = runtime
                 node.node_id = str(runtime["node_id"])
                 with contextlib.suppress(OSError, ValueError):
-                    if self.get(node, "/healthz").get("state") == "ready":
+                    if self.get(node, "/healthz").get("status") == "ok":
                         return
             time.sleep(0.1)
         raise ClusterTimeout(f"node {node.index} did not become ready in {timeout:.0f}s:\n{self.tail(node)}")
@@ -168,7 +168,9 @@ class LocalCluster:
     # ------------------------------------------------------------------ queries
 
     def get(self, node: LocalNode, path: str, *, method: str = "GET", timeout: float = 10.0) -> Any:
-        req = urllib.request.Request(f"http://{node.api}{path}", method=method)
+        body = b"{}" if method == "POST" else None
+        req = urllib.request.Request(f"http://{node.api}{path}", data=body, method=method,
+                                     headers={"Content-Type": "application/json"} if body else {})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 

@@ -63,7 +63,8 @@ def test_api_errors_are_json(cluster: LocalCluster) -> None:
         ("POST", "/api/cluster/ping/zz-not-hex", 400),
         ("POST", "/api/cluster/ping/abcdef", 404),
     ]:
-        req = urllib.request.Request(f"http://{node.api}{path}", method=method)
+        req = urllib.request.Request(f"http://{node.api}{path}", method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Content-Type": "application/json"})
         try:
             urllib.request.urlopen(req, timeout=10)
         except urllib.error.HTTPError as exc:
@@ -71,6 +72,22 @@ def test_api_errors_are_json(cluster: LocalCluster) -> None:
             assert "error" in json.loads(exc.read())
         else:
             raise AssertionError(f"{method} {path} should fail")
+    # A web page in a browser on this machine: DNS rebinding, a cross-site read, a simple POST.
+    for headers, method, code in [
+        ({"Host": f"rebind.attacker.example:{node.runtime['api_port']}"}, "GET", 403),
+        ({"Origin": "http://attacker.example"}, "GET", 403),
+        ({"Content-Type": "text/plain"}, "POST", 415),
+    ]:
+        path = "/api/cluster/status" if method == "GET" else "/api/cluster/ping/abcdef"
+        req = urllib.request.Request(f"http://{node.api}{path}", method=method, headers=headers,
+                                     data=b"x" if method == "POST" else None)
+        try:
+            urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == code, (headers, exc.code)
+            assert "Access-Control-Allow-Origin" not in exc.headers
+        else:
+            raise AssertionError(f"{headers} should be refused")
     metrics = urllib.request.urlopen(f"http://{node.api}/metrics", timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     assert families["enjambre_peers_known"].type == "gauge"
@@ -96,7 +113,7 @@ def test_ping_over_mutual_tls(cluster: LocalCluster) -> None:
     out = _nodectl("ping", b.node_id[:10], env={"ENJAMBRE_CONFIG": str(a.config)})
     assert out.returncode == 1
     assert "did not answer" in out.stderr and "Traceback" not in out.stderr
-    assert cluster.get(a, "/healthz")["state"] == "ready"
+    assert cluster.get(a, "/healthz") == {"status": "ok"}  # liveness, nothing more
 
 
 def test_status_without_daemon_says_how_to_start(tmp_path: Path) -> None:

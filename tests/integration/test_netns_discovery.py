@@ -38,9 +38,10 @@ NODE_CODE = textwrap.dedent(
     async def main():
         i, addr = int(sys.argv[1]), sys.argv[2]
         cluster = ClusterKeys.from_secret(parse_secret(os.environ["ENJ_SECRET"]))
-        dht = await DHTNode.create(NodeKey.generate(), cluster, host=addr, port=7000, rpc_timeout=1.0,
+        key = NodeKey.generate()
+        dht = await DHTNode.create(key, cluster, host=addr, port=7000, rpc_timeout=1.0,
                                    bootstrap_backoff=(0.2, 2.0))
-        beacon = await Beacon.create(cluster, node_id=dht.node_id, dht_host=addr, dht_port=dht.port,
+        beacon = await Beacon.create(cluster, key=key, dht_host=addr, dht_port=dht.port,
                                      on_peer=lambda h, p, n: dht.add_bootstrap_peer(h, p),
                                      interface=addr, interval=0.3)
         result = {"node": i, "node_id": dht.node_id, "ok": False}

@@ -123,6 +123,20 @@ def test_render_status_table() -> None:
     assert lines[1].startswith("*") and "kitchen" in lines[1] and "aaaaaaaaaaaa" in lines[1]
     assert "garage" in lines[2] and "4s ago" in lines[2] and "NVIDIA H100" in lines[2]
     assert "2 nodes" in text and "72.0 GiB allowed of 96.0 GiB" in text and "400.50 TFLOPS" in text
+    assert "clock" not in text
+
+
+def test_render_status_strips_control_characters_and_warns_about_clocks() -> None:
+    evil = "x\x1b[2J\x1b[Hpwned\nfake line"
+    data = {"self": "a" * 64, "cluster": "c", "nodes": [
+        {"id": "a" * 64, "name": evil, "addresses": ["10.0.0.2"], "peer_port": 7420, "state": "ready",
+         "device": "cpu\r", "memory_used": 0, "memory_allowed": 0, "memory_total": 0, "tflops": 0.0,
+         "last_seen_s": 0.0, "clock_offset_s": -75.0},
+    ]}
+    text = render_status(data)
+    assert "\x1b" not in text and "\r" not in text
+    assert len(text.splitlines()) == 5  # header, one node, blank, summary, the clock warning
+    assert "75 s behind its peers" in text.splitlines()[-1]
 
 
 def test_init_writes_a_commented_file_that_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

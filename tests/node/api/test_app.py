@@ -59,19 +59,76 @@ async def test_errors_are_json_and_ids_are_checked() -> None:
     try:
         resp = await client.get("/api/missing")
         assert resp.status == 404 and "error" in await resp.json()
-        resp = await client.post("/api/cluster/ping/not-hex!")
+        resp = await client.post("/api/cluster/ping/not-hex!", json={})
         assert resp.status == 400 and "hex" in (await resp.json())["error"]
-        resp = await client.post("/api/cluster/ping/ffff")
+        resp = await client.post("/api/cluster/ping/ffff", json={})
         assert resp.status == 404 and "no node" in (await resp.json())["error"]
-        resp = await client.post("/api/cluster/ping/dead")
+        resp = await client.post("/api/cluster/ping/dead", json={})
         assert resp.status == 502 and "did not answer" in (await resp.json())["error"]
-        resp = await client.post("/api/cluster/ping/b0b0")
-        assert resp.status == 500 and "boom" in (await resp.json())["error"]
-        resp = await client.post("/api/cluster/ping/ABCD")
+        resp = await client.post("/api/cluster/ping/b0b0", json={})
+        # the exception's text stays in the log
+        assert resp.status == 500 and "boom" not in (await resp.json())["error"]
+        resp = await client.post("/api/cluster/ping/ABCD", json={})
         assert resp.status == 200 and (await resp.json())["id"] == "abcd"
         resp = await client.get("/metrics")
         assert resp.status == 200 and resp.content_type == "text/plain"
         assert "x 1" in await resp.text()
         assert (await (await client.get("/api/version")).json())["version"]
+    finally:
+        await client.close()
+
+
+async def _guarded(origins: tuple[str, ...] = ()) -> TestClient[Any, Any]:
+    app = build_app(FakeNode(), api_host="127.0.0.1", allowed_origins=origins)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client
+
+
+async def test_dns_rebinding_host_is_refused() -> None:
+    client = await _guarded()
+    try:
+        for host in ("rebind.attacker.example:7422", "attacker.example", "", "127.0.0.1.nip.io:7422"):
+            resp = await client.get("/api/cluster/status", headers={"Host": host})
+            assert resp.status == 403, host
+            assert "Host" in (await resp.json())["error"]
+        for host in ("127.0.0.1:7422", "localhost:7422", "[::1]:7422", "192.168.1.20", "LOCALHOST"):
+            assert (await client.get("/api/cluster/status", headers={"Host": host})).status == 200, host
+        resp = await client.get("/metrics", headers={"Host": "evil.example"})
+        assert resp.status == 403
+    finally:
+        await client.close()
+
+
+async def test_foreign_pages_and_simple_posts_are_refused() -> None:
+    client = await _guarded()
+    try:
+        resp = await client.get("/api/cluster/status", headers={"Origin": "http://evil.example"})
+        assert resp.status == 403 and "api.allowed_origins" in (await resp.json())["error"]
+        assert "Access-Control-Allow-Origin" not in resp.headers
+        # A cross-site form / fetch with text/plain needs no preflight: refused by its type.
+        resp = await client.post("/api/cluster/ping/abcd", data="x", headers={"Content-Type": "text/plain"})
+        assert resp.status == 415
+        resp = await client.post("/api/cluster/ping/abcd")
+        assert resp.status == 415
+        # The same origin (a page the node serves itself) is fine, and gets no CORS headers.
+        same = f"http://127.0.0.1:{client.port}"
+        resp = await client.get("/api/cluster/status", headers={"Origin": same})
+        assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+        resp = await client.options("/api/cluster/status", headers={"Origin": "http://evil.example"})
+        assert resp.status == 403
+    finally:
+        await client.close()
+
+
+async def test_listed_origins_get_cors() -> None:
+    client = await _guarded(("http://192.168.1.30:3000",))
+    try:
+        headers = {"Origin": "http://192.168.1.30:3000"}
+        pre = await client.options("/api/cluster/ping/abcd", headers={
+            **headers, "Access-Control-Request-Method": "POST"})
+        assert pre.status == 204 and pre.headers["Access-Control-Allow-Origin"] == headers["Origin"]
+        resp = await client.post("/api/cluster/ping/abcd", json={}, headers=headers)
+        assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == headers["Origin"]
     finally:
         await client.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.cluster.directory import member_key, member_record, status_view
+from node.cluster.directory import member_key, member_problem, member_record, status_view
 
 
 def test_member_key_shards_by_first_hex_digit() -> None:
@@ -33,3 +33,40 @@ def test_status_view_orders_and_hides_leavers() -> None:
     assert [n["id"] for n in view["nodes"]] == [me, other]  # this node first, even when leaving
     assert view["nodes"][1]["last_seen_s"] == 10.0 and "ts" not in view["nodes"][1]
     assert view["nodes"][0]["self"] and not view["nodes"][1]["self"]
+
+
+def _good(node_id: str) -> dict[str, object]:
+    return member_record(
+        {"os": "linux", "platform": "Linux", "arch": "x86_64", "cpu_model": "EPYC", "cpu_count": 2,
+         "memory_total": 10, "memory_available": 5, "memory_allowed": 4, "device": "EPYC",
+         "device_kind": "cpu", "device_count": 1, "device_memory_total": None,
+         "device_memory_available": None, "tflops": 0.2, "tflops_matmul_size": 512, "jax_version": "0.10"},
+        node_id=node_id, name="n", version="0.1", protocol=1, address="10.0.0.2", peer_port=7420,
+        dht_port=7421, state="ready", memory_free=5, memory_used=1, started_at=0.0, now=10.0,
+    )
+
+
+def test_member_problem_accepts_a_real_record_and_names_what_is_wrong() -> None:
+    pid = "ab" * 32
+    assert member_problem(pid, _good(pid)) is None
+    cases = [
+        ({"ts": "x"}, "bad_ts"),  # the record that once broke status on every node
+        ({"ts": float("nan")}, "bad_ts"),
+        ({"id": "cd" * 32}, "wrong_id"),
+        ({"name": "\x1b[2J"}, "bad_name"),
+        ({"name": "n" * 65}, "bad_name"),
+        ({"addresses": []}, "bad_addresses"),
+        ({"addresses": ["1.2.3.4"] * 9}, "bad_addresses"),
+        ({"state": "hacked"}, "bad_state"),
+        ({"peer_port": 0}, "bad_port"),
+        ({"memory_free": -1}, "bad_memory_free"),
+        ({"tflops": True}, "bad_tflops"),
+        ({"clock_offset_s": "soon"}, "bad_clock_offset_s"),
+    ]
+    for change, reason in cases:
+        record = {**_good(pid), **change}
+        assert member_problem(pid, record) == reason, change
+    assert member_problem(pid, "a string") == "not_a_map"
+    # and a valid record always renders
+    view = status_view({pid: _good(pid)}, self_id=pid, cluster_id="c", now=20.0)
+    assert view["nodes"][0]["last_seen_s"] == 10.0

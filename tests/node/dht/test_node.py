@@ -221,6 +221,28 @@ async def test_unreachable_bootstrap_peer_is_retried_not_dropped(cluster: Cluste
             await late.stop()
 
 
+async def test_peers_from_beacons_are_bounded_and_forgotten_when_they_never_answer(
+    cluster: ClusterKeys,
+) -> None:
+    from node.dht.bootstrap import FORGET_AFTER, MAX_DISCOVERED
+
+    node = await start(cluster, rpc_timeout=0.1, bootstrap_backoff=(0.05, 0.2))
+    try:
+        for i in range(MAX_DISCOVERED + 44):  # forged beacons: addresses where nobody answers
+            node.add_bootstrap_peer("127.0.0.1", 20000 + i)
+        assert node.counters["discovered_refused"] == 44
+        for _ in range(100):
+            if node.counters["discovered_forgotten"] == MAX_DISCOVERED:
+                break
+            await asyncio.sleep(0.1)
+        assert node.counters["discovered_forgotten"] == MAX_DISCOVERED
+        assert node.counters["bootstrap_failures"] >= MAX_DISCOVERED * FORGET_AFTER
+        node.add_bootstrap_peer("127.0.0.1", 30000)  # room again
+        assert node.counters["discovered_refused"] == 44
+    finally:
+        await node.stop()
+
+
 async def test_listen_error_is_clear(cluster: ClusterKeys) -> None:
     node = await start(cluster)
     try:

@@ -36,7 +36,7 @@ async def beacons() -> AsyncIterator[Callable[..., Awaitable[Beacon]]]:
         kw.setdefault("interval", 0.1)
         beacon = await Beacon.create(
             cluster,
-            node_id=kw.pop("node_id", NodeKey.generate().node_id),
+            key=kw.pop("key", None) or NodeKey.generate(),
             dht_host="127.0.0.1",
             dht_port=kw.pop("dht_port", 4000),
             on_peer=lambda h, p, n: found.append((h, p, n)),
@@ -107,9 +107,8 @@ async def test_public_source_refused_unless_allowed(
 ) -> None:
     # No traffic leaves the host: the public source is simulated by calling the handler.
     cluster = new_cluster()
-    sender = Beacon(
-        cluster, node_id="ab" * 32, dht_host="0.0.0.0", dht_port=7000, on_peer=lambda *_: None
-    )
+    sender_key = NodeKey.generate()
+    sender = Beacon(cluster, key=sender_key, dht_host="0.0.0.0", dht_port=7000, on_peer=lambda *_: None)
     datagram = sender.beacon_datagram()
     found: Found = []
     strict = await beacons(cluster, found, port=free_udp_port(), interval=60)
@@ -121,7 +120,7 @@ async def test_public_source_refused_unless_allowed(
     )
     relaxed.handle_datagram(datagram, ("8.8.8.8", 7423))
     # dht_host 0.0.0.0 means "use the beacon's source address".
-    assert relaxed_found == [("8.8.8.8", 7000, "ab" * 32)]
+    assert relaxed_found == [("8.8.8.8", 7000, sender_key.node_id)]
     # The same datagram again is a replay.
     relaxed.handle_datagram(datagram, ("8.8.8.8", 7423))
     assert relaxed.counters.get("dropped", "replay") == 1
@@ -131,9 +130,7 @@ async def test_beacon_claiming_public_dht_host_refused(
     beacons: Callable[..., Awaitable[Beacon]],
 ) -> None:
     cluster = new_cluster()
-    sender = Beacon(
-        cluster, node_id="cd" * 32, dht_host="8.8.4.4", dht_port=7000, on_peer=lambda *_: None
-    )
+    sender = Beacon(cluster, key=NodeKey.generate(), dht_host="8.8.4.4", dht_port=7000, on_peer=lambda *_: None)
     found: Found = []
     strict = await beacons(cluster, found, port=free_udp_port(), interval=60)
     strict.handle_datagram(sender.beacon_datagram(), ("127.0.0.1", 9999))
@@ -153,7 +150,7 @@ def test_config_errors_are_clear() -> None:
 
     def make(**kw: Any) -> Beacon:
         args: dict[str, Any] = {
-            "node_id": "a" * 64,
+            "key": NodeKey.generate(),
             "dht_host": "",
             "dht_port": 1,
             "on_peer": lambda *_: None,
@@ -172,3 +169,26 @@ def test_config_errors_are_clear() -> None:
     assert make(interface="lo").interface == "127.0.0.1"
     assert make(interface="0.0.0.0").interface is None
     assert make(interface=None).interface is None
+
+
+async def test_forged_identities_fill_a_bounded_table(beacons: Callable[..., Awaitable[Beacon]]) -> None:
+    # A member with the secret mints keys and forges beacons: at most max_peers are kept.
+    cluster = new_cluster()
+    found: Found = []
+    victim = await beacons(cluster, found, port=free_udp_port(), interval=60, max_peers=16)
+    for i in range(100):
+        forger = Beacon(cluster, key=NodeKey.generate(), dht_host="127.0.0.1", dht_port=10000 + i,
+                        on_peer=lambda *_: None)
+        victim.handle_datagram(forger.beacon_datagram(), ("127.0.0.1", 7423))
+    assert len(victim.peers) == 16 and victim.counters["peers_forgotten"] == 84
+    assert len(found) == 100  # each new one told the DHT, which bounds its own list
+
+
+async def test_a_beacon_speaks_only_for_its_own_key(beacons: Callable[..., Awaitable[Beacon]]) -> None:
+    cluster = new_cluster()
+    found: Found = []
+    victim = await beacons(cluster, found, port=free_udp_port(), interval=60)
+    honest = Beacon(cluster, key=NodeKey.generate(), dht_host="127.0.0.1", dht_port=7001, on_peer=lambda *_: None)
+    datagram = bytearray(honest.beacon_datagram())
+    victim.handle_datagram(bytes(datagram), ("127.0.0.1", 7423))
+    assert found == [("127.0.0.1", 7001, honest.node_id)]
