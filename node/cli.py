@@ -135,10 +135,25 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
-    from node.identity import IdentityError, format_secret, read_secret_file
+    from node.identity import (
+        IdentityError,
+        format_secret,
+        generate_secret,
+        read_secret_file,
+        write_secret_file,
+    )
 
+    if args.new:  # the first step of rotating the secret: nothing is installed yet
+        print(generate_secret())
+        return 0
     cfg = _load(args)
     try:
+        if args.set:
+            text, _ = _secret_text(argparse.Namespace(new_cluster=False, secret_file=args.set))
+            write_secret_file(cfg.cluster.secret_file, text)
+            print(f"installed the new cluster secret in {cfg.cluster.secret_file}; restart the daemon "
+                  "(`systemctl restart enjambre`) to join the cluster that uses it")
+            return 0
         print(format_secret(read_secret_file(cfg.cluster.secret_file)))
     except IdentityError as exc:
         raise CliError(str(exc)) from None
@@ -369,8 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing config")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("secret", help="print the cluster secret, to copy it to another machine")
+    s = sub.add_parser("secret", help="print the cluster secret, to copy it to another machine; rotate it")
     with_config(s)
+    action = s.add_mutually_exclusive_group()
+    action.add_argument("--new", action="store_true", help="print a new random secret (installs nothing)")
+    action.add_argument("--set", metavar="FILE", help="replace this node's secret with the one in FILE "
+                        "(then restart the daemon)")
     s.set_defaults(func=cmd_secret)
 
     s = sub.add_parser("serve", help="run the node daemon in the foreground")

@@ -44,6 +44,7 @@ from node.system import sdnotify
 from node.system.clock import ClockOffsets
 from node.system.counters import Counters
 from node.system.datadir import DataDirLock, LockedError, remove_runtime, write_runtime
+from node.system.looplag import watch_loop_lag
 from node.system.metrics import CountersCollector, GaugesCollector, new_registry, render
 from protocol.messages import PROTOCOL_VERSION
 
@@ -157,6 +158,7 @@ class Daemon:
         self.state = "ready"
         await self._publish()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
+        self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics), name="loop-lag"))
         sdnotify.notify(f"READY=1\nSTATUS=serving as {cfg.node.name}")
         log.info("ready", peer_port=self.transport.port, dht_port=self.dht.port, api_port=self.api_port)
 

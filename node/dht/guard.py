@@ -34,6 +34,8 @@ AMPLIFICATION = 4
 # a ping is 193 bytes, sealing and signing add 142 to every body).
 VERIFY_PING_BYTES = 200
 DATAGRAM_OVERHEAD = 150
+# The answer's own framing around the list it carries (message id, map keys, cookie).
+BODY_MARGIN = 80
 
 
 class SenderGuard:
@@ -68,7 +70,7 @@ class SenderGuard:
 
     def reply_budget(self, request_bytes: int, *, verifying: bool) -> int:
         """Body bytes an answer to an unverified sender may take."""
-        budget = AMPLIFICATION * request_bytes - DATAGRAM_OVERHEAD
+        budget = AMPLIFICATION * request_bytes - DATAGRAM_OVERHEAD - BODY_MARGIN
         return budget - VERIFY_PING_BYTES if verifying else budget
 
     # ------------------------------------------------------------------ verification

@@ -297,7 +297,7 @@ class SealedProtocol(KademliaProtocol):
                 # A short answer: nodes that fit, and a cookie to ask again with.
                 cookie = self.guard.cookie(address, req.sender_id, self.clock())
                 assert budget is not None
-                result = {"nodes": self._neighbors(req.key, source, budget - 40), "cookie": cookie}
+                result = {"nodes": self._neighbors(req.key, source, budget), "cookie": cookie}
                 self.counters.inc("short_answers")
         else:
             assert req.key is not None and req.value is not None and req.remaining is not None
@@ -431,9 +431,9 @@ class SealedProtocol(KademliaProtocol):
             for other in list(bucket.nodes.values()):
                 if (other.ip, other.port) == (node.ip, node.port) and other.id != node.id:
                     self.router.remove_contact(other)
-        self.router.add_contact(node)
         guard = self.guard
         if not guard.should_welcome(node.id, self.clock()):
+            self.router.add_contact(node)
             return
         pushed = 0
         for dkey, record in self.storage:
@@ -451,6 +451,9 @@ class SealedProtocol(KademliaProtocol):
                 pushed += 1
                 guard.welcome_stores += 1  # counted now, so this loop sees its own stores
                 self._spawn(self._welcome_store(node, dkey, record))
+        # Added after choosing the records, as kademlia does: the choice compares the
+        # new node with the contacts it will join.
+        self.router.add_contact(node)
 
     async def _welcome_store(self, node: Node, dkey: bytes, record: Record) -> None:
         try:

@@ -128,7 +128,6 @@ class Connection(asyncio.BufferedProtocol):
         self._tr: asyncio.Transport | None = None
         self._inbound = Inbound(settings.max_frame_size, settings.hello_limit, hooks.budget)
         self._budget_blocked = False
-        self._partial_since: float | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._hello_fut: asyncio.Future[Hello] = self._loop.create_future()
@@ -290,21 +289,22 @@ class Connection(asyncio.BufferedProtocol):
         if self._failed:
             return
         try:
-            self._inbound.received(nbytes)
+            self._inbound.received(nbytes, now)
         except ProtocolError as exc:
             self._protocol_failure(exc.code, exc.message)
             return
         if self._tr is not None:  # frames that arrive with the TLS handshake wait for attach()
             self._deliver()
-        pending = self._inbound.pending_bytes
-        self._partial_since = (self._partial_since or now) if pending else None
-        if self._inbound.over_budget and not self._budget_blocked:
+        if not self._budget_blocked and self._inbound.over_budget:
             self._counters.inc("budget_pauses")
             self._budget_blocked = True
             self._hooks.budget.when_available(self._budget_available)
             self._update_reading()
 
     def _budget_available(self) -> None:
+        if self._inbound.over_budget and not self.closed:
+            self._hooks.budget.when_available(self._budget_available)  # not yet our turn
+            return
         self._budget_blocked = False
         self._update_reading()
 
@@ -457,7 +457,10 @@ class Connection(asyncio.BufferedProtocol):
                     reply = Error("handler_error", "the request failed on the peer (see its log)",
                                   req.request_id)
             # Wait for room first, so replies queue in their handlers, not in our buffer.
-            await self._drain()
+            if self._out.paused:
+                await self._drain()
+            if self._tr is None or self._tr.is_closing():
+                return
             try:
                 self._out.write(reply)
             except ProtocolError as exc:  # the handler returned something we cannot send
@@ -508,7 +511,8 @@ class Connection(asyncio.BufferedProtocol):
         self._tr.abort()
 
     async def _drain(self) -> None:
-        await self._out.wait_room(lambda: self.closed)
+        if self._out.paused:
+            await self._out.wait_room(lambda: self.closed)
         self._check_open()
 
     # ------------------------------------------------------------------ lifecycle
@@ -518,8 +522,7 @@ class Connection(asyncio.BufferedProtocol):
         nonce = itertools.count(1)
         while not self.closed:
             await asyncio.sleep(interval)
-            since = self._partial_since
-            if since is not None and self._loop.time() - since > self._settings.frame_timeout:
+            if self._inbound.stalled(self._loop.time(), self._settings.frame_timeout):
                 self._protocol_failure("frame_timeout", f"a frame took over {self._settings.frame_timeout:g} s")
                 return
             idle = self._loop.time() - self.last_received

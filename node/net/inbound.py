@@ -3,8 +3,8 @@
 ``Inbound`` owns the frame decoder a connection reads into (TLS decrypts straight
 into its buffers) and charges what it holds to the transport's shared
 ``InboundBudget``: a frame's buffer grows only as its bytes arrive, and when all
-connections together hold more than the budget, the connection that asks for more
-is told to stop reading until the budget has room. Before the Hello, the first
+connections together hold more than the budget, only the one with the oldest
+unfinished frame keeps reading; the others stop until there is room. Before the Hello, the first
 frame may be at most ``hello_limit`` bytes. After a protocol error it keeps
 handing out one small scratch buffer, so TLS can be read (and dropped) to its end.
 """
@@ -25,7 +25,8 @@ class Inbound:
     def __init__(self, max_frame_size: int, hello_limit: int, budget: InboundBudget) -> None:
         self._decoder = FrameDecoder(max_frame_size, first_frame_limit=hello_limit)
         self._budget = budget
-        self._charged = 0
+        self._held = 0
+        self._partial_since: float | None = None
         self._discard: bytearray | None = None
         self.discarding = False
 
@@ -36,11 +37,19 @@ class Inbound:
             return memoryview(self._discard)
         return self._decoder.get_buffer()
 
-    def received(self, nbytes: int) -> None:
+    def received(self, nbytes: int, now: float) -> None:
         """``nbytes`` landed in the last buffer; raises ProtocolError on bad framing."""
         if not self.discarding:
             self._decoder.buffer_updated(nbytes)
             self._account()
+            if not self._decoder.buffered_bytes:
+                self._partial_since = None
+            elif self._partial_since is None:
+                self._partial_since = now
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """True when a frame has been arriving for longer than ``limit`` seconds."""
+        return self._partial_since is not None and now - self._partial_since > limit
 
     def ended(self) -> None:
         if not self.discarding:
@@ -54,22 +63,18 @@ class Inbound:
             self._account()
 
     @property
-    def pending_bytes(self) -> int:
-        """Bytes of a frame that has started to arrive but is not complete."""
-        return 0 if self.discarding else self._decoder.buffered_bytes
-
-    @property
     def over_budget(self) -> bool:
-        return self._budget.exhausted and self._charged > 0
+        """True when this connection should stop reading for now (see InboundBudget)."""
+        return not self._budget.may_read(self)
 
     def close(self) -> None:
         """Give back everything this connection held (it is gone)."""
         self.discarding = True
-        self._budget.charge(-self._charged)
-        self._charged = 0
+        self._held = 0
+        self._budget.hold(self, 0)
 
     def _account(self) -> None:
         held = 0 if self.discarding else self._decoder.allocated_bytes
-        if held != self._charged:
-            self._budget.charge(held - self._charged)
-            self._charged = held
+        if held != self._held:  # the usual small frame: nothing held before or after
+            self._held = held
+            self._budget.hold(self, held)

@@ -25,31 +25,53 @@ __all__ = ["FailureSummary", "HandshakeGate", "InboundBudget", "RateLimiter"]
 
 
 class InboundBudget:
-    """Bytes of undelivered inbound frames, shared by every connection of a transport."""
+    """Bytes of undelivered inbound frames, shared by every connection of a transport.
+
+    Over the limit, only the connection holding the oldest unfinished frame keeps
+    reading (so something always completes and frees memory); the others pause
+    until there is room again.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self._held: dict[object, tuple[int, int]] = {}  # holder -> (order it started holding, bytes)
+        self._order = 0
         self._waiters: list[Callable[[], None]] = []
 
-    def charge(self, delta: int) -> None:
-        self.used += delta
-        if delta < 0 and self.used < self.limit and self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for wake in waiters:
-                wake()
+    def hold(self, holder: object, nbytes: int) -> None:
+        """``holder`` now holds ``nbytes`` (0 releases it)."""
+        previous = self._held.pop(holder, None)
+        before = previous[1] if previous is not None else 0
+        self.used += nbytes - before
+        if nbytes:
+            if previous is None:
+                self._order += 1
+                previous = (self._order, 0)
+            self._held[holder] = (previous[0], nbytes)
+        if nbytes < before and self._waiters and self.used < self.limit:
+            self._wake()
+        elif previous is not None and not nbytes and self._waiters:
+            self._wake()  # the oldest holder may have changed
 
-    @property
-    def exhausted(self) -> bool:
-        return self.used >= self.limit
+    def may_read(self, holder: object) -> bool:
+        if self.used < self.limit:
+            return True
+        oldest = min(self._held.items(), key=lambda item: item[1][0], default=None)
+        return oldest is not None and oldest[0] is holder
 
     def when_available(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` once the budget has room again."""
+        """Call ``wake`` once the budget has room again (or the oldest holder changed)."""
         self._waiters.append(wake)
 
     def forget(self, wake: Callable[[], None]) -> None:
         if wake in self._waiters:
             self._waiters.remove(wake)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
 
 
 class RateLimiter:

@@ -77,7 +77,11 @@ class LocalCluster:
             raise RuntimeError(f"nodectl {args[0]} failed: {out.stderr.strip()}")
         return out.stdout
 
-    def add_node(self, *, secret_file: Path | None = None, bootstrap: list[str] | None = None) -> LocalNode:
+    def add_node(
+        self, *, secret_file: Path | None = None, bootstrap: list[str] | None = None,
+        config: dict[str, dict[str, Any]] | None = None,
+    ) -> LocalNode:
+        """Write a node's config (``config`` sets more keys, e.g. {"network": {"discovery": True}})."""
         node = LocalNode(index=len(self.nodes), root=self.root / f"{self.name_prefix}{len(self.nodes)}")
         node.root.mkdir(parents=True, exist_ok=True)
         if bootstrap is None and self.nodes:
@@ -100,8 +104,12 @@ class LocalCluster:
             self.secret_file.write_text(secret + "\n")
             self.secret_file.chmod(0o600)
         # init wrote a [dht] section (all commented out), so set the keys in it, not after it.
-        update_config(node.config, {"dht": {"republish_interval": self.refresh_interval,
-                                            "record_ttl": self.record_ttl}})
+        values: dict[str, dict[str, Any]] = {
+            "dht": {"republish_interval": self.refresh_interval, "record_ttl": self.record_ttl}
+        }
+        for section, table in (config or {}).items():
+            values.setdefault(section, {}).update(table)
+        update_config(node.config, values)
         self.nodes.append(node)
         return node
 

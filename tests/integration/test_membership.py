@@ -85,3 +85,37 @@ def urlopen_text(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as resp:
         return str(resp.read().decode())
+
+
+def test_rotating_the_secret_keeps_the_cluster_and_locks_out_the_old_one(cluster: LocalCluster) -> None:
+    """The procedure the README gives: new secret, install it on every node, restart them."""
+    from node.config import update_config
+
+    a, b = cluster.launch(2)
+    cluster.wait_converged(timeout=30)
+    old_secret = cluster.root / "old.secret"
+    old_secret.write_text(cluster.secret_file.read_text())
+    old_secret.chmod(0o600)
+
+    def nodectl(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    new = cluster.root / "new.secret"
+    new.write_text(nodectl("secret", "--new"))
+    new.chmod(0o600)
+    for node in (a, b):
+        assert "installed the new cluster secret" in nodectl("secret", "--set", str(new), "--config", str(node.config))
+        cluster.stop(node)
+    cluster.start(a)
+    update_config(b.config, {"network": {"bootstrap": [f"127.0.0.1:{a.runtime['dht_port']}"]}})
+    cluster.start(b)
+    cluster.wait_converged([a, b], timeout=30)
+    assert nodectl("secret", "--config", str(a.config)).strip() == new.read_text().strip()
+    # A machine that still has the old secret (a lost laptop) no longer gets in.
+    stale = cluster.add_node(secret_file=old_secret, bootstrap=[f"127.0.0.1:{a.runtime['dht_port']}"])
+    cluster.start(stale)
+    time.sleep(cluster.record_ttl / 2)
+    assert cluster.seen_by(stale) == {stale.node_id}
+    assert cluster.seen_by(a) == {a.node_id, b.node_id}

@@ -11,6 +11,7 @@ import ssl
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
@@ -18,7 +19,7 @@ from node.identity import NodeKey
 from node.net.tls import client_ssl_context
 from node.net.transport import Transport
 from protocol.framing import encode_frame
-from protocol.messages import Error, Ping, Pong, Request, Response
+from protocol.messages import Error, Ping, Pong, Request, Response, encode_message
 from tests.helpers.transport import (
     HOST,
     RawPeer,
@@ -305,3 +306,32 @@ async def test_port_in_use_gives_clear_error() -> None:
     async with running(cluster, "first") as first, running(cluster, "second", listen=False) as second:
         with pytest.raises(TransportError, match="pick another port"):
             await second.start(HOST, first.port or 0)
+
+
+async def test_frames_in_flight_share_one_memory_budget() -> None:
+    from node.net.transport import TransportLimits
+
+    cluster = new_cluster()
+    limits = TransportLimits(inbound_budget=2 * 2**20)
+    async with running(cluster, "server", limits=limits) as server:
+        server.on_request("echo", echo)
+        payload = encode_message(Request(1, "echo", np.zeros(4 * 2**20, np.uint8)))
+        frame = encode_frame(payload)
+        first, second = await RawPeer.connect(cluster, server.port or 0), await RawPeer.connect(cluster, server.port or 0)
+        for peer in (first, second):
+            peer.hello()
+            assert (await peer.recv()) is not None
+        first.send_raw(frame[: 3 * 2**20])  # holds most of the budget
+        await asyncio.sleep(0.2)
+        second.send_raw(frame[: 3 * 2**20])  # over it: this connection stops being read
+        for _ in range(100):
+            if server.counters["budget_pauses"]:
+                break
+            await asyncio.sleep(0.02)
+        assert server.counters["budget_pauses"] >= 1
+        first.send_raw(frame[3 * 2**20 :])
+        second.send_raw(frame[3 * 2**20 :])
+        for peer in (first, second):  # both complete: the budget frees as frames are delivered
+            reply = await peer.recv(within=10)
+            assert isinstance(reply, Response) and reply.body.nbytes == 4 * 2**20
+            await peer.close()
