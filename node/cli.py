@@ -13,13 +13,13 @@ import json
 import os
 import socket
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from node import __version__
+from node.cli_models import add_model_commands
+from node.client import CliError, call, load_config_for
 from node.config import (
     DEFAULT_API_HOST,
     DEFAULT_API_PORT,
@@ -27,15 +27,9 @@ from node.config import (
     DEFAULT_LISTEN,
     DEFAULT_PEER_PORT,
     LOG_LEVELS,
+    default_config_path,
 )
 from node.net.addresses import format_hostport, parse_hostport
-
-DEFAULT_API = (DEFAULT_API_HOST, DEFAULT_API_PORT)
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 1."""
-
 
 # ---------------------------------------------------------------------------- init / secret
 
@@ -70,7 +64,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from node.config import ConfigError, default_data_dir, load_config, render_config, write_config
     from node.identity import NodeKey, write_secret_file
 
-    config_path = Path(args.config or _default_config_path()).expanduser().absolute()
+    config_path = Path(args.config or default_config_path()).expanduser().absolute()
     if config_path.exists() and not args.force:
         raise CliError(f"{config_path} already exists; use --force to overwrite it (the node keeps its key)")
     secret, is_new = _secret_text(args)
@@ -116,24 +110,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_config_path() -> Path:
-    from node.config import default_config_path
-
-    return default_config_path()
-
-
-def _load(args: argparse.Namespace) -> Any:
-    from node.config import ConfigError, load_config
-
-    path = Path(args.config or _default_config_path()).expanduser()
-    if not path.exists():
-        raise CliError(f"no config at {path}; create one with `nodectl init` (or pass --config)")
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
-
-
 def cmd_secret(args: argparse.Namespace) -> int:
     from node.identity import (
         IdentityError,
@@ -146,7 +122,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
     if args.new:  # the first step of rotating the secret: nothing is installed yet
         print(generate_secret())
         return 0
-    cfg = _load(args)
+    cfg = load_config_for(args)
     try:
         if args.set:
             text, _ = _secret_text(argparse.Namespace(new_cluster=False, secret_file=args.set))
@@ -167,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.daemon import Daemon, DaemonError
     from node.system.logs import configure_logging
 
-    cfg = _load(args)
+    cfg = load_config_for(args)
     configure_logging(args.log_level or cfg.log.level, cfg.log.format)
     try:
         import uvloop
@@ -199,76 +175,6 @@ def cmd_service_install(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- client side
-
-
-def _api_address(args: argparse.Namespace) -> tuple[str, int, str | None]:
-    """(host, port, token) of the daemon to talk to."""
-    # Never from the command line: other users can read a process's arguments.
-    token = _token_from_file(args.token_file) if args.token_file else os.environ.get("ENJAMBRE_TOKEN")
-    explicit = args.host or os.environ.get("ENJAMBRE_HOST")
-    if explicit:
-        text = explicit.removeprefix("http://")
-        try:
-            host, port = parse_hostport(text, default_port=DEFAULT_API[1])
-        except ValueError as exc:
-            raise CliError(f"bad daemon address {explicit!r}: {exc}") from None
-        return host, port, token
-    path = Path(args.config or _default_config_path()).expanduser()
-    if not path.exists():
-        return DEFAULT_API[0], DEFAULT_API[1], token
-    cfg = _load(args)
-    host, port = cfg.api.host, cfg.api.port
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    if port == 0:  # the daemon picked a port and wrote it down
-        from node.system.datadir import read_runtime
-
-        runtime = read_runtime(cfg.node.data_dir) or {}
-        port = int(runtime.get("api_port", 0))
-    if token is None and cfg.api.token_file is not None:
-        try:
-            token = Path(cfg.api.token_file).read_text().strip()
-        except OSError:
-            token = None
-    return host, port, token
-
-
-def _token_from_file(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise CliError(f"cannot read the token file {path}: {exc.strerror}") from None
-
-
-def _call(args: argparse.Namespace, method: str, path: str) -> Any:
-    host, port, token = _api_address(args)
-    shown = format_hostport(host, port)
-    not_running = (
-        f"no enjambre daemon is answering at {shown}; start one with `nodectl serve` "
-        "(or `systemctl start enjambre`), or point --host / $ENJAMBRE_HOST at a running one"
-    )
-    if port == 0:
-        raise CliError(not_running)
-    body = b"{}" if method == "POST" else None
-    req = urllib.request.Request(f"http://{shown}{path}", data=body, method=method)
-    if body is not None:
-        req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
-            message = exc.reason
-        raise CliError(f"daemon at {shown} answered {exc.code}: {message}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, ConnectionRefusedError | FileNotFoundError):
-            raise CliError(not_running) from None
-        raise CliError(f"{not_running} ({reason})") from None
 
 
 def _gib(n: Any) -> str:
@@ -326,7 +232,7 @@ def render_status(data: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    data = _call(args, "GET", "/api/cluster/status")
+    data = call(args, "GET", "/api/cluster/status")
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
@@ -335,7 +241,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    data = _call(args, "POST", f"/api/cluster/ping/{args.node_id}")
+    data = call(args, "POST", f"/api/cluster/ping/{args.node_id}")
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -405,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     client(s)
     s.add_argument("node_id", help="node id or a unique prefix (see `nodectl status`)")
     s.set_defaults(func=cmd_ping)
+
+    add_model_commands(sub, client)
 
     s = sub.add_parser("service", help="install the systemd unit or launchd agent")
     service = s.add_subparsers(dest="service_command", required=True, metavar="ACTION")

@@ -40,6 +40,8 @@ from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
 from node.net.errors import TransportError
 from node.net.transport import Transport
+from node.store.models import ModelStore
+from node.swarm.service import ModelService
 from node.system import sdnotify
 from node.system.clock import ClockOffsets
 from node.system.counters import Counters
@@ -99,6 +101,9 @@ class Daemon:
         self.metrics = new_registry()
         self.clock_offsets = ClockOffsets()
         self.counters = Counters(by_reason=("members_invalid",))
+        self.swarm_counters = Counters(("pieces_served", "pieces_fetched", "bytes_served", "bytes_fetched"),
+                                       by_reason=("refused",))
+        self.models: ModelService | None = None
         self._clock_warned_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,6 +154,11 @@ class Daemon:
                 clock_offsets=self.clock_offsets,
             )
 
+        self.models = ModelService(
+            ModelStore(cfg.node.data_dir), self.dht, self.transport, self._members, self.swarm_counters,
+            piece_size=cfg.swarm.piece_size, ttl=cfg.dht.record_ttl, max_upload_rate=cfg.swarm.max_upload_rate,
+            max_download_rate=cfg.swarm.max_download_rate,
+        )
         await self._start_api()
         self._register_metrics()
         self._write_runtime()
@@ -175,7 +185,7 @@ class Daemon:
 
     async def _start_api(self) -> None:
         cfg = self.config.api
-        app = build_app(self, token=_read_token(cfg.token_file), api_host=cfg.host,
+        app = build_app(self, models=self.models, token=_read_token(cfg.token_file), api_host=cfg.host,
                         allowed_origins=cfg.allowed_origins)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -273,6 +283,8 @@ class Daemon:
             try:
                 self.caps = self.caps.refresh_memory()
                 await self._publish()
+                if self.models is not None:
+                    await self.models.publish()
             except Exception as exc:  # a failed refresh must not kill the daemon
                 log.warning("refresh failed", error=str(exc))
 
@@ -319,6 +331,7 @@ class Daemon:
         }))
         self.metrics.register(CountersCollector("dht", dht.counters))
         self.metrics.register(CountersCollector("cluster", self.counters))
+        self.metrics.register(CountersCollector("swarm", self.swarm_counters))
         self.metrics.register(CountersCollector("transport", transport.counters))
         if beacon is not None:
             self.metrics.register(CountersCollector("beacon", beacon.counters))

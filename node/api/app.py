@@ -15,7 +15,9 @@ from aiohttp import web
 
 from node import __version__
 from node.api.guard import RequestGuard, error_response
+from node.api.models import add_model_routes
 from node.cluster.ping import PeerNotFound, PeerUnreachable
+from node.swarm.service import ModelService
 from node.system.metrics import CONTENT_TYPE
 
 JSON = dict[str, Any]
@@ -34,8 +36,8 @@ class NodeView(Protocol):
 
 
 def build_app(
-    node: NodeView, *, token: str | None = None, api_host: str = "127.0.0.1",
-    allowed_origins: Iterable[str] = (),
+    node: NodeView, *, models: ModelService | None = None, token: str | None = None,
+    api_host: str = "127.0.0.1", allowed_origins: Iterable[str] = (),
 ) -> web.Application:
     guard = RequestGuard(api_host=api_host, token=token, allowed_origins=allowed_origins)
     app = web.Application(middlewares=[guard.middleware], client_max_size=1 << 20)
@@ -68,4 +70,6 @@ def build_app(
     app.router.add_get("/api/cluster/status", status)
     app.router.add_post("/api/cluster/ping/{node_id}", ping)
     app.router.add_get("/metrics", metrics)
+    if models is not None:
+        add_model_routes(app, models, models.dht.node_id)
     return app

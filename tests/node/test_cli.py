@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from node.cli import DEFAULT_API, _api_address, build_parser, main, render_status
+from node.cli import build_parser, main, render_status
+from node.client import DEFAULT_API
+from node.client import api_address as _api_address
 from node.config import (
     DEFAULT_API_HOST,
     DEFAULT_API_PORT,

@@ -1,0 +1,300 @@
+"""The node's models, as the daemon and the API use them: pull, list, remove, serve, fetch ranges.
+
+``ModelService`` joins the store (node/store/), the DHT records (catalog.py), the
+piece server and the fetcher. ``pull`` takes a local directory (imported), an
+``hf:org/repo[@revision]`` (downloaded with huggingface_hub, then imported) or a
+model name or id already in the cluster (its manifest and pieces fetched from the
+peers that hold it); it reports progress as Ollama's pull does. ``ensure`` fetches
+just the pieces a node needs (a layer range, for the pipeline). After every change
+the node republishes what it holds, at most once a second while a fetch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from node.dht.node import DHTNode
+from node.net.transport import Transport
+from node.store.importer import import_directory
+from node.store.models import ModelStore, normalize_name
+from node.store.pieces import StoreError
+from node.swarm.catalog import model_key, publish_holdings, read_catalog, read_holders, resolve_name
+from node.swarm.fetcher import FetchError, FetchProgress, PieceFetcher
+from node.swarm.server import PieceServer, UploadLimiter
+from node.system.counters import Counters
+from protocol.manifest import Manifest, ManifestError, parse_manifest
+
+__all__ = ["ModelService", "PullError"]
+
+log = structlog.get_logger("enjambre.models")
+
+Event = dict[str, Any]
+Members = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
+
+
+class PullError(StoreError):
+    """A pull that cannot be done (the message says why and what to do)."""
+
+
+class ModelService:
+    def __init__(
+        self, store: ModelStore, dht: DHTNode, transport: Transport, members: Members, counters: Counters, *,
+        piece_size: int, ttl: float, max_upload_rate: int = 0, max_download_rate: int = 0,
+        request_timeout: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.dht = dht
+        self.transport = transport
+        self.members = members
+        self.counters = counters
+        self.piece_size = piece_size
+        self.ttl = ttl
+        self.request_timeout = request_timeout
+        self.server = PieceServer(store, counters, max_upload_rate=max_upload_rate, on_corrupt=self._repair)
+        self.downloads = UploadLimiter(max_download_rate)  # the same token bucket, for what arrives
+        self.server.register(transport)
+        self._publish_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._addresses: dict[str, tuple[str, int]] = {}
+        self._addresses_at = 0.0
+        self._last_publish = 0.0
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self) -> None:
+        """Tell the cluster what this node holds (bitfields, names, catalog entries)."""
+        held = {}
+        for model_id in self.store.model_ids():
+            try:
+                manifest = self.store.manifest(model_id)
+            except StoreError:
+                continue
+            pieces = await asyncio.to_thread(self.store.held, manifest)
+            if pieces:
+                held[model_id] = (manifest, pieces, self.store.names_of(model_id))
+        await publish_holdings(self.dht, held, ttl=self.ttl)
+        self._last_publish = time.monotonic()
+
+    def publish_soon(self) -> None:
+        """Republish within a second (many pieces arriving cause one publish, not many)."""
+        if self._publish_task is not None and not self._publish_task.done():
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - self._last_publish)))
+            with contextlib.suppress(Exception):
+                await self.publish()
+
+        self._publish_task = asyncio.ensure_future(later())
+
+    # ------------------------------------------------------------------ pulling
+
+    async def pull(
+        self, source: str, *, name: str | None = None, piece_size: int | None = None, in_place: bool = False,
+        progress: Callable[[Event], None] = lambda _: None,
+    ) -> Event:
+        """Import or fetch a model; returns {"id", "name"}."""
+        path = await asyncio.to_thread(lambda: Path(source).expanduser())
+        if source.startswith(("/", ".", "~")) or await asyncio.to_thread(path.is_dir):
+            return await self._import(path, name or path.name, piece_size or self.piece_size, in_place, progress)
+        if source.startswith("hf:"):
+            local = await self._download(source[3:], progress)
+            return await self._import(local, name or source[3:].split("@")[0].split("/")[-1],
+                                      piece_size or self.piece_size, in_place, progress)
+        if in_place:
+            raise PullError("--in-place needs a local directory to import")
+        return await self._replicate(source, name, progress)
+
+    async def _import(self, path: Path, name: str, piece_size: int, in_place: bool,
+                      progress: Callable[[Event], None]) -> Event:
+        try:
+            model_name = normalize_name(name)
+        except ValueError as exc:
+            raise PullError(f"{exc} (choose one with --name)") from None
+        loop = asyncio.get_running_loop()
+
+        def report(file: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(progress, {"status": f"importing {file}", "total": total, "completed": done})
+
+        manifest = await asyncio.to_thread(
+            import_directory, self.store, path, name=model_name, piece_size=piece_size, in_place=in_place,
+            progress=report,
+        )
+        progress({"status": "writing manifest", "digest": f"sha256:{manifest.model_id}"})
+        await self.publish()
+        return {"id": manifest.model_id, "name": model_name}
+
+    async def _download(self, repo: str, progress: Callable[[Event], None]) -> Path:
+        repo_id, _, revision = repo.partition("@")
+        progress({"status": f"downloading {repo_id} from the hub"})
+
+        def download() -> str:
+            from huggingface_hub import snapshot_download
+
+            return str(snapshot_download(
+                repo_id, revision=revision or None,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"],
+            ))
+
+        try:
+            return Path(await asyncio.to_thread(download))
+        except Exception as exc:  # the hub client raises many types: all mean "could not download"
+            raise PullError(f"cannot download {repo_id} from the Hugging Face hub: {exc}") from None
+
+    async def _replicate(self, source: str, name: str | None, progress: Callable[[Event], None]) -> Event:
+        model_id = self.store.resolve(source) or await self._resolve_in_cluster(source)
+        if model_id is None:
+            raise PullError(
+                f"no model called {source!r} in the cluster; import it first with `nodectl pull DIR` "
+                "on a node that has its files (or use hf:org/repo)"
+            )
+        progress({"status": "pulling manifest"})
+        manifest = await self.manifest(model_id)
+        try:
+            local_name = normalize_name(name) if name else None if _looks_like_id(source) else normalize_name(source)
+        except ValueError as exc:
+            raise PullError(str(exc)) from None
+        self.store.add(manifest, name=local_name)
+        await self.ensure(manifest, set(range(manifest.num_pieces)), progress=progress)
+        progress({"status": "verifying sha256 digest"})
+        await self.publish()
+        return {"id": model_id, "name": local_name or (self.store.names_of(model_id) or [model_id])[0]}
+
+    async def _resolve_in_cluster(self, source: str) -> str | None:
+        text = source.strip().lower()
+        if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            return text
+        try:
+            found = await resolve_name(self.dht, normalize_name(text))
+        except ValueError:
+            return None
+        if found is not None:
+            return found
+        catalog = await read_catalog(self.dht)
+        prefix = [m for m in catalog if m.startswith(text)] if len(text) >= 8 else []
+        return prefix[0] if len(prefix) == 1 else None
+
+    # ------------------------------------------------------------------ manifests and pieces
+
+    async def manifest(self, model_id: str) -> Manifest:
+        """The manifest for ``model_id``: from the store, else from a holder, checked against the id."""
+        with contextlib.suppress(StoreError):
+            return self.store.manifest(model_id)
+        records = await self.dht.get(model_key(model_id))
+        for holder in records:
+            try:
+                data = await self._ask(holder, "swarm.manifest", {"id": model_id})
+                return parse_manifest(data, expected_id=model_id)
+            except ManifestError as exc:
+                self.counters.inc("bad_manifests")
+                log.warning("a holder sent a manifest that is not the model asked for", peer=holder[:12], error=str(exc))
+            except Exception as exc:  # gone, refused, timed out: try the next holder
+                log.info("manifest request failed", peer=holder[:12], error=f"{type(exc).__name__}: {exc}")
+        raise PullError(f"no reachable node holds model {model_id[:12]} (asked {len(records)})")
+
+    async def ensure(
+        self, manifest: Manifest, wanted: set[int], *, progress: Callable[[Event], None] = lambda _: None
+    ) -> None:
+        """Fetch whatever of ``wanted`` this node lacks, from every holder at once."""
+
+        def report(state: FetchProgress) -> None:
+            progress({"status": f"pulling {manifest.model_id[:12]}", "digest": f"sha256:{manifest.model_id}",
+                      "total": state.total_bytes, "completed": state.done_bytes, "peers": len(state.peers)})
+
+        async def holders() -> dict[str, set[int]]:
+            found = await read_holders(self.dht, manifest)
+            found.pop(self.dht.node_id, None)
+            return found
+
+        fetcher = PieceFetcher(
+            self.store, manifest, counters=self.counters, holders=holders,
+            ask=self._ask_piece,
+            on_piece=lambda _: self.publish_soon(),
+        )
+        try:
+            await fetcher.run(wanted, progress=report)
+        except FetchError as exc:
+            raise PullError(str(exc)) from None
+
+    async def _ask_piece(self, peer: str, body: dict[str, object]) -> bytes:
+        data = await self._ask(peer, "swarm.piece", body)
+        await self.downloads.take(len(data))
+        return data
+
+    async def _address(self, peer: str) -> tuple[str, int]:
+        # Reading the directory is 16 lookups: once every few seconds, not once a piece.
+        if peer not in self._addresses or time.monotonic() - self._addresses_at > 5.0:
+            members = await self.members()
+            self._addresses = {pid: (str(r["addresses"][0]), int(r["peer_port"])) for pid, r in members.items()}
+            self._addresses_at = time.monotonic()
+        found = self._addresses.get(peer)
+        if found is None:
+            raise PullError(f"node {peer[:12]} is not in the directory")
+        return found
+
+    async def _ask(self, peer: str, method: str, body: dict[str, object]) -> bytes:
+        host, port = await self._address(peer)
+        conn = await self.transport.connect(host, port, expect_node_id=peer)
+        data = await conn.request(method, body, timeout=self.request_timeout)
+        if not isinstance(data, bytes):
+            raise PullError(f"node {peer[:12]} answered {method} with {type(data).__name__}, not bytes")
+        return data
+
+    def _repair(self, model_id: str, index: int) -> None:
+        """A piece was damaged on disk (and deleted): fetch it again from the other holders."""
+
+        async def refetch() -> None:
+            try:
+                await self.ensure(self.store.manifest(model_id), {index})
+                log.info("damaged piece fetched again", model=model_id[:12], piece=index)
+            except Exception as exc:  # repairs are best effort; the next pull finishes it
+                log.warning("damaged piece could not be fetched again", model=model_id[:12], piece=index,
+                            error=str(exc))
+
+        self._tasks.add(task := asyncio.ensure_future(refetch()))
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ listing and removal
+
+    async def catalog(self) -> dict[str, dict[str, Any]]:
+        """Every model in the cluster (the DHT catalog plus this node's own)."""
+        catalog = await read_catalog(self.dht)
+        for model_id in self.store.model_ids():
+            with contextlib.suppress(StoreError):
+                manifest = self.store.manifest(model_id)
+                entry = catalog.setdefault(model_id, {
+                    "names": [], "size": manifest.total_size, "pieces": manifest.num_pieces,
+                    "summary": dict(manifest.summary), "holders": {},
+                })
+                entry["names"] = sorted(set(entry["names"]) | set(self.store.names_of(model_id)))
+                entry["holders"][self.dht.node_id] = len(self.store.held(manifest))
+        return catalog
+
+    async def remove(self, name: str) -> Event:
+        """Drop this node's copy of a model; says when it held the last copy of some piece."""
+        model_id = self.store.resolve(name)
+        if model_id is None:
+            raise PullError(f"no model {name!r} on this node (see `nodectl list`)")
+        manifest = self.store.manifest(model_id)
+        held = self.store.held(manifest)
+        others = await read_holders(self.dht, manifest)
+        others.pop(self.dht.node_id, None)
+        elsewhere = set().union(*others.values()) if others else set()
+        last = sorted(held - elsewhere)
+        removed = self.store.remove(model_id)
+        with contextlib.suppress(Exception):
+            await self.dht.delete(model_key(model_id))
+        await self.publish()
+        return {"id": model_id, "names": removed, "last_copy_pieces": len(last)}
+
+
+def _looks_like_id(text: str) -> bool:
+    text = text.strip().lower()
+    return len(text) >= 8 and all(c in "0123456789abcdef" for c in text)
