@@ -171,3 +171,21 @@ def test_a_fetch_killed_with_its_daemon_resumes_without_fetching_a_piece_twice(s
     assert 0 < kept and 0 < fetched
     stored = len(list((fetcher.data_dir / "pieces").glob("*/*")))
     assert fetched == stored - kept, (fetched, stored, kept, total["size"])
+
+
+def test_pull_from_the_hub_through_hf_endpoint(tmp_path: Path, shared_cache: Path) -> None:
+    """hf:org/repo with huggingface_hub, against a stand-in hub on 127.0.0.1 (HF_ENDPOINT)."""
+    from tests.helpers.fakehub import FakeHub
+
+    model = make_tiny_model(tmp_path / "upstream", arch="qwen2", layers=2)
+    with FakeHub(model, "org/tiny") as hub, LocalCluster(tmp_path / "c", env={
+        "XDG_CACHE_HOME": str(shared_cache), "PYTHONUNBUFFERED": "1", "ENJAMBRE_BENCH_SECONDS": "0.2",
+        "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1",
+    }) as cluster:
+        (node,) = cluster.launch(1)
+        out = nodectl(node, "pull", "hf:org/tiny", "--export", str(tmp_path / "copy"))
+        assert "tiny:latest" in out.stdout
+        assert same_files(model, tmp_path / "copy")
+        assert any("/api/models/org/tiny" in r for r in hub.requests)
+        bad = nodectl(node, "pull", "hf:org/missing", check=False)
+        assert bad.returncode == 1 and "cannot download org/missing" in bad.stderr
