@@ -30,10 +30,10 @@ class FakeHub:
             def log_message(self, *_: object) -> None:
                 pass
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 hub._serve(self, head=True)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 hub._serve(self, head=False)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
