@@ -34,6 +34,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": source, "in_place": args.in_place}
     if args.name:
         body["name"] = args.name
+    if args.layers:
+        try:
+            start, end = (int(x) for x in args.layers.split(":"))
+        except ValueError:
+            raise CliError(f"--layers {args.layers}: write START:END, e.g. 0:8") from None
+        body["layers"] = [start, end]
     if args.piece_size:
         try:
             body["piece_size"] = parse_size(args.piece_size)
@@ -164,6 +170,7 @@ def add_model_commands(sub: Any, client: Any) -> None:
     s.add_argument("--piece-size", help='size of the verified pieces, e.g. "4MiB" (default: swarm.piece_size)')
     s.add_argument("--in-place", action="store_true", help="serve the files where they are instead of copying")
     s.add_argument("--export", metavar="DIR", help="then write the model's original files to DIR")
+    s.add_argument("--layers", metavar="START:END", help="fetch only what serving layers START..END-1 needs")
     s.set_defaults(func=cmd_pull, timeout=3600.0)
 
     s = sub.add_parser("list", help="the models in the cluster")

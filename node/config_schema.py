@@ -392,6 +392,14 @@ class SwarmSection:
             default=0,
         )
     )
+    share: bool = field(
+        metadata=key(
+            v.as_bool,
+            "Serve the pieces this node fetched to other nodes. Off, it serves only the models "
+            "it imported itself (everyone else fetches from those).",
+            default=True,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)

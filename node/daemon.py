@@ -157,7 +157,7 @@ class Daemon:
         self.models = ModelService(
             ModelStore(cfg.node.data_dir), self.dht, self.transport, self._members, self.swarm_counters,
             piece_size=cfg.swarm.piece_size, ttl=cfg.dht.record_ttl, max_upload_rate=cfg.swarm.max_upload_rate,
-            max_download_rate=cfg.swarm.max_download_rate,
+            max_download_rate=cfg.swarm.max_download_rate, share=cfg.swarm.share,
         )
         await self._start_api()
         self._register_metrics()

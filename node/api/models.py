@@ -86,6 +86,10 @@ def add_model_routes(app: web.Application, service: ModelService, self_id: str) 
             return error_response(400, f"piece_size must be an integer from {_MIN_PIECE} to {_MAX_PIECE}")
         if not isinstance(in_place, bool):
             return error_response(400, "in_place must be true or false")
+        layers = body.get("layers")
+        if layers is not None and (not isinstance(layers, list) or len(layers) != 2
+                                   or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+            return error_response(400, "layers must be [start, end]")
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1024)
 
         def progress(event: dict[str, Any]) -> None:
@@ -95,7 +99,7 @@ def add_model_routes(app: web.Application, service: ModelService, self_id: str) 
         async def run() -> dict[str, Any]:
             try:
                 return await service.pull(source.strip(), name=name, piece_size=piece_size, in_place=in_place,
-                                          progress=progress)
+                                          layers=tuple(layers) if layers else None, progress=progress)
             finally:
                 await events.put(None)
 

@@ -168,6 +168,7 @@ def import_directory(
         manifest = build_manifest(files, sorted(tensors, key=lambda t: (t.file, t.offset)),
                                   piece_size=piece_size, summary=summary)
         store.add(manifest, name=name, in_place={"root": str(root), "files": stats} if in_place else None)
+        store.mark_imported(manifest.model_id)
     except BaseException:
         store.collect_garbage()  # nothing half-published: drop what only this import stored
         raise

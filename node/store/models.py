@@ -105,6 +105,13 @@ class ModelStore:
                 return matches[0]
         return None
 
+    def imported(self, model_id: str) -> bool:
+        """True for a model imported on this node (not fetched from peers)."""
+        return (self.root / f"{model_id}.imported").exists() or self._in_place(model_id) is not None
+
+    def mark_imported(self, model_id: str) -> None:
+        atomic_write(self.root / f"{model_id}.imported", b"")
+
     def names_of(self, model_id: str) -> list[str]:
         return sorted(n for n, m in self.names().items() if m == model_id)
 
@@ -219,6 +226,7 @@ class ModelStore:
         if model_id not in names.values():
             (self.root / f"{model_id}.json").unlink(missing_ok=True)
             (self.root / f"{model_id}.inplace.json").unlink(missing_ok=True)
+            (self.root / f"{model_id}.imported").unlink(missing_ok=True)
             self._manifests.pop(model_id, None)
             self.collect_garbage()
         return removed

@@ -89,20 +89,19 @@ class PieceFetcher:
         missing = set(wanted) - self.store.held(self.manifest)
         state = FetchProgress(sum(pieces[i].length for i in missing), pieces_left=len(missing))
         in_flight: dict[int, set[str]] = {}
-        tasks: dict[asyncio.Task[bytes], tuple[int, str]] = {}
+        tasks: dict[asyncio.Task[None], tuple[int, str]] = {}
         holders: dict[str, set[int]] = {}
         refreshed = -1e9
         idle_since = time.monotonic()
         try:
             while missing:
                 now = time.monotonic()
-                if now - refreshed > 2.0 or not holders:
+                if now - refreshed > 1.0 or not holders:
                     holders = await self.holders()
                     refreshed = now
                 usable = {p: h for p, h in holders.items() if self._resting.get(p, 0) <= now}
                 for a in pick(missing, usable, in_flight, per_peer=self.per_peer, banned=self.banned, rng=self.rng):
-                    body: dict[str, object] = {"id": self.manifest.model_id, "index": a.piece}
-                    task = asyncio.ensure_future(self.ask(a.peer, body))
+                    task = asyncio.ensure_future(self._fetch_one(a.peer, a.piece))
                     tasks[task] = (a.piece, a.peer)
                     in_flight.setdefault(a.piece, set()).add(a.peer)
                 if not tasks:
@@ -132,26 +131,30 @@ class PieceFetcher:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _settle(self, task: asyncio.Task[bytes], piece: int, peer: str, missing: set[int]) -> bool:
-        """Store a finished request's piece; True if it was new."""
+    async def _fetch_one(self, peer: str, piece: int) -> None:
+        """Ask ``peer`` for a piece and store it; hashing and the disk write run off the loop,
+        so they overlap with the other requests in flight."""
+        data = await self.ask(peer, {"id": self.manifest.model_id, "index": piece})
+        await asyncio.to_thread(self.store.write_piece, self.manifest.pieces[piece], data)
+
+    def _settle(self, task: asyncio.Task[None], piece: int, peer: str, missing: set[int]) -> bool:
+        """Account for a finished request; True if it brought a new piece."""
         if task.cancelled():
             return False
         exc = task.exception()
-        if exc is not None:
-            self._failed(peer, exc)
-            return False
-        if piece not in missing:
-            return False  # another holder's copy came first
-        try:
-            self.store.write_piece(self.manifest.pieces[piece], task.result())
-        except CorruptPiece:
+        if isinstance(exc, CorruptPiece):
             self.banned.add(peer)
             self.counters.inc("bad_pieces")
             log.warning("peer sent a wrong piece; banned for this download", peer=peer[:12], piece=piece,
                         model=self.manifest.model_id[:12])
             return False
-        except DiskFull as exc:
+        if isinstance(exc, DiskFull):
             raise FetchError(str(exc)) from None
+        if exc is not None:
+            self._failed(peer, exc)
+            return False
+        if piece not in missing:
+            return False  # another holder's copy came first
         missing.discard(piece)
         self.counters.inc("pieces_fetched")
         self.counters.inc("bytes_fetched", self.manifest.pieces[piece].length)

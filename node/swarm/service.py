@@ -27,6 +27,7 @@ from node.store.models import ModelStore, normalize_name
 from node.store.pieces import StoreError
 from node.swarm.catalog import model_key, publish_holdings, read_catalog, read_holders, resolve_name
 from node.swarm.fetcher import FetchError, FetchProgress, PieceFetcher
+from node.swarm.layers import pieces_for_layers
 from node.swarm.server import PieceServer, UploadLimiter
 from node.system.counters import Counters
 from protocol.manifest import Manifest, ManifestError, parse_manifest
@@ -47,8 +48,9 @@ class ModelService:
     def __init__(
         self, store: ModelStore, dht: DHTNode, transport: Transport, members: Members, counters: Counters, *,
         piece_size: int, ttl: float, max_upload_rate: int = 0, max_download_rate: int = 0,
-        request_timeout: float = 60.0,
+        request_timeout: float = 60.0, share: bool = True,
     ) -> None:
+        """``share`` False: pieces fetched from peers are not offered to others (only imports are)."""
         self.store = store
         self.dht = dht
         self.transport = transport
@@ -57,6 +59,7 @@ class ModelService:
         self.piece_size = piece_size
         self.ttl = ttl
         self.request_timeout = request_timeout
+        self.share = share
         self.server = PieceServer(store, counters, max_upload_rate=max_upload_rate, on_corrupt=self._repair)
         self.downloads = UploadLimiter(max_download_rate)  # the same token bucket, for what arrives
         self.server.register(transport)
@@ -75,6 +78,8 @@ class ModelService:
             try:
                 manifest = self.store.manifest(model_id)
             except StoreError:
+                continue
+            if not self.share and not self.store.imported(model_id):
                 continue
             pieces = await asyncio.to_thread(self.store.held, manifest)
             if pieces:
@@ -98,9 +103,10 @@ class ModelService:
 
     async def pull(
         self, source: str, *, name: str | None = None, piece_size: int | None = None, in_place: bool = False,
-        progress: Callable[[Event], None] = lambda _: None,
+        layers: tuple[int, int] | None = None, progress: Callable[[Event], None] = lambda _: None,
     ) -> Event:
-        """Import or fetch a model; returns {"id", "name"}."""
+        """Import or fetch a model; returns {"id", "name"}. ``layers`` (start, end): fetch only
+        what serving that range of layers needs (a model already in the cluster)."""
         path = await asyncio.to_thread(lambda: Path(source).expanduser())
         if source.startswith(("/", ".", "~")) or await asyncio.to_thread(path.is_dir):
             return await self._import(path, name or path.name, piece_size or self.piece_size, in_place, progress)
@@ -110,7 +116,7 @@ class ModelService:
                                       piece_size or self.piece_size, in_place, progress)
         if in_place:
             raise PullError("--in-place needs a local directory to import")
-        return await self._replicate(source, name, progress)
+        return await self._replicate(source, name, layers, progress)
 
     async def _import(self, path: Path, name: str, piece_size: int, in_place: bool,
                       progress: Callable[[Event], None]) -> Event:
@@ -148,7 +154,8 @@ class ModelService:
         except Exception as exc:  # the hub client raises many types: all mean "could not download"
             raise PullError(f"cannot download {repo_id} from the Hugging Face hub: {exc}") from None
 
-    async def _replicate(self, source: str, name: str | None, progress: Callable[[Event], None]) -> Event:
+    async def _replicate(self, source: str, name: str | None, layers: tuple[int, int] | None,
+                         progress: Callable[[Event], None]) -> Event:
         model_id = self.store.resolve(source) or await self._resolve_in_cluster(source)
         if model_id is None:
             raise PullError(
@@ -162,7 +169,14 @@ class ModelService:
         except ValueError as exc:
             raise PullError(str(exc)) from None
         self.store.add(manifest, name=local_name)
-        await self.ensure(manifest, set(range(manifest.num_pieces)), progress=progress)
+        wanted = set(range(manifest.num_pieces))
+        if layers is not None:
+            count = manifest.summary.get("num_hidden_layers")
+            start, end = layers
+            if not isinstance(count, int) or not 0 <= start < end <= count:
+                raise PullError(f"layers {start}..{end} are not a range of this model's {count} layers")
+            wanted = pieces_for_layers(manifest, start, end, has_embedding=start == 0, has_head=end == count)
+        await self.ensure(manifest, wanted, progress=progress)
         progress({"status": "verifying sha256 digest"})
         await self.publish()
         return {"id": model_id, "name": local_name or (self.store.names_of(model_id) or [model_id])[0]}

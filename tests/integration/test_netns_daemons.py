@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from node.config import update_config
-from tests.helpers.netns import Host, bridged_hosts, netns_unusable_reason
+from node.testing.netns import Host, bridged_hosts, netns_unusable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
 

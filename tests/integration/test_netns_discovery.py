@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from node.identity import generate_secret
-from tests.helpers.netns import Host, bridged_hosts, netns_unusable_reason
+from node.testing.netns import Host, bridged_hosts, netns_unusable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 

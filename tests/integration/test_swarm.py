@@ -20,6 +20,7 @@ from node.net.errors import RemoteError
 from node.net.transport import Transport
 from node.testing.localcluster import LocalCluster, LocalNode
 from node.testing.tinymodel import make_tiny_model
+from protocol.manifest import parse_manifest
 from tests.helpers.attacker import cluster_keys, metric
 
 pytestmark = pytest.mark.slow
@@ -104,17 +105,30 @@ def test_requests_for_what_a_node_does_not_hold_are_refused(trio: LocalCluster, 
 def test_a_piece_damaged_on_disk_is_not_served_and_is_fetched_again(trio: LocalCluster, tiny: Path,
                                                                      tmp_path: Path) -> None:
     seed, second, _ = trio.nodes
-    pieces = sorted((seed.data_dir / "pieces").glob("*/*"))
-    victim = pieces[len(pieces) // 2]
+    (manifest_file,) = [p for p in (seed.data_dir / "models").glob("*.json") if len(p.stem) == 64]
+    manifest = parse_manifest(manifest_file.read_bytes())
+    piece = manifest.pieces[manifest.num_pieces // 2]
+    victim = seed.data_dir / "pieces" / piece.digest[:2] / piece.digest
     victim.write_bytes(b"rot" + victim.read_bytes()[3:])
-    # A node that has nothing fetches everything; the seed must not hand out the damaged piece.
-    nodectl(second, "rm", "tiny-model")
-    nodectl(second, "pull", "tiny-model", "--export", str(tmp_path / "again"))
-    assert same_files(tiny, tmp_path / "again")
-    deadline = time.monotonic() + 20  # the seed noticed, deleted it, and fetched it again
+
+    async def ask() -> None:
+        transport = Transport(NodeKey.generate(), cluster_keys(trio), name="asker", software_version="test")
+        try:
+            conn = await transport.connect("127.0.0.1", int(seed.runtime["peer_port"]), expect_node_id=seed.node_id)
+            with pytest.raises(RemoteError) as info:
+                await conn.request("swarm.piece", {"id": manifest.model_id, "index": piece.index}, timeout=10)
+            assert info.value.code == "not_held"  # never served
+        finally:
+            await transport.close()
+
+    asyncio.run(ask())
+    deadline = time.monotonic() + 20  # the seed deleted it and fetched it again from the others
     while not (victim.exists() and victim.read_bytes()[:3] != b"rot") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert victim.exists() and victim.read_bytes()[:3] != b"rot"
+    nodectl(second, "rm", "tiny-model")
+    nodectl(second, "pull", "tiny-model", "--export", str(tmp_path / "again"))
+    assert same_files(tiny, tmp_path / "again")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Test hosts in network namespaces: a bridge in a private hub namespace plus N node namespaces.
+"""Hosts in network namespaces for tests and benchmarks: a bridge in a private hub namespace plus N nodes.
 
 Addresses exist only inside the namespaces the test made; the host's own
 interfaces and routes are never touched. Everything is deleted on exit.
