@@ -44,6 +44,20 @@ def main() -> int:
         for other in cluster.nodes[1:]:
             print(f"\n$ nodectl ping {other.node_id[:12]}", flush=True)
             subprocess.run([*nodectl, "ping", other.node_id[:12]], env=env, check=True)
+        # A model enters the cluster once, on one node, and the others fetch it from their peers.
+        from node.testing.tinymodel import make_tiny_model
+
+        model = make_tiny_model(root / "tiny-model", arch="qwen2", layers=4)
+        print(f"\n$ nodectl pull {model}   (on {first.config.parent.name})", flush=True)
+        subprocess.run([*nodectl, "pull", str(model), "--piece-size", "64KiB"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        time.sleep(1.5)  # the holder's records spread
+        for other in cluster.nodes[1:]:
+            print(f"$ nodectl pull tiny-model   (on {other.config.parent.name})", flush=True)
+            subprocess.run([*nodectl, "pull", "tiny-model"], env={**os.environ, "ENJAMBRE_CONFIG": str(other.config)},
+                           check=True, stdout=subprocess.DEVNULL)
+        print("\n$ nodectl list", flush=True)
+        subprocess.run([*nodectl, "list"], env=env, check=True)
         if args.keep:
             print(f"\nnodes keep running; try: ENJAMBRE_CONFIG={first.config} nodectl status   (Ctrl-C stops them)")
             try:
