@@ -36,6 +36,7 @@ from node.cluster.ping import ping_member
 from node.config import Config
 from node.dht.errors import DHTError
 from node.dht.node import DHTNode
+from node.engine import backend
 from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
 from node.net.errors import TransportError
@@ -53,6 +54,7 @@ from protocol.messages import PROTOCOL_VERSION
 log = structlog.get_logger("enjambre.daemon")
 
 SEQ_FILE = "dht.seq"
+COMPILE_CACHE_DIR = "xla-cache"  # JAX's persistent compilation cache, in the data dir
 # An offset from the peers' clocks this large gets a warning in this node's log.
 CLOCK_WARNING_S = 10.0
 
@@ -80,6 +82,25 @@ def _read_token(path: Path | None) -> str | None:
     if not token:
         raise DaemonError(f"the API token file {path} is empty; put a long random string in it")
     return token
+
+
+def _prepare_engine(cfg: Config) -> None:
+    """Size JAX's accelerator pool to what the node lends and give it a persistent
+    compilation cache in the data dir; before anything starts JAX (the device probe).
+
+    In a process that already started JAX (tests running several daemons) the pool is
+    fixed: that is logged, not an error.
+    """
+    if backend.backend_started():
+        log.debug("jax_already_started", note="memory settings of the first start apply")
+    else:
+        try:
+            setup = backend.configure_memory(cfg.resources.max_memory)
+        except ValueError as exc:  # max_memory below the GPU runtime's own reserve
+            raise DaemonError(str(exc)) from None
+        if setup.gpu_total is not None:
+            log.info("gpu_memory", fraction=setup.fraction, gpu_total=setup.gpu_total)
+    backend.enable_compilation_cache(cfg.node.data_dir / COMPILE_CACHE_DIR)
 
 
 class Daemon:
@@ -129,6 +150,7 @@ class Daemon:
         log.info("starting", node_id=self.key.node_id, name=cfg.node.name, version=__version__,
                  cluster=self.cluster.cluster_id)
         _raise_open_files_limit()
+        _prepare_engine(cfg)
         # The TFLOPS probe runs JAX for a second or two: keep it off the loop.
         self.caps = await asyncio.to_thread(collect, cfg, data_dir=cfg.node.data_dir)
 

@@ -154,7 +154,9 @@ def _parse_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
             original_max_position_embeddings=int(source["original_max_position_embeddings"]),
         )
     except KeyError as exc:
-        raise ModelConfigError(f"config.json {rope_type} rope scaling lacks {exc.args[0]!r}") from None
+        raise ModelConfigError(
+            f"config.json {rope_type} rope scaling lacks {exc.args[0]!r}"
+        ) from None
 
 
 def parse_config(raw: Mapping[str, Any]) -> ModelConfig:

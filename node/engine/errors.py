@@ -46,3 +46,7 @@ class PartitionError(EngineError):
 
 class SamplingError(EngineError):
     """Sampling parameters are out of range."""
+
+
+class TokenRangeError(PartitionError):
+    """A token id is outside the model's vocabulary."""

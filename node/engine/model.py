@@ -1,53 +1,48 @@
-"""The transformer partition: jitted prefill and decode over a contiguous layer range.
-
-Owns the math (norms, RoPE, attention, the layer loop, the head), the compiled steps and
-`Partition` / `load_partition`; chaining partitions in one process is runner.py's.
+"""A loaded partition: `Partition` and `load_partition`, the host side of the steps.
 
 A Partition runs layers [start, end) of a Llama/Qwen2/Mistral model. The first partition
-takes token ids, the others hidden states; the last applies the final norm and LM head and
-returns float32 logits, the others return hidden states. Design choices (measured on CPU):
+takes token ids, the others hidden states; the last applies the final norm and LM head.
+This module checks inputs (shapes, slots, positions, token ids), pads them to buckets
+(buckets.py) and calls the compiled steps (steps.py); the math is transformer.py's and
+attention.py's. Design choices (measured on CPU):
 
 - layers are a Python loop unrolled inside jit over per-layer weights and caches, not a
   lax.scan over stacked weights (~1.7x faster decode on XLA CPU);
-- the KV cache (see cache.py) is donated, and written with scatters whose out-of-range
-  indices are dropped: padded prompt rows past the context and inactive decode slots
-  (position -1) write nothing;
-- prompts are processed in chunks of `prefill_chunk` tokens, each padded to a power-of-two
-  bucket, so a handful of compilations serve every prompt length;
-- compiled functions are module-level and keyed on the (hashable) config and partition
-  spec, so every session and every Partition of the same shape share them; the weights
-  are a dynamic PartitionParams pytree whose None fields (absent biases, no embedding)
-  are fixed by that config and spec, so they never add a compilation;
+- every step runs B rows (slots) of n tokens: decode over any subset of slots, padded to
+  a power-of-two width; prefill of one or several sessions in chunks of `prefill_chunk`
+  tokens whose boundaries sit at multiples of the chunk, each padded to a power-of-two
+  bucket; keys attended up to a power-of-two bucket of the longest active row;
+- the cache is donated and written with drop-mode scatters: padding and idle rows write
+  nothing, and an idle row's output is finite (never NaN) but meaningless;
 - when one partition holds the whole model, decode_steps runs k steps and the sampler in
-  one lax.scan on the device: a step-by-step loop pays a host round trip per token
-  (dispatch of a jit with hundreds of weight arguments, sampling as a second call, the
-  token copied back), which on an H200 cost more than the step itself for Llama-3-8B
-  (single-step 8.4 ms/token, decode_steps 4.6 ms). Pipelines keep the single-step API.
+  one lax.scan on the device: a step-by-step loop pays a host round trip per token,
+  which on an H200 cost more than the step itself for Llama-3-8B (single-step 8.4 ms per
+  token, decode_steps 4.6 ms). Pipelines use tail_step on the last partition: one call
+  per token that returns token ids, not logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from node.engine.cache import KVCache, new_cache
+from node.engine.buckets import MIN_BUCKET, chunk_spans, decode_width, pow2_bucket
+from node.engine.cache import CacheGeometry, KVCache, default_attn_block, new_cache
 from node.engine.config import ModelConfig
-from node.engine.errors import ContextOverflowError, PartitionError
+from node.engine.errors import ContextOverflowError, PartitionError, TokenRangeError
 from node.engine.sampling import (
-    RowSettings,
     SamplerState,
     advance,
-    greedy_rows,
+    batch_candidates,
     is_plain_greedy,
     row_settings,
-    sample_rows,
 )
+from node.engine.steps import OUT_ALL, OUT_HIDDEN, OUT_LAST, StepShape, decode_steps, forward, tail
 from node.engine.weights import (
     PartitionParams,
     PartitionSpec,
@@ -56,241 +51,37 @@ from node.engine.weights import (
     resolve_dtype,
 )
 
-MIN_BUCKET = 16
+__all__ = [
+    "DEFAULT_MAX_CONTEXT",
+    "DEFAULT_PREFILL_CHUNK",
+    "MIN_BUCKET",
+    "Partition",
+    "TailTokens",
+    "load_partition",
+    "pow2_bucket",
+]
+
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PREFILL_CHUNK = 512
 
 
-def pow2_bucket(n: int, *, floor: int = 1, cap: int | None = None) -> int:
-    """The smallest power of two >= n and >= floor (itself a power of two), at most cap.
+@dataclass(frozen=True)
+class TailTokens:
+    """What a tail step returns, all numpy: tokens int64 [B], their logprobs float32 [B],
+    and when asked the top alternatives' ids [B, n] and logprobs [B, n]."""
 
-    Padding sizes to these buckets keeps the number of compilations logarithmic.
-    """
-    size = floor
-    while size < n:
-        size *= 2
-    return size if cap is None else min(size, cap)
-
-
-def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    # transformers normalises in float32 and casts back before the weight multiply.
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return w * y.astype(x.dtype)
-
-
-def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
-def _rope_tables(cfg: ModelConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    inv = jnp.asarray(cfg.inv_freq())
-    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, n, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # broadcast over heads
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def _attend(
-    cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
-) -> jax.Array:
-    """q [B,n,Hq,D] against k/v [B,T,Hkv,D]; query i sees keys at positions <= q_pos[i]."""
-    B, n, _, D = q.shape
-    T = k.shape[1]
-    kvh = cfg.num_kv_heads
-    q = q.reshape(B, n, kvh, cfg.num_heads // kvh, D)
-    scores = jnp.einsum("bnkgd,btkd->bkgnt", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (D**-0.5)
-    k_pos = jnp.arange(T, dtype=jnp.int32)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]
-    if cfg.sliding_window is not None:
-        mask &= k_pos[None, None, :] > q_pos[:, :, None] - cfg.sliding_window
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgnt,btkd->bnkgd", probs, v)
-    return out.reshape(B, n, cfg.q_size)
-
-
-def _layers(
-    cfg: ModelConfig,
-    params: PartitionParams,
-    cache: KVCache,
-    x: jax.Array,
-    positions: jax.Array,
-    write_rows: jax.Array,
-    write_pos: jax.Array,
-    slot: jax.Array | None,
-) -> tuple[jax.Array, KVCache]:
-    """Run the partition's layers on x [B, n, H]; write k/v at (write_rows, write_pos).
-
-    slot=None means x's batch rows are the cache's slots (decode); otherwise x is one
-    session and attends to cache slot `slot` (prefill).
-    """
-    B, n, _ = x.shape
-    cos, sin = _rope_tables(cfg, positions, x.dtype)
-    Q, KV, D = cfg.q_size, cfg.kv_size, cfg.head_dim
-    new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
-        h = _rms_norm(x, layer.ln1, cfg.rms_norm_eps)
-        qkv = h @ layer.wqkv
-        if layer.bqkv is not None:
-            qkv = qkv + layer.bqkv
-        q = _rope(qkv[..., :Q].reshape(B, n, cfg.num_heads, D), cos, sin)
-        k = _rope(qkv[..., Q : Q + KV].reshape(B, n, cfg.num_kv_heads, D), cos, sin)
-        v = qkv[..., Q + KV :].reshape(B, n, cfg.num_kv_heads, D)
-        k_cache = k_cache.at[write_rows, write_pos].set(k, mode="drop")
-        v_cache = v_cache.at[write_rows, write_pos].set(v, mode="drop")
-        new_k.append(k_cache)
-        new_v.append(v_cache)
-        if slot is None:
-            keys, values = k_cache, v_cache
-        else:
-            keys = jax.lax.dynamic_index_in_dim(k_cache, slot, 0, keepdims=True)
-            values = jax.lax.dynamic_index_in_dim(v_cache, slot, 0, keepdims=True)
-        attn = _attend(cfg, q, keys, values, positions) @ layer.wo
-        if layer.bo is not None:
-            attn = attn + layer.bo
-        x = x + attn
-        h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
-        gate, up = jnp.split(h @ layer.wgu, 2, axis=-1)
-        x = x + (jax.nn.silu(gate) * up) @ layer.wd
-    return x, KVCache(new_k, new_v)
-
-
-def _head(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.Array:
-    assert params.final_norm is not None
-    h = _rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    if params.head is not None:
-        logits = h @ params.head
-    else:  # tied head sharing the embedding table [V, H]
-        logits = jnp.einsum("...h,vh->...v", h, params.embed)
-    return logits.astype(jnp.float32)
-
-
-def _embed_or_cast(params: PartitionParams, inputs: jax.Array, spec: PartitionSpec) -> jax.Array:
-    if spec.has_embedding:
-        assert params.embed is not None
-        return jnp.take(params.embed, inputs, axis=0)
-    return inputs.astype(params.dtype)
-
-
-@partial(jax.jit, static_argnames=("cfg", "spec", "all_logits"), donate_argnames=("cache",))
-def _prefill_chunk(
-    params: PartitionParams,
-    cache: KVCache,
-    inputs: jax.Array,
-    start: jax.Array,
-    slot: jax.Array,
-    last_index: jax.Array,
-    *,
-    cfg: ModelConfig,
-    spec: PartitionSpec,
-    all_logits: bool,
-) -> tuple[KVCache, jax.Array]:
-    x = _embed_or_cast(params, inputs, spec)[None]  # [1, n, H]
-    n = x.shape[1]
-    positions = (start + jnp.arange(n, dtype=jnp.int32))[None]
-    x, cache = _layers(cfg, params, cache, x, positions, slot[None, None], positions, slot)
-    x = x[0]
-    if not spec.has_head:
-        return cache, x
-    if all_logits:
-        return cache, _head(cfg, params, x)
-    return cache, _head(cfg, params, jax.lax.dynamic_index_in_dim(x, last_index, 0, keepdims=False))
-
-
-def _decode_body(
-    params: PartitionParams,
-    cache: KVCache,
-    inputs: jax.Array,
-    positions: jax.Array,
-    cfg: ModelConfig,
-    spec: PartitionSpec,
-) -> tuple[KVCache, jax.Array]:
-    x = _embed_or_cast(params, inputs, spec)[:, None]  # [S, 1, H]
-    S = x.shape[0]
-    pos = positions[:, None]
-    # Inactive slots (position < 0) write to an out-of-range index, which the scatter drops.
-    limit = cache.k[0].shape[1] if cache.k else 0
-    write_pos = jnp.where(pos < 0, limit, pos)
-    rows = jnp.arange(S, dtype=jnp.int32)[:, None]
-    x, cache = _layers(cfg, params, cache, x, pos, rows, write_pos, None)
-    x = x[:, 0]
-    if spec.has_head:
-        return cache, _head(cfg, params, x)
-    return cache, x
-
-
-@partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("cache",))
-def _decode(
-    params: PartitionParams,
-    cache: KVCache,
-    inputs: jax.Array,
-    positions: jax.Array,
-    *,
-    cfg: ModelConfig,
-    spec: PartitionSpec,
-) -> tuple[KVCache, jax.Array]:
-    return _decode_body(params, cache, inputs, positions, cfg, spec)
-
-
-@partial(
-    jax.jit, static_argnames=("cfg", "spec", "steps", "greedy"), donate_argnames=("cache",)
-)
-def _decode_steps(
-    params: PartitionParams,
-    cache: KVCache,
-    tokens: jax.Array,
-    positions: jax.Array,
-    rows: RowSettings | None,
-    *,
-    cfg: ModelConfig,
-    spec: PartitionSpec,
-    steps: int,
-    greedy: bool,
-) -> tuple[KVCache, jax.Array, jax.Array]:
-    """`steps` decode steps with on-device sampling, as one compiled loop.
-
-    Each step feeds every slot's sampled token back in at the next position. A slot whose
-    position is negative (idle) or has reached the cache's length is run as idle, so
-    nothing is written past the context; the host refuses such calls anyway.
-    Returns tokens and logprobs [slots, steps].
-    """
-    limit = cache.k[0].shape[1] if cache.k else jnp.iinfo(jnp.int32).max
-    slot_ids = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-
-    def step(
-        carry: tuple[KVCache, jax.Array, jax.Array, jax.Array | None], i: jax.Array
-    ) -> tuple[tuple[KVCache, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]:
-        cache, tok, pos, seen = carry
-        run_pos = jnp.where((pos >= 0) & (pos < limit), pos, -1)
-        cache, logits = _decode_body(params, cache, tok, run_pos, cfg, spec)
-        if greedy:
-            new_tok, logprob = greedy_rows(logits)
-        else:
-            assert rows is not None and seen is not None
-            new_tok, logprob = sample_rows(logits, replace(rows, seen=seen), i)
-            # The repetition penalty sees this step's tokens from the next step on, as
-            # sample_batch's state.observe does between single steps.
-            seen = seen.at[slot_ids, new_tok].set(True)
-        new_tok = new_tok.astype(jnp.int32)
-        pos = jnp.where(pos >= 0, pos + 1, pos)
-        return (cache, new_tok, pos, seen), (new_tok, logprob)
-
-    seen0 = None if rows is None else jnp.asarray(rows.seen)
-    (cache, _, _, _), (toks, logprobs) = jax.lax.scan(
-        step, (cache, tokens, positions, seen0), jnp.arange(steps, dtype=jnp.uint32)
-    )
-    return cache, toks.T, logprobs.T
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 @dataclass
 class Partition:
     """A loaded layer range with its weights; creates caches and runs steps on them.
 
-    prefill/decode take a cache and return the updated one: the old cache object is
-    donated and must not be used again.
+    Every step takes a cache and returns the updated one: the old cache object is donated
+    and must not be used again.
     """
 
     config: ModelConfig
@@ -299,6 +90,17 @@ class Partition:
     dtype: str
     max_context: int
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    attn_block: int | None = None  # None: the platform's default (cache.default_attn_block)
+    geom: CacheGeometry = field(init=False)
+    shape: StepShape = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.attn_block is None:
+            self.attn_block = default_attn_block(jax.default_backend())
+        self.geom = CacheGeometry.plan(
+            self.config, self.max_context, self.prefill_chunk, self.attn_block
+        )
+        self.shape = StepShape(self.config, self.geom, self.spec.has_embedding, self.spec.has_head)
 
     @property
     def num_layers(self) -> int:
@@ -308,30 +110,56 @@ class Partition:
         """A zeroed cache with `slots` session slots."""
         if slots < 1:
             raise PartitionError(f"a cache needs at least one slot, got {slots}")
-        return new_cache(self.config, self.num_layers, slots, self.max_context, self.dtype)
+        return new_cache(self.config, self.num_layers, slots, self.geom.length, self.dtype)
 
-    def _check_inputs(self, inputs: Any, batch_dims: int) -> np.ndarray | jax.Array:
-        # Token ids stay numpy: jit's C++ dispatch moves them to the device far more
-        # cheaply than a jnp.asarray call (which costs more than a tiny model's step).
-        if self.spec.has_embedding:
-            # Ids already on the device stay there (np.asarray would wait for them).
-            ids = (
-                inputs.astype(jnp.int32)
-                if isinstance(inputs, jax.Array)
-                else np.asarray(inputs, dtype=np.int32)
+    # -- input checks -------------------------------------------------------------------
+
+    def _ids(self, inputs: Any, what: str) -> np.ndarray:
+        ids = np.asarray(inputs)
+        if ids.ndim != 1:
+            raise PartitionError(
+                f"the first partition takes token ids of rank 1 {what}, got shape {ids.shape}"
             )
-            if ids.ndim != batch_dims:
-                raise PartitionError(
-                    f"the first partition takes token ids of rank {batch_dims}, got shape {ids.shape}"
-                )
-            return ids
-        arr = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
-        if arr.ndim != batch_dims + 1 or arr.shape[-1] != self.config.hidden_size:
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise PartitionError(f"token ids must be integers, got dtype {ids.dtype}")
+        vocab = self.config.vocab_size
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+        if bad.size:
+            raise TokenRangeError(
+                f"token id {int(ids[bad[0]])} (index {int(bad[0])} {what}) is outside the "
+                f"vocabulary of {vocab} tokens (ids 0..{vocab - 1}): the tokenizer does not "
+                "match this model, or the ids are corrupt"
+            )
+        return ids.astype(np.int32)
+
+    def _inputs(self, inputs: Any, what: str) -> np.ndarray | jax.Array:
+        """Token ids [n] (first partition) or hidden states [n, hidden]."""
+        if self.spec.has_embedding:
+            return self._ids(inputs, what)
+        arr = inputs if isinstance(inputs, jax.Array) else np.asarray(inputs)
+        if arr.ndim != 2 or arr.shape[-1] != self.config.hidden_size:
             raise PartitionError(
                 f"partition [{self.spec.start}, {self.spec.end}) takes hidden states "
-                f"[..., {self.config.hidden_size}], got shape {arr.shape}"
+                f"[n, {self.config.hidden_size}] {what}, got shape {tuple(arr.shape)}"
             )
         return arr
+
+    def _slots(self, cache: KVCache, slots: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise PartitionError("a step needs at least one slot")
+        bad = ids[(ids < 0) | (ids >= cache.slots)]
+        if bad.size:
+            raise PartitionError(f"slot {int(bad[0])} is outside the cache's {cache.slots} slots")
+        if np.unique(ids).size != ids.size:
+            raise PartitionError(f"slots must be distinct, got {ids.tolist()}")
+        return ids.astype(np.int32)
+
+    def _padded_rows(self, cache: KVCache, slots: np.ndarray, width: int) -> np.ndarray:
+        # Padding rows name slot `cache.slots`: out of range, so their writes are dropped.
+        return np.concatenate([slots, np.full(width - slots.size, cache.slots, np.int32)])
+
+    # -- prefill ------------------------------------------------------------------------
 
     def prefill(
         self,
@@ -348,129 +176,301 @@ class Partition:
         Returns the cache and hidden states [n, hidden], or on the last partition float32
         logits of the last position [vocab] ([n, vocab] with all_logits).
         """
-        x = self._check_inputs(inputs, 1)
-        n = int(x.shape[0])
-        if n == 0:
-            raise PartitionError("prefill needs at least one token")
-        if start_pos < 0 or start_pos + n > self.max_context:
-            raise ContextOverflowError(
-                f"prompt of {n} tokens at position {start_pos} does not fit the context of "
-                f"{self.max_context} tokens; shorten the prompt or load with a larger max_context"
-            )
-        if not 0 <= slot < max(cache.slots, 1):
-            raise PartitionError(f"slot {slot} is outside the cache's {cache.slots} slots")
-        outs: list[jax.Array] = []
-        out = None
-        chunk = self.prefill_chunk
-        for c0 in range(0, n, chunk):
-            m = min(chunk, n - c0)
-            bucket = pow2_bucket(m, floor=MIN_BUCKET, cap=chunk)
-            piece = x[c0 : c0 + m]
-            if bucket > m:
-                pad = [(0, bucket - m)] + [(0, 0)] * (piece.ndim - 1)
-                piece = jnp.pad(piece, pad)
-            cache, out = _prefill_chunk(
-                self.params,
-                cache,
-                piece,
-                jnp.int32(start_pos + c0),
-                jnp.int32(slot),
-                jnp.int32(m - 1),
-                cfg=self.config,
-                spec=self.spec,
-                all_logits=all_logits,
-            )
-            if not self.spec.has_head or all_logits:
-                outs.append(out[:m])
-        if outs:
-            return cache, outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-        assert out is not None
-        return cache, out
+        cache, outs = self.prefill_batch(
+            cache, [inputs], [slot], [start_pos], all_logits=all_logits
+        )
+        return cache, outs[0]
 
-    def _check_positions(self, cache: KVCache, x: Any, positions: Any) -> np.ndarray:
-        pos = np.asarray(positions, dtype=np.int32)
-        slots = cache.slots if cache.k else int(x.shape[0])
-        if pos.shape != (slots,) or x.shape[0] != slots:
+    def prefill_batch(
+        self,
+        cache: KVCache,
+        inputs: Sequence[Any],
+        slots: Sequence[int],
+        start_positions: Sequence[int],
+        *,
+        all_logits: bool = False,
+    ) -> tuple[KVCache, list[jax.Array]]:
+        """Prefill several sessions' tokens in shared calls: session i's inputs (ids [n_i]
+        or hidden [n_i, hidden]) into slots[i] from start_positions[i].
+
+        Runs in rounds: round r holds the r-th chunk of every session that has one, the
+        sessions padded to a power-of-two count and the chunks to one token bucket.
+        Returns per session what prefill returns.
+        """
+        if not (len(inputs) == len(slots) == len(start_positions)) or not inputs:
             raise PartitionError(
-                f"decode needs one input and one position per cache slot ({slots}), "
-                f"got inputs {tuple(x.shape)} and positions {pos.shape}"
+                "prefill_batch needs one slot and one start position per session, got "
+                f"{len(inputs)} inputs, {len(slots)} slots, {len(start_positions)} starts"
             )
-        return pos
+        slot_ids = self._slots(cache, slots)
+        xs = [self._inputs(x, f"of session {i}") for i, x in enumerate(inputs)]
+        spans = []
+        for i, (x, start) in enumerate(zip(xs, start_positions, strict=True)):
+            n = int(x.shape[0])
+            if n == 0:
+                raise PartitionError(f"prefill needs at least one token (session {i} has none)")
+            if start < 0 or start + n > self.max_context:
+                raise ContextOverflowError(
+                    f"prompt of {n} tokens at position {start} does not fit the context of "
+                    f"{self.max_context} tokens; shorten the prompt or load with a larger max_context"
+                )
+            spans.append(chunk_spans(start, n, self.prefill_chunk))
+        out_kind = OUT_HIDDEN if not self.spec.has_head else (OUT_ALL if all_logits else OUT_LAST)
+        pieces: list[list[jax.Array]] = [[] for _ in xs]
+        for r in range(max(len(s) for s in spans)):
+            members = [i for i, s in enumerate(spans) if r < len(s)]
+            cache = self._prefill_round(
+                cache, xs, slot_ids, spans, start_positions, members, r, out_kind, pieces
+            )
+        outs = []
+        for got in pieces:
+            if out_kind == OUT_LAST:
+                outs.append(got[-1])
+            else:
+                outs.append(got[0] if len(got) == 1 else jnp.concatenate(got, axis=0))
+        return cache, outs
+
+    def _prefill_round(
+        self,
+        cache: KVCache,
+        xs: list[Any],
+        slot_ids: np.ndarray,
+        spans: list[list[tuple[int, int]]],
+        start_positions: Sequence[int],
+        members: list[int],
+        r: int,
+        out_kind: str,
+        pieces: list[list[jax.Array]],
+    ) -> KVCache:
+        lens = [spans[i][r][1] - spans[i][r][0] for i in members]
+        n = pow2_bucket(max(lens), floor=MIN_BUCKET, cap=self.prefill_chunk)
+        width = pow2_bucket(len(members))
+        rows = []
+        for i, m in zip(members, lens, strict=True):
+            begin = spans[i][r][0] - start_positions[i]
+            piece = xs[i][begin : begin + m]
+            pad = [(0, n - m)] + [(0, 0)] * (piece.ndim - 1)
+            rows.append(
+                np.pad(piece, pad) if isinstance(piece, np.ndarray) else jnp.pad(piece, pad)
+            )
+        blank = rows[0] * 0
+        rows += [blank] * (width - len(members))
+        batch = jnp.stack(rows) if any(isinstance(x, jax.Array) for x in rows) else np.stack(rows)
+        slots = self._padded_rows(cache, slot_ids[members], width)
+        starts = np.full(width, -1, np.int32)
+        starts[: len(members)] = [spans[i][r][0] for i in members]
+        lengths = np.zeros(width, np.int32)
+        lengths[: len(members)] = lens
+        key_len = self.geom.key_length(max(spans[i][r][1] for i in members))
+        cache, out = forward(
+            self.params,
+            cache,
+            batch,
+            slots,
+            starts,
+            lengths,
+            shape=self.shape,
+            key_len=key_len,
+            out=out_kind,
+        )
+        for row, (i, m) in enumerate(zip(members, lens, strict=True)):
+            pieces[i].append(out[row] if out_kind == OUT_LAST else out[row, :m])
+        return cache
+
+    # -- decode -------------------------------------------------------------------------
+
+    def _step_rows(
+        self,
+        cache: KVCache,
+        inputs: Any,
+        slots: Any,
+        positions: Any,
+        width: int | None,
+        steps: int | None = None,
+    ) -> tuple[np.ndarray | jax.Array, np.ndarray, np.ndarray, int, int]:
+        """Checked and padded (inputs [W, ...], slots [W], positions [W], width, key_len).
+
+        steps: the number of positions each active row advances (decode_steps), else 1."""
+        extra = steps or 1
+        slot_ids = self._slots(cache, slots)
+        k = slot_ids.size
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        x = self._inputs(inputs, "in the decode step")
+        if pos.shape != (k,) or x.shape[0] != k:
+            raise PartitionError(
+                f"a decode step needs one input and one position per slot ({k}), "
+                f"got inputs {tuple(x.shape)} and positions {tuple(pos.shape)}"
+            )
+        if (pos + extra > self.max_context).any():
+            last = int(pos.max())
+            if steps is None:
+                raise ContextOverflowError(
+                    f"decode position {last} is past the context of {self.max_context} tokens"
+                )
+            raise ContextOverflowError(
+                f"{extra} decode steps from position {last} run past the context of "
+                f"{self.max_context} tokens; ask for fewer steps"
+            )
+        w = decode_width(k) if width is None else width
+        if w < k:
+            raise PartitionError(f"width {w} is smaller than the {k} slots asked for")
+        pad = w - k
+        if pad:
+            fill = np.zeros(
+                (pad, *x.shape[1:]),
+                dtype=np.asarray(x).dtype if isinstance(x, np.ndarray) else x.dtype,
+            )
+            x = (
+                np.concatenate([x, fill])
+                if isinstance(x, np.ndarray)
+                else jnp.concatenate([x, jnp.asarray(fill)])
+            )
+        pos_w = np.concatenate([pos, np.full(pad, -1)]).astype(np.int32)
+        key_len = self.geom.key_length(int(pos.max()) + extra)
+        return x, self._padded_rows(cache, slot_ids, w), pos_w, w, key_len
 
     def decode(
-        self, cache: KVCache, inputs: Any, positions: Sequence[int] | np.ndarray
+        self,
+        cache: KVCache,
+        inputs: Any,
+        slots: Sequence[int] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        *,
+        width: int | None = None,
     ) -> tuple[KVCache, jax.Array]:
-        """One decode step for every slot of the cache.
+        """One decode step for the sessions in `slots` (any subset of the cache's slots).
 
-        inputs: one token id per slot [slots] (first partition) or hidden [slots, hidden];
-        positions: each slot's position, -1 for an idle slot (its cache is untouched and
-        its output is meaningless). Returns hidden [slots, hidden] or logits [slots, vocab].
+        inputs: one token id per slot [k] (first partition) or hidden [k, hidden];
+        positions [k]: each session's position, -1 for an entry to skip (its cache is
+        untouched, its output finite but meaningless). The step computes `width` rows
+        (default: k rounded up to a power of two). Returns hidden [k, hidden] or float32
+        logits [k, vocab].
         """
-        x = self._check_inputs(inputs, 1)
-        pos = self._check_positions(cache, x, positions)
-        if (pos >= self.max_context).any():
-            raise ContextOverflowError(
-                f"decode position {int(pos.max())} is past the context of {self.max_context} tokens"
-            )
-        return _decode(self.params, cache, x, pos, cfg=self.config, spec=self.spec)
+        k = len(np.asarray(slots).reshape(-1))
+        x, slot_w, pos_w, w, key_len = self._step_rows(cache, inputs, slots, positions, width)
+        lengths = (pos_w >= 0).astype(np.int32)
+        batch = x[:, None]
+        cache, out = forward(
+            self.params,
+            cache,
+            batch,
+            slot_w,
+            pos_w,
+            lengths,
+            shape=self.shape,
+            key_len=key_len,
+            out=OUT_LAST if self.spec.has_head else OUT_HIDDEN,
+        )
+        out = out if self.spec.has_head else out[:, 0]
+        return cache, out if w == k else out[:k]
+
+    def _settings(self, states: Sequence[SamplerState | None], k: int, w: int) -> tuple[Any, int]:
+        if len(states) != k:
+            raise PartitionError(f"need one sampler state per slot ({k}), got {len(states)}")
+        padded = [*states, *([None] * (w - k))]
+        vocab = self.config.vocab_size
+        if is_plain_greedy(padded):
+            return None, 0
+        return row_settings(padded, vocab), batch_candidates(padded, vocab)
+
+    def tail_step(
+        self,
+        cache: KVCache,
+        inputs: Any,
+        slots: Sequence[int] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        states: Sequence[SamplerState | None],
+        *,
+        top_logprobs: int = 0,
+        width: int | None = None,
+    ) -> tuple[KVCache, TailTokens]:
+        """Decode and sample in one compiled call on the last partition: token ids come
+        back, the logits stay on the device.
+
+        Arguments as decode, plus one SamplerState per slot (None for a skipped entry);
+        top_logprobs > 0 also returns that many most likely tokens per slot. Active
+        states advance by one step and observe their token.
+        """
+        if not self.spec.has_head:
+            raise PartitionError("tail_step needs the partition holding the head (the last one)")
+        if not 0 <= top_logprobs <= self.config.vocab_size:
+            raise PartitionError(f"top_logprobs must be in [0, vocab], got {top_logprobs}")
+        k = len(np.asarray(slots).reshape(-1))
+        x, slot_w, pos_w, w, key_len = self._step_rows(cache, inputs, slots, positions, width)
+        settings, candidates = self._settings(states, k, w)
+        cache, toks, lps, top_ids, top_lps = tail(
+            self.params,
+            cache,
+            x[:, None],
+            slot_w,
+            pos_w,
+            settings,
+            shape=self.shape,
+            key_len=key_len,
+            candidates=candidates,
+            top_n=top_logprobs,
+        )
+        tokens = np.asarray(toks)[:k].astype(np.int64)
+        active = pos_w[:k] >= 0
+        advance([s if a else None for s, a in zip(states, active, strict=True)], tokens)
+        return cache, TailTokens(
+            tokens,
+            np.asarray(lps)[:k].astype(np.float32),
+            None if top_ids is None else np.asarray(top_ids)[:k].astype(np.int64),
+            None if top_lps is None else np.asarray(top_lps)[:k].astype(np.float32),
+        )
 
     def decode_steps(
         self,
         cache: KVCache,
         tokens: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
         positions: Sequence[int] | np.ndarray,
         states: Sequence[SamplerState | None],
         steps: int,
+        *,
+        width: int | None = None,
     ) -> tuple[KVCache, np.ndarray, np.ndarray]:
         """`steps` decode steps with sampling on the device, for a partition holding the
         whole model (embedding and head): the fast path when one machine runs it all.
 
-        tokens [slots]: each slot's last sampled token, fed at positions [slots] (-1 for
-        an idle slot, whose state may be None); states: each slot's SamplerState, sampled
-        exactly as sample_batch would step by step (same seeds and step counters).
-        Every active slot needs position + steps <= max_context (ContextOverflowError
-        otherwise): nothing is ever written past the context.
+        tokens [k]: each session's last sampled token, fed at positions [k] (-1 for a
+        skipped entry, whose state may be None) into `slots`; states: each session's
+        SamplerState, sampled exactly as tail_step would step by step (same seeds and
+        step counters). Every active session needs position + steps <= max_context.
 
-        Returns the cache and numpy tokens int64 [slots, steps] and logprobs float32
-        [slots, steps]; one host sync per call. Every step runs: a caller that meets a stop
-        token inside the block discards the tokens after it (their cache rows are written
-        but lie beyond the session's position, so they are overwritten or never attended).
-        Each active slot's state advances by `steps` and observes all the tokens.
+        Returns the cache and numpy tokens int64 [k, steps] and logprobs float32
+        [k, steps]; one host sync per call. Every step runs: a caller that meets a stop
+        token inside the block discards the tokens after it (their cache rows lie beyond
+        the session's position, so they are overwritten or never attended).
         """
         if not (self.spec.has_embedding and self.spec.has_head):
             raise PartitionError(
                 "decode_steps needs a partition holding the embedding and the head; "
-                "pipelines use decode() and sample_batch() per step"
+                "pipelines use decode() and tail_step() per step"
             )
         if steps < 1:
             raise PartitionError(f"decode_steps needs steps >= 1, got {steps}")
-        x = self._check_inputs(tokens, 1)
-        pos = self._check_positions(cache, x, positions)
-        if len(states) != pos.shape[0]:
-            raise PartitionError(
-                f"decode_steps needs one sampler state per slot ({pos.shape[0]}), got {len(states)}"
-            )
-        active = pos >= 0
-        if (pos[active] + steps > self.max_context).any():
-            raise ContextOverflowError(
-                f"{steps} decode steps from position {int(pos[active].max())} run past the "
-                f"context of {self.max_context} tokens; ask for fewer steps"
-            )
-        greedy = is_plain_greedy(states)
-        rows = None if greedy else row_settings(states, self.config.vocab_size)
-        cache, toks, lps = _decode_steps(
+        k = len(np.asarray(slots).reshape(-1))
+        x, slot_w, pos_w, w, key_len = self._step_rows(
+            cache, tokens, slots, positions, width, steps
+        )
+        settings, candidates = self._settings(states, k, w)
+        cache, toks, lps = decode_steps(
             self.params,
             cache,
             x,
-            pos,
-            rows,
-            cfg=self.config,
-            spec=self.spec,
+            slot_w,
+            pos_w,
+            settings,
+            shape=self.shape,
+            key_len=key_len,
             steps=steps,
-            greedy=greedy,
+            candidates=candidates,
         )
-        tokens_np = np.asarray(toks).astype(np.int64)
-        logprobs_np = np.asarray(lps).astype(np.float32)
+        tokens_np = np.asarray(toks)[:k].astype(np.int64)
+        logprobs_np = np.asarray(lps)[:k].astype(np.float32)
+        active = pos_w[:k] >= 0
         advance([s if a else None for s, a in zip(states, active, strict=True)], tokens_np)
         return cache, tokens_np, logprobs_np
 
@@ -483,16 +483,21 @@ def load_partition(
     dtype: str | None = None,
     max_context: int | None = DEFAULT_MAX_CONTEXT,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    attn_block: int | None = None,
 ) -> Partition:
     """Load one partition's weights from `source` (files or a byte-range callback).
 
     dtype: compute dtype (float32/bfloat16/float16); default: the checkpoint's.
     max_context: cap on the cache length; the model's max_position_embeddings otherwise.
+    attn_block: keys per attention block (a power of two; see attention.py); default:
+    the platform's (64 on CPU, 1024 on accelerators).
     """
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
         raise PartitionError(
             f"prefill_chunk must be a power of two >= {MIN_BUCKET}, got {prefill_chunk}"
         )
+    if attn_block is not None and (attn_block < 1 or attn_block & (attn_block - 1)):
+        raise PartitionError(f"attn_block must be a power of two, got {attn_block}")
     context = config.max_position_embeddings
     if max_context is not None:
         if max_context < 1:
@@ -500,4 +505,4 @@ def load_partition(
         context = min(context, max_context)
     chosen = resolve_dtype(config, dtype)
     params = load_params(source, config, spec, chosen)
-    return Partition(config, spec, params, chosen, context, prefill_chunk)
+    return Partition(config, spec, params, chosen, context, prefill_chunk, attn_block)

@@ -1,8 +1,10 @@
-"""The in-process chain runner: partitions chained in one process, and `generate`.
+"""The in-process chain runner: partitions chained in one process, `generate` and `replay`.
 
 Owns `Chain` (partitions [0, a), [a, b), ... feeding each other's hidden states, as a
-cluster pipeline would across nodes), `load_chain` and `generate` (prompt in, tokens out).
-Used by scripts/generate.py and the tests; the math is model.py's.
+cluster pipeline would across nodes), `load_chain`, `generate` (prompt in, tokens out)
+and `Chain.replay`, the reference for rebuilding a session after a failure: the pipeline
+runs the same calls, one stage per node. Used by scripts/generate.py and the tests; the
+math is model.py's.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from node.engine.buckets import pow2_bucket
 from node.engine.cache import KVCache
 from node.engine.config import ModelConfig
 from node.engine.errors import ContextOverflowError, PartitionError
-from node.engine.model import Partition, load_partition, pow2_bucket
+from node.engine.model import Partition, TailTokens, load_partition
 from node.engine.sampling import SamplerState, SamplingParams, sample_batch
 from node.engine.weights import PartitionSpec, WeightSource
 
@@ -60,30 +63,84 @@ class Chain:
         slot: int = 0,
         all_logits: bool = False,
     ) -> tuple[list[KVCache], jax.Array]:
-        x: Any = np.asarray(tokens, dtype=np.int32)
+        caches, outs = self.prefill_batch(
+            caches, [tokens], [slot], [start_pos], all_logits=all_logits
+        )
+        return caches, outs[0]
+
+    def prefill_batch(
+        self,
+        caches: list[KVCache],
+        prompts: Sequence[Sequence[int]],
+        slots: Sequence[int],
+        start_positions: Sequence[int],
+        *,
+        all_logits: bool = False,
+    ) -> tuple[list[KVCache], list[jax.Array]]:
+        xs: list[Any] = [np.asarray(p, dtype=np.int64) for p in prompts]
         out_caches = []
         for part, cache in zip(self.partitions, caches, strict=True):
-            cache, x = part.prefill(cache, x, start_pos=start_pos, slot=slot, all_logits=all_logits)
+            cache, xs = part.prefill_batch(cache, xs, slots, start_positions, all_logits=all_logits)
             out_caches.append(cache)
-        return out_caches, x
+        return out_caches, xs
+
+    def _through_body(
+        self,
+        caches: list[KVCache],
+        tokens: Any,
+        slots: Sequence[int],
+        positions: Sequence[int] | np.ndarray,
+        width: int | None,
+    ) -> tuple[list[KVCache], Any]:
+        """Decode through every partition but the last: its input."""
+        x: Any = np.asarray(tokens, dtype=np.int64)
+        out = []
+        for part, cache in zip(self.partitions[:-1], caches[:-1], strict=True):
+            cache, x = part.decode(cache, x, slots, positions, width=width)
+            out.append(cache)
+        return out, x
 
     def decode(
         self,
         caches: list[KVCache],
         tokens: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
         positions: Sequence[int] | np.ndarray,
+        *,
+        width: int | None = None,
     ) -> tuple[list[KVCache], jax.Array]:
-        x: Any = np.asarray(tokens, dtype=np.int32)
-        out_caches = []
-        for part, cache in zip(self.partitions, caches, strict=True):
-            cache, x = part.decode(cache, x, positions)
-            out_caches.append(cache)
-        return out_caches, x
+        """One decode step: float32 logits [k, vocab] for the k sessions in `slots`."""
+        body, x = self._through_body(
+            caches, tokens, list(np.asarray(slots).reshape(-1)), positions, width
+        )
+        last, logits = self.partitions[-1].decode(caches[-1], x, slots, positions, width=width)
+        return [*body, last], logits
+
+    def tail_step(
+        self,
+        caches: list[KVCache],
+        tokens: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        states: Sequence[SamplerState | None],
+        *,
+        top_logprobs: int = 0,
+        width: int | None = None,
+    ) -> tuple[list[KVCache], TailTokens]:
+        """One decode step ending in the last partition's tail step: token ids back."""
+        body, x = self._through_body(
+            caches, tokens, list(np.asarray(slots).reshape(-1)), positions, width
+        )
+        last, out = self.partitions[-1].tail_step(
+            caches[-1], x, slots, positions, states, top_logprobs=top_logprobs, width=width
+        )
+        return [*body, last], out
 
     def decode_steps(
         self,
         caches: list[KVCache],
         tokens: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
         positions: Sequence[int] | np.ndarray,
         states: Sequence[SamplerState | None],
         steps: int,
@@ -94,9 +151,41 @@ class Chain:
                 f"decode_steps needs a chain of one partition, this one has {len(self.partitions)}"
             )
         cache, toks, lps = self.partitions[0].decode_steps(
-            caches[0], tokens, positions, states, steps
+            caches[0], tokens, slots, positions, states, steps
         )
         return [cache], toks, lps
+
+    def replay(
+        self,
+        caches: list[KVCache],
+        slot: int,
+        prompt: Sequence[int],
+        emitted: Sequence[int],
+        *,
+        width: int = 1,
+    ) -> tuple[list[KVCache], jax.Array]:
+        """Rebuild a session in `slot` from its prompt and the tokens already emitted,
+        teacher-forced, and return the logits [vocab] for the token after them.
+
+        The prompt is prefilled (chunks at multiples of prefill_chunk, as the first run
+        did) and every emitted token goes through one decode step of `width` rows, as it
+        did when it was generated, so the returned logits equal the undisturbed run's bit
+        for bit under the conditions in node/engine/__init__.py. Nothing is sampled: the
+        caller samples the next token from these logits and decodes it at position
+        len(prompt) + len(emitted).
+        """
+        if len(prompt) + len(emitted) > self.max_context:
+            raise ContextOverflowError(
+                f"a session of {len(prompt) + len(emitted)} tokens does not fit the context "
+                f"of {self.max_context} tokens"
+            )
+        caches, logits = self.prefill(caches, prompt, slot=slot)
+        pos = len(prompt)
+        for token in emitted:
+            caches, out = self.decode(caches, [token], [slot], [pos], width=width)
+            logits = out[0]
+            pos += 1
+        return caches, logits
 
 
 def load_chain(
@@ -124,8 +213,9 @@ def generate(
     A chain of one partition decodes `block` tokens per device call (decode_steps:
     sampling on the device, one host sync per block), so tokens arrive in bursts of
     `block`; tokens sampled after a stop token or past max_tokens are discarded. The
-    tokens are the same as step-by-step decoding gives. block=0 forces one host round
-    trip per token, the path split chains (and pipelines) always take.
+    tokens are the same as step-by-step decoding gives. block=0 forces one tail step
+    (decode + sampling on the device, token ids back) per token, the path split chains
+    (and pipelines) always take.
     """
     if len(prompt) + 1 > chain.max_context:
         raise ContextOverflowError(
@@ -149,7 +239,7 @@ def generate(
         while produced < max_tokens and pos < chain.max_context:
             # Power-of-two block sizes for the last tokens: few compilations, little waste.
             steps = min(pow2_bucket(max_tokens - produced, cap=block), chain.max_context - pos)
-            cache, toks, lps = part.decode_steps(cache, [token], [pos], [state], steps)
+            cache, toks, lps = part.decode_steps(cache, [token], [0], [pos], [state], steps)
             for t, lp in zip(toks[0].tolist(), lps[0].tolist(), strict=True):
                 if state.is_stop(t):
                     return
@@ -161,11 +251,10 @@ def generate(
             pos += steps
         return
     while produced < max_tokens and pos < chain.max_context:
-        caches, logits = chain.decode(caches, [token], [pos])
+        caches, out = chain.tail_step(caches, [token], [0], [pos], [state])
         pos += 1
-        tokens, logprobs = sample_batch(logits, [state])
-        token = int(tokens[0])
+        token = int(out.tokens[0])
         if state.is_stop(token):
             return
-        yield token, float(logprobs[0])
+        yield token, float(out.logprobs[0])
         produced += 1

@@ -1,14 +1,13 @@
-"""Token sampling on the last partition: greedy, temperature, top-k, top-p, min-p,
-repetition penalty, per-request seeds, stop tokens and log-probabilities.
+"""Token sampling settings and the host-side sampling API.
 
-The building blocks are small pure functions on logits. `sample_rows` (traceable, used
-inside decode_steps' device loop) and `sample_batch` (one jitted, vmapped step on the host
-side) sample a batch where every row has its own settings, so requests with different
-parameters share one compilation; `greedy_rows` is the argmax-only fast path.
+Owns SamplingParams (one request's settings, validated), SamplerState (per session: seed,
+step counter, tokens seen for the repetition penalty, stop tokens), row_settings (a batch
+of states as arrays for a compiled step), advance (record sampled tokens) and
+sample_batch (sample logits already on the host side of a step). The traceable samplers
+are samplers.py's; the compiled tail step and decode_steps call them on the device.
 
-Log-probabilities are those of the model's distribution (log-softmax of the raw logits),
-not of the temperature-scaled, filtered one, matching what OpenAI-style APIs report.
-Randomness is reproducible: row i at step t uses fold_in(PRNGKey(seed), t).
+Randomness is reproducible: row i at step t uses fold_in(PRNGKey(seed), t), whichever
+path (tail step, decode_steps, sample_batch) draws the token.
 """
 
 from __future__ import annotations
@@ -18,58 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from node.engine.errors import SamplingError
-
-
-def log_softmax(logits: jax.Array) -> jax.Array:
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def apply_repetition_penalty(
-    logits: jax.Array, seen: jax.Array, penalty: jax.Array | float
-) -> jax.Array:
-    """transformers' rule: seen tokens' logits are divided by `penalty` if positive, else multiplied."""
-    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    return jnp.where(seen, penalised, logits)
-
-
-def top_k_filter(logits: jax.Array, k: jax.Array | int) -> jax.Array:
-    """Keep the k largest logits (ties at the k-th value kept); k <= 0 disables."""
-    vocab = logits.shape[-1]
-    kth = jnp.sort(logits)[..., ::-1][..., jnp.clip(k - 1, 0, vocab - 1)]
-    return jnp.where((k > 0) & (logits < kth), -jnp.inf, logits)
-
-
-def top_p_filter(logits: jax.Array, p: jax.Array | float) -> jax.Array:
-    """Keep the smallest set of top tokens whose probability reaches p (always >= 1 token)."""
-    ordered = jnp.sort(logits)[::-1]
-    probs = jax.nn.softmax(ordered)
-    keep = (jnp.cumsum(probs) - probs) < p
-    cutoff = ordered[jnp.maximum(jnp.sum(keep) - 1, 0)]
-    return jnp.where(logits < cutoff, -jnp.inf, logits)
-
-
-def min_p_filter(logits: jax.Array, min_p: jax.Array | float) -> jax.Array:
-    """Drop tokens whose probability is below min_p times the top token's."""
-    probs = jax.nn.softmax(logits)
-    return jnp.where(probs < min_p * jnp.max(probs), -jnp.inf, logits)
-
-
-def filtered_logits(
-    logits: jax.Array,
-    temperature: jax.Array | float,
-    top_k: jax.Array | int,
-    top_p: jax.Array | float,
-    min_p: jax.Array | float,
-) -> jax.Array:
-    """Temperature, then top-k, top-p, min-p (transformers' order), on one row [V]."""
-    x = logits.astype(jnp.float32) / temperature
-    x = top_k_filter(x, top_k)
-    x = top_p_filter(x, top_p)
-    return min_p_filter(x, min_p)
+from node.engine.samplers import RowSettings, candidate_count, greedy_rows, sample_rows
 
 
 @dataclass(frozen=True)
@@ -126,58 +77,6 @@ class SamplerState:
 _IDLE = SamplerState(SamplingParams(), 1, seed=0)
 
 
-def greedy_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Argmax token and its log-probability for every row of logits [B, V]."""
-    tokens = jnp.argmax(logits, axis=-1)
-    logprobs = jnp.take_along_axis(log_softmax(logits), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
-
-
-_greedy_batch = jax.jit(greedy_rows)
-
-
-def _sample_row(
-    logits: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
-    penalty: jax.Array,
-    seen: jax.Array,
-    seed: jax.Array,
-    step: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    logits = logits.astype(jnp.float32)
-    logprobs = log_softmax(logits)
-    x = apply_repetition_penalty(logits, seen, penalty)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    greedy = temperature <= 0
-    sampled = jax.random.categorical(
-        rng, filtered_logits(x, jnp.where(greedy, 1.0, temperature), top_k, top_p, min_p)
-    )
-    token = jnp.where(greedy, jnp.argmax(x), sampled)
-    return token, logprobs[token]
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class RowSettings:
-    """Per-row sampling settings as arrays [B] (seen [B, V]), ready for a jitted step.
-
-    Built on the host with `row_settings`; `step` is each row's step counter for the next
-    token, so a multi-step decode adds its loop index to it.
-    """
-
-    temperature: jax.Array | np.ndarray
-    top_k: jax.Array | np.ndarray
-    top_p: jax.Array | np.ndarray
-    min_p: jax.Array | np.ndarray
-    penalty: jax.Array | np.ndarray
-    seen: jax.Array | np.ndarray
-    seed: jax.Array | np.ndarray
-    step: jax.Array | np.ndarray
-
-
 def is_plain_greedy(states: Sequence[SamplerState | None]) -> bool:
     """True when every row is greedy without repetition penalty: argmax alone will do."""
     return all(
@@ -209,26 +108,13 @@ def row_settings(states: Sequence[SamplerState | None], vocab: int) -> RowSettin
     )
 
 
-def sample_rows(
-    logits: jax.Array, rows: RowSettings, step_offset: jax.Array | int = 0
-) -> tuple[jax.Array, jax.Array]:
-    """Traceable: one token and its logprob per row of logits [B, V], row i at step
-    rows.step[i] + step_offset (so fold_in(PRNGKey(seed), step) as in sample_batch)."""
-    step = jnp.asarray(rows.step, jnp.uint32) + jnp.asarray(step_offset, jnp.uint32)
-    return jax.vmap(_sample_row)(
-        logits,
-        jnp.asarray(rows.temperature),
-        jnp.asarray(rows.top_k),
-        jnp.asarray(rows.top_p),
-        jnp.asarray(rows.min_p),
-        jnp.asarray(rows.penalty),
-        jnp.asarray(rows.seen),
-        jnp.asarray(rows.seed),
-        step,
-    )
+_greedy_batch = jax.jit(greedy_rows)
+_sample_batch = jax.jit(sample_rows, static_argnames=("candidates",))
 
 
-_sample_batch = jax.jit(sample_rows)
+def batch_candidates(states: Sequence[SamplerState | None], vocab: int) -> int:
+    """The static candidate count sample_rows needs for these rows."""
+    return candidate_count([s.params.top_k for s in states if s is not None], vocab)
 
 
 def advance(states: Sequence[SamplerState | None], tokens: np.ndarray) -> None:
@@ -255,7 +141,9 @@ def sample_batch(
     if is_plain_greedy(states):
         tok, lp = _greedy_batch(logits)
     else:
-        tok, lp = _sample_batch(logits, row_settings(states, logits.shape[1]))
+        vocab = int(logits.shape[1])
+        rows = row_settings(states, vocab)
+        tok, lp = _sample_batch(logits, rows, candidates=batch_candidates(states, vocab))
     tokens = np.asarray(tok).astype(np.int64)
     logprobs = np.asarray(lp).astype(np.float32)
     advance(states, tokens)

@@ -26,6 +26,8 @@ from node.engine import (  # noqa: E402
 
 MAX_CONTEXT = 128
 PREFILL_CHUNK = 32
+# Small attention blocks so that the tests walk several key blocks and key buckets.
+ATTN_BLOCK = 32
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TinyModel:
             dtype="float32",
             max_context=MAX_CONTEXT,
             prefill_chunk=PREFILL_CHUNK,
+            attn_block=ATTN_BLOCK,
         )
 
 
@@ -119,3 +122,20 @@ def tiny(request: pytest.FixtureRequest) -> TinyModel:
 @pytest.fixture(scope="session")
 def whole_chain(tiny: TinyModel) -> Chain:
     return tiny.chain()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def varied(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """node.testing.tinymodel checkpoints: scaled so that greedy output varies (the
+    transformers-initialised ones above repeat a token after a few steps)."""
+    from node.testing.tinymodel import make_tiny_model
+
+    path = make_tiny_model(
+        tmp_path_factory.mktemp(f"varied_{request.param}"),
+        arch=request.param,
+        layers=4,
+        vocab_size=384,
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    return TinyModel(path, load_config(path), hf)

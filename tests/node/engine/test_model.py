@@ -16,7 +16,7 @@ from node.engine import (
     generate,
     split_layers,
 )
-from node.engine.model import pow2_bucket
+from node.engine.buckets import pow2_bucket
 
 # TinyModel: see conftest.py (path, config, hf, chain(specs), max_context).
 TinyModel = Any
@@ -63,7 +63,7 @@ def test_decode_logits_match_transformers(tiny: TinyModel, whole_chain: Chain) -
     caches, _ = whole_chain.prefill(whole_chain.new_caches(1), ids[:5])
     ref = _hf_logits(tiny, ids)
     for pos in range(5, len(ids)):
-        caches, logits = whole_chain.decode(caches, [ids[pos]], [pos])
+        caches, logits = whole_chain.decode(caches, [ids[pos]], [0], [pos])
         np.testing.assert_allclose(np.asarray(logits[0]), ref[pos], rtol=1e-4, atol=1e-5)
 
 
@@ -90,7 +90,7 @@ def test_batched_decode_equals_one_at_a_time(tiny: TinyModel, whole_chain: Chain
         rows = []
         tok, pos = int(np.argmax(logits)), len(ids)
         for _ in range(steps):
-            caches, out = whole_chain.decode(caches, [tok], [pos])
+            caches, out = whole_chain.decode(caches, [tok], [0], [pos])
             rows.append(np.asarray(out[0]))
             tok, pos = int(np.argmax(out[0])), pos + 1
         expected.append(rows)
@@ -101,7 +101,7 @@ def test_batched_decode_equals_one_at_a_time(tiny: TinyModel, whole_chain: Chain
         caches, logits = whole_chain.prefill(caches, ids, slot=slot)
         toks[slot], poss[slot] = int(np.argmax(logits)), len(ids)
     for step in range(steps):
-        caches, out = whole_chain.decode(caches, toks, poss)
+        caches, out = whole_chain.decode(caches, toks, [0, 1, 2, 3], poss)
         for slot in range(len(prompts)):
             np.testing.assert_allclose(
                 np.asarray(out[slot]), expected[slot][step], rtol=1e-5, atol=1e-5
@@ -116,7 +116,7 @@ def test_prompt_longer_than_context_is_refused(whole_chain: Chain) -> None:
     with pytest.raises(ContextOverflowError, match="leaves no room"):
         list(generate(whole_chain, [1] * whole_chain.max_context, SamplingParams(), 4))
     with pytest.raises(ContextOverflowError, match="past the context"):
-        whole_chain.decode(whole_chain.new_caches(1), [1], [whole_chain.max_context])
+        whole_chain.decode(whole_chain.new_caches(1), [1], [0], [whole_chain.max_context])
 
 
 def test_generation_stops_at_context_end(whole_chain: Chain) -> None:
@@ -133,8 +133,12 @@ def test_wrong_inputs_are_refused(tiny: TinyModel) -> None:
         tail.prefill(tail.new_cache(), np.array([1, 2, 3]))
     with pytest.raises(PartitionError, match="token ids"):
         head.prefill(head.new_cache(), np.zeros((3, tiny.config.hidden_size), np.float32))
-    with pytest.raises(PartitionError, match="one position per cache slot"):
-        head.decode(head.new_cache(2), [1], [0])
+    with pytest.raises(PartitionError, match="one input and one position per slot"):
+        head.decode(head.new_cache(2), [1], [0, 1], [0, 0])
+    with pytest.raises(PartitionError, match="slot 2 is outside"):
+        head.decode(head.new_cache(2), [1], [2], [0])
+    with pytest.raises(PartitionError, match="distinct"):
+        head.decode(head.new_cache(2), [1, 1], [1, 1], [0, 0])
     with pytest.raises(PartitionError, match="slot 5"):
         head.prefill(head.new_cache(2), [1, 2], slot=5)
     with pytest.raises(PartitionError, match="do not chain"):
@@ -154,9 +158,9 @@ def test_stop_tokens_end_generation(whole_chain: Chain) -> None:
 
 
 def test_prompt_lengths_share_bucket_compilations(whole_chain: Chain) -> None:
-    from node.engine import model as model_mod
+    from node.engine import steps
 
-    fn = model_mod._prefill_chunk
+    fn = steps.forward
     if not hasattr(fn, "_cache_size"):
         pytest.skip("this jax version does not expose the jit cache size")
     for n in (17, 20, 29):  # warm the 32 bucket

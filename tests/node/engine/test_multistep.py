@@ -22,6 +22,7 @@ from node.engine import (
 TinyModel = Any
 
 PROMPTS = [[3, 17, 250, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [42]]
+SLOTS = [0, 1, 2, 3]
 SAMPLED = SamplingParams(
     temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.3, seed=11
 )
@@ -78,7 +79,7 @@ def test_batched_decode_steps_equal_single_steps(whole_chain: Chain) -> None:
     active = [s for s in states if s is not None]
     want_t, want_lp = [], []
     for _ in range(steps):
-        caches, logits = whole_chain.decode(caches, toks, poss)
+        caches, logits = whole_chain.decode(caches, toks, SLOTS, poss)
         t, lp = sample_batch(logits[: len(active)], active)
         want_t.append(t)
         want_lp.append(lp)
@@ -91,7 +92,7 @@ def test_batched_decode_steps_equal_single_steps(whole_chain: Chain) -> None:
     caches, toks, poss = _prefilled(whole_chain, states)
     got_t, got_lp = [], []
     for k in (4, 4):
-        caches, t, lp = whole_chain.decode_steps(caches, toks, poss, states, k)
+        caches, t, lp = whole_chain.decode_steps(caches, toks, SLOTS, poss, states, k)
         assert t.shape == lp.shape == (4, k)
         got_t.append(t[:3])
         got_lp.append(lp[:3])
@@ -134,12 +135,12 @@ def test_blocks_stop_at_context_end_and_overflow_is_refused(whole_chain: Chain) 
 
     state = SamplerState(SamplingParams(), whole_chain.config.vocab_size)
     with pytest.raises(ContextOverflowError, match="run past the context"):
-        whole_chain.decode_steps(whole_chain.new_caches(1), [1], [n - 7], [state], 8)
+        whole_chain.decode_steps(whole_chain.new_caches(1), [1], [0], [n - 7], [state], 8)
     with pytest.raises(ContextOverflowError, match="run past the context"):
-        whole_chain.decode_steps(whole_chain.new_caches(1), [1], [n], [state], 1)
+        whole_chain.decode_steps(whole_chain.new_caches(1), [1], [0], [n], [state], 1)
     assert state.step == 0  # a refused call samples nothing
     # Exactly reaching the end is allowed.
-    _, toks, _ = whole_chain.decode_steps(whole_chain.new_caches(1), [1], [n - 8], [state], 8)
+    _, toks, _ = whole_chain.decode_steps(whole_chain.new_caches(1), [1], [0], [n - 8], [state], 8)
     assert toks.shape == (1, 8)
 
 
@@ -147,11 +148,11 @@ def test_decode_steps_needs_the_whole_model(tiny: TinyModel, whole_chain: Chain)
     split = tiny.chain(split_layers(tiny.config.num_layers, 2))
     state = SamplerState(SamplingParams(), tiny.config.vocab_size)
     with pytest.raises(PartitionError, match="one partition"):
-        split.decode_steps(split.new_caches(1), [1], [0], [state], 2)
+        split.decode_steps(split.new_caches(1), [1], [0], [0], [state], 2)
     head = split.partitions[0]
     with pytest.raises(PartitionError, match="embedding and the head"):
-        head.decode_steps(head.new_cache(1), [1], [0], [state], 2)
+        head.decode_steps(head.new_cache(1), [1], [0], [0], [state], 2)
     with pytest.raises(PartitionError, match="one sampler state per slot"):
-        whole_chain.decode_steps(whole_chain.new_caches(2), [1, 1], [0, 0], [state], 2)
+        whole_chain.decode_steps(whole_chain.new_caches(2), [1, 1], [0, 1], [0, 0], [state], 2)
     with pytest.raises(PartitionError, match="steps >= 1"):
-        whole_chain.decode_steps(whole_chain.new_caches(1), [1], [0], [state], 0)
+        whole_chain.decode_steps(whole_chain.new_caches(1), [1], [0], [0], [state], 0)

@@ -25,7 +25,12 @@ def test_cheap_imports_do_not_load_jax() -> None:
         "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     loaded = set(json.loads(out.stdout))
     assert not loaded & {"jax", "jaxlib"}, sorted(loaded & {"jax", "jaxlib"})
@@ -47,8 +52,13 @@ def test_every_public_name_resolves() -> None:
 def test_type_checking_imports_match_all() -> None:
     # mypy and readers see the TYPE_CHECKING imports; run time serves __all__.
     tree = ast.parse(Path(node.engine.__file__).read_text())
-    [block] = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    [block] = [
+        n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+    ]
     imported = {
-        alias.name for stmt in block.body if isinstance(stmt, ast.ImportFrom) for alias in stmt.names
+        alias.name
+        for stmt in block.body
+        if isinstance(stmt, ast.ImportFrom)
+        for alias in stmt.names
     }
     assert imported | {"enable_compilation_cache"} == set(node.engine.__all__)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -24,10 +25,17 @@ from node.engine import (
     WeightSource,
     load_config,
     load_partition,
-    memory_needed,
+    memory_estimate,
+    partition_param_count,
     split_layers,
 )
-from node.engine.weights import local_reader, model_files, partition_tensor_names
+from node.engine.cache import cache_nbytes
+from node.engine.weights import (
+    local_read_into,
+    local_reader,
+    model_files,
+    partition_tensor_names,
+)
 
 TinyModel = Any  # see conftest.py
 
@@ -91,15 +99,59 @@ def test_tied_tail_uses_embedding_as_head(tiny_qwen: TinyModel) -> None:
         tiny_qwen.source(), cfg, PartitionSpec(cfg.num_layers, cfg.num_layers, False, True)
     )
     embed = tiny_qwen.hf.model.embed_tokens.weight.detach().numpy()
-    np.testing.assert_array_equal(np.asarray(tail.params.head), embed.T)
+    np.testing.assert_array_equal(np.asarray(tail.params.head), embed)  # [vocab, hidden], as stored
     assert tail.params.embed is None
+    # The partition holding both uses the one table for both.
+    whole = load_partition(tiny_qwen.source(), cfg, PartitionSpec.whole(cfg))
+    assert whole.params.head is None
+    np.testing.assert_array_equal(np.asarray(whole.params.embed), embed)
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen"])
+def test_loaded_arrays_are_the_files_arrays(
+    which: str, tiny_llama: TinyModel, tiny_qwen: TinyModel
+) -> None:
+    # Stored as the file stores them ([out, in]), never transposed or fused on the host.
+    tiny = tiny_llama if which == "llama" else tiny_qwen
+    cfg = tiny.config
+    spec = PartitionSpec.whole(cfg)
+    part = load_partition(tiny.source(), cfg, spec, dtype="float32")
+    file = load_file(tiny.path / "model.safetensors")
+    names = {
+        "ln1": "input_layernorm.weight",
+        "wq": "self_attn.q_proj.weight",
+        "wk": "self_attn.k_proj.weight",
+        "wv": "self_attn.v_proj.weight",
+        "bq": "self_attn.q_proj.bias",
+        "bk": "self_attn.k_proj.bias",
+        "bv": "self_attn.v_proj.bias",
+        "wo": "self_attn.o_proj.weight",
+        "ln2": "post_attention_layernorm.weight",
+        "wg": "mlp.gate_proj.weight",
+        "wu": "mlp.up_proj.weight",
+        "wd": "mlp.down_proj.weight",
+    }
+    for i, layer in enumerate(part.params.layers):
+        for field, name in names.items():
+            value = getattr(layer, field)
+            key = f"model.layers.{i}.{name}"
+            if value is None:
+                assert key not in file
+                continue
+            assert value.shape == file[key].shape, key
+            np.testing.assert_array_equal(np.asarray(value), file[key])
+    np.testing.assert_array_equal(np.asarray(part.params.embed), file["model.embed_tokens.weight"])
+    if not cfg.tie_word_embeddings:
+        np.testing.assert_array_equal(np.asarray(part.params.head), file["lm_head.weight"])
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_memory_needed_matches_allocation(
+def test_memory_accounting_matches_allocation(
     which: str, dtype: str, tiny_llama: TinyModel, tiny_qwen: TinyModel
 ) -> None:
+    # Weights and cache are counted exactly, for every kind of partition (temporaries and
+    # the whole peak: test_memory.py).
     tiny = tiny_llama if which == "llama" else tiny_qwen
     cfg = tiny.config
     specs = [
@@ -110,11 +162,20 @@ def test_memory_needed_matches_allocation(
     for spec in specs:
         part = load_partition(tiny.source(), cfg, spec, dtype=dtype, max_context=48)
         cache = part.new_cache(3)
-        actual = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params)) + cache.nbytes
-        predicted = memory_needed(
-            cfg, spec.start, spec.end, spec.has_embedding, spec.has_head, dtype, 48, 3
+        weights = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params))
+        assert partition_param_count(cfg, spec) * jnp.dtype(dtype).itemsize == weights, spec
+        assert (
+            cache_nbytes(cfg, spec.end - spec.start, 3, part.geom.length, jnp.dtype(dtype).itemsize)
+            == cache.nbytes
         )
-        assert abs(predicted - actual) <= 0.1 * actual, (spec, predicted, actual)
+    spec = specs[1]
+    est = memory_estimate(
+        cfg, spec.start, spec.end, spec.has_embedding, spec.has_head, dtype, 48, 3
+    )
+    part = load_partition(tiny.source(), cfg, spec, dtype=dtype, max_context=48)
+    assert est.weights == sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params))
+    assert est.kv_cache == part.new_cache(3).nbytes
+    assert est.temporaries > 0
 
 
 def _copy_model(src: Path, dst: Path) -> Path:
@@ -176,3 +237,39 @@ def test_bad_partition_arguments(tiny_llama: TinyModel) -> None:
         load_partition(tiny_llama.source(), cfg, PartitionSpec.whole(cfg), dtype="int8")
     with pytest.raises(PartitionError, match="cannot split"):
         split_layers(cfg.num_layers, cfg.num_layers + 1)
+
+
+@pytest.mark.parametrize("make", [local_reader, local_read_into])
+def test_local_readers_serve_only_the_models_weight_files(
+    make: Any, tiny_llama: TinyModel, tmp_path: Path
+) -> None:
+    """Readers back piece serving to peers: no path outside the model's weight files."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama.path, model_dir)
+    (tmp_path / "cluster.secret").write_text("do not serve me\n")
+    (model_dir / "notes.txt").write_text("not a weight file\n")
+    (model_dir / "link.safetensors").symlink_to(tmp_path / "cluster.secret")
+    name = model_files(tiny_llama.path)[0]
+    size = (model_dir / name).stat().st_size
+    listed = make(model_dir, [name, "link.safetensors"])
+
+    def call(file_name: str, offset: int, length: int, read: Any = listed) -> bytes:
+        if make is local_reader:
+            return bytes(read(file_name, offset, length))
+        buf = bytearray(length)
+        read(file_name, offset, memoryview(buf))
+        return bytes(buf)
+
+    assert call(name, 0, 8) == (model_dir / name).read_bytes()[:8]
+    for bad in ["../cluster.secret", "/etc/passwd", "notes.txt", f"./{name}/.."]:
+        with pytest.raises(WeightsError, match="not one of this model's weight files"):
+            call(bad, 0, 4)
+    with pytest.raises(WeightsError, match="outside the model directory"):
+        call("link.safetensors", 0, 4)
+    with pytest.raises(WeightsError, match="truncated"):
+        call(name, size - 4, 8)
+    with pytest.raises(WeightsError, match="bad byte range"):
+        call(name, -1, 4)
+    # By default the files are the model's own: the index or its *.safetensors.
+    with pytest.raises(WeightsError, match="not one of"):
+        call("../cluster.secret", 0, 4, make(model_dir))
