@@ -1,0 +1,1 @@
+"""Distributed generation: the planner, the stage worker, the session driver."""
