@@ -19,6 +19,7 @@ from typing import Any
 
 from node import __version__
 from node.cli_models import add_model_commands
+from node.cli_run import add_run_commands
 from node.client import CliError, call, load_config_for
 from node.config import (
     DEFAULT_API_HOST,
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_ping)
 
     add_model_commands(sub, client)
+    add_run_commands(sub, client)
 
     s = sub.add_parser("service", help="install the systemd unit or launchd agent")
     service = s.add_subparsers(dest="service_command", required=True, metavar="ACTION")

@@ -366,6 +366,52 @@ class EngineSection:
             default="auto",
         )
     )
+    max_sessions: int = field(
+        metadata=key(
+            v.int_range(1, 256),
+            "Sessions a loaded model serves at once (KV cache slots on every node of its "
+            "plan); requests beyond them wait in the queue.",
+            default=4,
+        )
+    )
+    queue: int = field(
+        metadata=key(
+            v.int_range(0, 4096),
+            "Requests this node holds waiting for a session; beyond them the API answers 503.",
+            default=16,
+        )
+    )
+    keep_alive: float = field(
+        metadata=key(
+            v.positive_seconds,
+            "Seconds a loaded model stays loaded without requests (Ollama's keep_alive).",
+            default=300.0,
+        )
+    )
+    step_timeout: float = field(
+        metadata=key(
+            v.positive_seconds,
+            "Seconds a pipeline step may take before the node holding it is treated as "
+            "failed and the session is rebuilt on the others.",
+            default=60.0,
+        )
+    )
+    prefill_chunk: int = field(
+        metadata=key(
+            v.int_range(16, 8192),
+            "Prompt tokens per prefill call: a long prompt is prefilled in chunks "
+            "interleaved with the other sessions' decode steps.",
+            default=256,
+        )
+    )
+    max_rtt_ms: float = field(
+        metadata=key(
+            v.positive_seconds,
+            "Plans leave out a node whose round trip to the others exceeds this "
+            "(milliseconds), unless the model does not fit without it.",
+            default=50.0,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,9 @@ from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
 from node.net.errors import TransportError
 from node.net.transport import Transport
+from node.pipeline.driver import Driver
+from node.pipeline.peers import Peers
+from node.pipeline.worker import StageWorker
 from node.store.models import ModelStore
 from node.swarm.service import ModelService
 from node.system import sdnotify
@@ -125,6 +128,9 @@ class Daemon:
         self.swarm_counters = Counters(("pieces_served", "pieces_fetched", "bytes_served", "bytes_fetched"),
                                        by_reason=("refused",))
         self.models: ModelService | None = None
+        self.peers: Peers | None = None
+        self.worker: StageWorker | None = None
+        self.driver: Driver | None = None
         self._clock_warned_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,6 +187,12 @@ class Daemon:
             piece_size=cfg.swarm.piece_size, ttl=cfg.dht.record_ttl, max_upload_rate=cfg.swarm.max_upload_rate,
             max_download_rate=cfg.swarm.max_download_rate, share=cfg.swarm.share,
         )
+        self.peers = Peers(self.key.node_id, self.transport, self._members)
+        self.worker = StageWorker(self.key.node_id, self.models, self.peers,
+                                  memory_allowed=self.caps.memory_allowed, step_timeout=cfg.engine.step_timeout)
+        self.worker.register(self.transport)
+        self.driver = Driver(self.key.node_id, self.models, self.peers, self.worker, members=self._members,
+                             engine=cfg.engine, data_dir=cfg.node.data_dir, record_ttl=cfg.dht.record_ttl)
         await self._start_api()
         self._register_metrics()
         self._write_runtime()
@@ -191,6 +203,7 @@ class Daemon:
         await self._publish()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
         self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics), name="loop-lag"))
+        self._tasks.append(asyncio.create_task(self._idle_models_loop(), name="keep-alive"))
         sdnotify.notify(f"READY=1\nSTATUS=serving as {cfg.node.name}")
         log.info("ready", peer_port=self.transport.port, dht_port=self.dht.port, api_port=self.api_port)
 
@@ -207,7 +220,7 @@ class Daemon:
 
     async def _start_api(self) -> None:
         cfg = self.config.api
-        app = build_app(self, models=self.models, token=_read_token(cfg.token_file), api_host=cfg.host,
+        app = build_app(self, models=self.models, driver=self.driver, token=_read_token(cfg.token_file), api_host=cfg.host,
                         allowed_origins=cfg.allowed_origins)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -239,6 +252,8 @@ class Daemon:
             await self.beacon.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.worker is not None:
+            await self.worker.shutdown()
         if self.dht is not None:
             await self.dht.stop()
         if self.transport is not None:
@@ -298,6 +313,15 @@ class Daemon:
     async def _publish(self, ttl: float | None = None) -> None:
         assert self.dht is not None
         await publish_member(self.dht, self.record(), ttl=ttl or self.config.dht.record_ttl)
+
+    async def _idle_models_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.config.engine.keep_alive / 2))
+            if self.driver is not None:
+                try:
+                    await self.driver.expire_idle()
+                except Exception as exc:  # unloading is best effort; the stages expire on their own
+                    log.warning("keep_alive unload failed", error=str(exc))
 
     async def _refresh_loop(self) -> None:
         while True:

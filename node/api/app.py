@@ -14,9 +14,11 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from node import __version__
+from node.api.generate import add_generate_routes
 from node.api.guard import RequestGuard, error_response
 from node.api.models import add_model_routes
 from node.cluster.ping import PeerNotFound, PeerUnreachable
+from node.pipeline.driver import Driver
 from node.swarm.service import ModelService
 from node.system.metrics import CONTENT_TYPE
 
@@ -36,7 +38,8 @@ class NodeView(Protocol):
 
 
 def build_app(
-    node: NodeView, *, models: ModelService | None = None, token: str | None = None,
+    node: NodeView, *, models: ModelService | None = None, driver: Driver | None = None,
+    token: str | None = None,
     api_host: str = "127.0.0.1", allowed_origins: Iterable[str] = (),
 ) -> web.Application:
     guard = RequestGuard(api_host=api_host, token=token, allowed_origins=allowed_origins)
@@ -72,4 +75,6 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     if models is not None:
         add_model_routes(app, models, models.dht.node_id)
+    if driver is not None:
+        add_generate_routes(app, driver)
     return app

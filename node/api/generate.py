@@ -1,0 +1,305 @@
+"""Generation endpoints in Ollama's shapes: generate, chat, load, ps, unload.
+
+``POST /api/generate`` and ``POST /api/chat`` stream NDJSON (one line per piece of
+text; the last with ``done``, ``done_reason`` and Ollama's counters and durations in
+nanoseconds) unless ``"stream": false``. ``options``: temperature, top_k, top_p, min_p,
+repeat_penalty, seed, num_predict, num_ctx, stop. An error before the first line is an
+HTTP error with a JSON body (404 unknown model, 400 bad request or a prompt longer
+than the context, 503 when the queue is full); after it, an ``{"error": ...}`` line.
+``POST /api/load`` {model} plans and loads (NDJSON progress per node), ``GET /api/ps``
+lists loaded models with their plan, ``POST /api/unload`` {model} unloads.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from node.api.guard import error_response
+from node.pipeline.driver import (
+    Driver,
+    DriverError,
+    GenerationError,
+    Model,
+    ModelNotFound,
+    QueueFull,
+)
+from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
+
+__all__ = ["add_generate_routes", "parse_options"]
+
+# Ollama's defaults.
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
+MAX_STOP = 8
+MAX_PROMPT_CHARS = 4 * 2**20
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def parse_options(options: Any) -> tuple[SamplingSpec, int, int | None, list[str]]:
+    """Ollama's options -> (sampling, num_predict (-1: to the context), num_ctx, stop)."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise BadRequest("options must be an object")
+    merged = {**DEFAULTS, **options}
+    seed = merged.get("seed")
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
+        seed = secrets.randbits(31)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise BadRequest("options.seed must be an integer")
+    try:
+        sampling = parse_sampling({
+            "temperature": merged["temperature"], "top_k": merged["top_k"], "top_p": merged["top_p"],
+            "min_p": merged["min_p"], "repetition_penalty": merged["repeat_penalty"], "seed": seed % (1 << 31),
+        })
+    except PipelineMessageError as exc:
+        raise BadRequest(f"options: {exc}") from None
+    num_predict = merged.get("num_predict", -1)
+    if not isinstance(num_predict, int) or isinstance(num_predict, bool) or num_predict < -2:
+        raise BadRequest("options.num_predict must be an integer (-1: until the context is full)")
+    num_ctx = merged.get("num_ctx")
+    if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1):
+        raise BadRequest("options.num_ctx must be a positive integer")
+    stop = merged.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= 256
+                                                                      for s in stop):
+        raise BadRequest(f"options.stop must be a list of at most {MAX_STOP} non-empty strings")
+    return sampling, num_predict, num_ctx, stop
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value or len(value) > 4096:
+        raise BadRequest("messages must be a non-empty list of {role, content}")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRequest("every message needs a string role and content")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(f"unknown message role {m['role'][:32]!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if sum(len(m["content"]) for m in out) > MAX_PROMPT_CHARS:
+        raise BadRequest("the messages are too long")
+    return out
+
+
+def _prompt_ids(m: Model, body: dict[str, Any], chat: bool) -> list[int]:
+    from node.engine.tokenizer import TokenizerError  # loaded with the model, never at start-up
+
+    try:
+        return _encode(m, body, chat)
+    except TokenizerError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _encode(m: Model, body: dict[str, Any], chat: bool) -> list[int]:
+    tok = m.tokenizer
+    if chat:
+        messages = _messages(body.get("messages"))
+        if tok.chat_template is None:
+            return tok.encode("\n".join(x["content"] for x in messages))
+        return tok.encode_chat(messages)
+    prompt, system = body.get("prompt", ""), body.get("system")
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        raise BadRequest("prompt must be a string")
+    if system is not None and not isinstance(system, str):
+        raise BadRequest("system must be a string")
+    raw = body.get("raw", False)
+    if not isinstance(raw, bool):
+        raise BadRequest("raw must be true or false")
+    if raw or tok.chat_template is None:
+        return tok.encode(prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tok.encode_chat(messages)
+
+
+def add_generate_routes(app: web.Application, driver: Driver) -> None:
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequest("the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        if not isinstance(body.get("model"), str) or not body["model"].strip():
+            raise BadRequest('say which model: {"model": "name"}')
+        return body
+
+    async def run(request: web.Request, chat: bool) -> web.StreamResponse:
+        t_start = time.monotonic()
+        try:
+            body = await body_of(request)
+            sampling, num_predict, num_ctx, stop = parse_options(body.get("options"))
+            stream = body.get("stream", True)
+            if not isinstance(stream, bool):
+                raise BadRequest("stream must be true or false")
+            was_loaded = await driver.resolve(body["model"]) in driver.models
+            m = await driver.model(body["model"])
+            load_ns = 0 if was_loaded else int((time.monotonic() - t_start) * 1e9)
+            prompt = _prompt_ids(m, body, chat)
+            context = min(m.max_context, num_ctx or m.max_context)
+            if len(prompt) + 1 > context:
+                raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {context}")
+            limit = context - len(prompt) if num_predict < 0 else min(num_predict, context - len(prompt))
+            tokens = driver.generate(m, prompt, sampling, limit, m.tokenizer.stop_token_ids)
+            t_prompt = time.monotonic()
+            first = await anext(tokens, None)  # errors before any output are HTTP errors
+        except BadRequest as exc:
+            return error_response(400, str(exc))
+        except ModelNotFound as exc:
+            return error_response(404, str(exc))
+        except QueueFull as exc:
+            return error_response(503, str(exc))
+        except DriverError as exc:
+            return error_response(500 if isinstance(exc, GenerationError) else 503, str(exc))
+        t_first = time.monotonic()
+        name = body["model"]
+
+        def line(text: str) -> dict[str, Any]:
+            piece = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            return {"model": name, "created_at": _now(), **piece, "done": False}
+
+        pieces = _texts(m, first, tokens, stop, limit)
+        if not stream:
+            text, reason, count, error = "", "stop", 0, None
+            try:
+                async for piece in pieces:
+                    chunk, count, reason = piece
+                    text += chunk
+            except DriverError as exc:
+                error = str(exc)
+            if error is not None:
+                return error_response(500, error)
+            final = {**line(text), "done": True}
+        else:
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            reason, count = "stop", 0
+            try:
+                async for piece in pieces:
+                    chunk, count, reason = piece
+                    if chunk:
+                        await response.write(json.dumps(line(chunk)).encode() + b"\n")
+            except DriverError as exc:
+                await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
+                await response.write_eof()
+                return response
+            final = {**line(""), "done": True}
+        t_end = time.monotonic()
+        final.update({
+            "done_reason": reason, "total_duration": int((t_end - t_start) * 1e9), "load_duration": load_ns,
+            "prompt_eval_count": len(prompt), "prompt_eval_duration": int((t_first - t_prompt) * 1e9),
+            "eval_count": count, "eval_duration": int((t_end - t_first) * 1e9),
+            "nodes": [s.node_id for s in m.plan.stages],
+        })
+        if not stream:
+            return web.json_response(final)
+        await response.write(json.dumps(final).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        return await run(request, chat=False)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await run(request, chat=True)
+
+    async def load(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await body_of(request)
+            await driver.resolve(body["model"])
+        except BadRequest as exc:
+            return error_response(400, str(exc))
+        except ModelNotFound as exc:
+            return error_response(404, str(exc))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+
+        def progress(event: dict[str, Any]) -> None:
+            pending.append(event)
+
+        pending: list[dict[str, Any]] = []
+        try:
+            m = await driver.model(body["model"], progress=progress)
+            for event in pending:
+                await response.write(json.dumps(event).encode() + b"\n")
+            await response.write(json.dumps({"status": "success", **_ps_entry(m)}).encode() + b"\n")
+        except DriverError as exc:
+            await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+    async def ps(_: web.Request) -> web.Response:
+        return web.json_response({"models": [_ps_entry(m) for m in driver.models.values()]})
+
+    async def unload(request: web.Request) -> web.Response:
+        try:
+            body = await body_of(request)
+            done = await driver.unload(body["model"])
+        except BadRequest as exc:
+            return error_response(400, str(exc))
+        except ModelNotFound as exc:
+            return error_response(404, str(exc))
+        if not done:
+            return error_response(404, f"model {body['model']!r} is not loaded")
+        return web.json_response({"status": "success"})
+
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/load", load)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/unload", unload)
+
+
+def _ps_entry(m: Model) -> dict[str, Any]:
+    size = sum(s.memory for s in m.plan.stages)
+    expires = time.time() + max(0.0, m.used_at + 300.0 - time.monotonic())
+    return {
+        "name": m.name, "model": m.name, "digest": m.model_id, "size": size, "size_vram": 0,
+        "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
+        "details": {"family": m.config.architecture, "parameter_size": "", "quantization_level": m.dtype},
+        "context_length": m.max_context, "sessions": len(m.sessions), "epoch": m.epoch,
+        "plan": [{"node_id": s.node_id, "start": s.start, "end": s.end, "memory": s.memory}
+                 for s in m.plan.stages],
+    }
+
+
+async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[str], limit: int
+                 ) -> AsyncIterator[tuple[str, int, str]]:
+    """(text, tokens so far, done_reason) as tokens arrive; a stop string ends it early
+    (text is held back until it cannot be the start of one)."""
+    decoder = m.tokenizer.incremental_decoder()
+    held, count = "", 0
+    hold = max((len(s) for s in stop), default=1) - 1
+    try:
+        tok = first
+        while tok is not None:
+            count += 1
+            held += decoder.push(tok.id)
+            for s in stop:
+                at = held.find(s)
+                if at >= 0:
+                    yield held[:at], count, "stop"
+                    return
+            if len(held) > hold:
+                cut = len(held) - hold
+                yield held[:cut], count, "stop"
+                held = held[cut:]
+            tok = await anext(tokens, None)
+        held += decoder.flush()
+        yield held, count, "length" if count >= limit else "stop"
+    finally:
+        await tokens.aclose()  # type: ignore[attr-defined]

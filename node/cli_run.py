@@ -1,0 +1,124 @@
+"""``nodectl load``, ``run``, ``ps`` and ``stop``: serving models from a terminal.
+
+``load`` plans a model over the cluster and loads every node's layers (progress per
+node); ``run MODEL PROMPT`` streams the answer to stdout (``--verbose``: tokens/s,
+time to first token and the nodes that served it, on stderr); ``ps`` lists loaded
+models with each node's layers; ``stop`` unloads one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from node.client import CliError, call, stream
+from node.system.units import format_size
+
+__all__ = ["add_run_commands"]
+
+
+def _clean(value: Any, limit: int = 48) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value)[:limit])
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    for event in stream(args, "POST", "/api/load", {"model": args.model}):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        if "error" in event:
+            raise CliError(str(event["error"]))
+        if args.json:
+            continue
+        status = event.get("status")
+        if status == "planned":
+            parts = ", ".join(f"{_clean(s['node'])} [{s['layers'][0]}, {s['layers'][1]})" for s in event["stages"])
+            print(f"plan: {parts}", flush=True)
+        elif status == "ready":
+            print(f"  {_clean(event['node'])}: layers [{event['layers'][0]}, {event['layers'][1]}) ready "
+                  f"(load {event.get('load_s') or 0:.1f} s, compile {event.get('compile_s') or 0:.1f} s)", flush=True)
+        elif status == "success":
+            print(f"{_clean(event['name'])} loaded on {len(event['plan'])} node(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"num_predict": args.num_predict}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.seed is not None:
+        options["seed"] = args.seed
+    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}], "options": options}
+    t0 = time.monotonic()
+    first: float | None = None
+    final: dict[str, Any] = {}
+    for event in stream(args, "POST", "/api/chat", body):
+        if "error" in event:
+            raise CliError(str(event["error"]))
+        if event.get("done"):
+            final = event
+            break
+        text = event.get("message", {}).get("content", "")
+        if text and first is None:
+            first = time.monotonic() - t0
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose and final:
+        evals, dur = final.get("eval_count", 0), final.get("eval_duration", 0) / 1e9
+        print(f"time to first token: {first or 0:.2f} s", file=sys.stderr)
+        print(f"prompt: {final.get('prompt_eval_count', 0)} tokens; eval: {evals} tokens, "
+              f"{evals / dur if dur else 0:.1f} tok/s", file=sys.stderr)
+        print(f"nodes: {', '.join(n[:12] for n in final.get('nodes', []))}", file=sys.stderr)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    listing = call(args, "GET", "/api/ps")
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    models = listing.get("models", [])
+    if not models:
+        print("no models loaded (nodectl load MODEL)")
+        return 0
+    for m in models:
+        print(f"{_clean(m['name'])}  {len(m['plan'])} node(s)  {format_size(int(m.get('size', 0)))}  "
+              f"context {m.get('context_length')}  sessions {m.get('sessions', 0)}")
+        for s in m["plan"]:
+            print(f"  {_clean(s['node_id'], 12)}  layers [{s['start']}, {s['end']})  {format_size(int(s['memory']))}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    call(args, "POST", "/api/unload", {"model": args.model})
+    print(f"{_clean(args.model)} unloaded")
+    return 0
+
+
+def add_run_commands(sub: Any, client: Any) -> None:
+    s = sub.add_parser("load", help="plan a model over the cluster and load it")
+    client(s)
+    s.add_argument("model", help="the model's name or id")
+    s.set_defaults(func=cmd_load, timeout=3600.0)
+
+    s = sub.add_parser("run", help="answer a prompt with a model (loading it if needed)")
+    client(s)
+    s.add_argument("model")
+    s.add_argument("prompt")
+    s.add_argument("--verbose", action="store_true", help="timings and nodes on stderr")
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--num-predict", type=int, default=256, help="most tokens to generate (default 256)")
+    s.set_defaults(func=cmd_run, timeout=3600.0)
+
+    s = sub.add_parser("ps", help="the models loaded in the cluster and their plans")
+    client(s)
+    s.set_defaults(func=cmd_ps)
+
+    s = sub.add_parser("stop", help="unload a model")
+    client(s)
+    s.add_argument("model")
+    s.set_defaults(func=cmd_stop)

@@ -1,0 +1,47 @@
+"""What serving a layer range of a model costs in memory, for the planner.
+
+The engine's ``memory_needed`` is exact for a given range (it asks XLA for the compiled
+steps' temporaries), but each distinct layer count compiles: too slow to call for
+every range a planner tries on a 32-layer model. Memory is linear in the layer count
+(weights and KV cache per layer; the temporaries of one layer are reused by the next),
+so two exact calls per (embedding, head) combination give the line, and a stage's own
+load checks the exact figure again before it loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import Any
+
+from node.pipeline.planner import ModelCost
+
+__all__ = ["model_cost"]
+
+
+async def model_cost(executor: Executor, config: Any, dtype: str, context: int, slots: int,
+                     prefill_chunk: int) -> ModelCost:
+    from node.engine.memory import memory_needed  # JAX: only when a model is planned
+
+    layers = config.num_layers
+
+    def exact(n: int, emb: bool, head: bool) -> int:
+        return int(memory_needed(config, 0, n, emb, head, dtype, context, slots, prefill_chunk=prefill_chunk))
+
+    def lines() -> dict[tuple[bool, bool], tuple[int, int]]:
+        # The slope from a middle range; each end's fixed part from one more call (each
+        # call compiles the steps for XLA's memory analysis: about a second on a CPU).
+        one = exact(1, False, False)
+        per_layer = max(0, exact(2, False, False) - one) if layers >= 2 else 0
+        out = {(False, False): (one - per_layer, per_layer)}
+        for emb, head in ((True, False), (False, True), (True, True)):
+            out[(emb, head)] = (exact(1, emb, head) - per_layer, per_layer)
+        return out
+
+    table = await asyncio.get_running_loop().run_in_executor(executor, lines)
+
+    def need(start: int, end: int, has_embedding: bool, has_head: bool) -> int:
+        base, per_layer = table[(has_embedding, has_head)]
+        return base + per_layer * (end - start)
+
+    return ModelCost(layers, need)

@@ -1,0 +1,268 @@
+"""One loaded partition on this node and the sessions whose KV caches it holds.
+
+The stage owns the partition's cache (one slot per session, ``engine.max_sessions``
+slots), the session table, and a queue of steps waiting to run. One task drains the
+queue: all waiting decode steps run as one batch (the engine's decode over a subset
+of slots), then one waiting prefill chunk, then the decodes again, so a long prompt
+delays the decoding sessions by at most one chunk. Engine calls run in the node's
+single engine thread (JAX work never runs on the event loop, and a donated cache must
+be used by one call at a time).
+
+The last stage samples: a decode step gives a token (tail_step: decode and sampling in
+one compiled call), the final prefill chunk gives the first token (sampled on the host
+from the prompt's last logits), a "forced" step (replay after a failure) gives none.
+A step number is processed once: a repeated step gets the stored answer again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from node.engine import Partition, SamplerState, SamplingParams, sample_batch
+from node.pipeline.stage_errors import StageBusy, StageError
+from protocol.pipeline import SamplingSpec, Step
+
+__all__ = ["StageBusy", "StageError", "StageResult", "StageRunner"]
+
+
+@dataclass
+class StageResult:
+    """hidden [n, H] for the next stage, or (token, logprob) at the tail (None: no token)."""
+
+    hidden: np.ndarray | None = None
+    token: int | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class _Session:
+    slot: int
+    pos: int = 0
+    state: SamplerState | None = None
+    last_step: int = -1
+    last_result: StageResult | None = None
+    used_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Pending:
+    step: Step
+    future: asyncio.Future[StageResult]
+
+
+class StageRunner:
+    def __init__(self, partition: Partition, *, slots: int, executor: ThreadPoolExecutor,
+                 session_idle: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.partition = partition
+        self.slots = slots
+        self.cache = partition.new_cache(slots)
+        self.sessions: dict[str, _Session] = {}
+        self._free = list(range(slots))
+        self._executor = executor
+        self._idle = session_idle
+        self._clock = clock
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.steps_run = 0
+        self.used_at = clock()
+
+    @property
+    def is_first(self) -> bool:
+        return self.partition.spec.has_embedding
+
+    @property
+    def is_last(self) -> bool:
+        return self.partition.spec.has_head
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(StageError("unloaded", "the model was unloaded on this node"))
+        self._pending.clear()
+
+    def free(self, session: str) -> bool:
+        s = self.sessions.pop(session, None)
+        if s is None:
+            return False
+        self._free.append(s.slot)
+        return True
+
+    def sweep(self) -> list[str]:
+        """Free sessions without a step for session_idle seconds (a driver that died)."""
+        now = self._clock()
+        gone = [sid for sid, s in self.sessions.items() if now - s.used_at > self._idle]
+        for sid in gone:
+            self.free(sid)
+        return gone
+
+    async def submit(self, step: Step) -> StageResult:
+        self.used_at = self._clock()
+        s = self.sessions.get(step.session)
+        if s is not None and step.step == s.last_step and s.last_result is not None:
+            return s.last_result  # a repeat (the sender retried): processed once
+        if s is not None and step.step <= s.last_step:
+            raise StageError("stale_step", f"step {step.step} of this session already ran")
+        if len(self._pending) >= 4 * self.slots:
+            raise StageBusy("busy", "too many steps waiting at this stage")
+        fut: asyncio.Future[StageResult] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(step, fut))
+        self._wake.set()
+        return await fut
+
+    # ------------------------------------------------------------------ the queue
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            decodes = [p for p in self._pending if p.step.kind != "prefill"]
+            batch: list[_Pending] = []
+            seen: set[str] = set()
+            for p in decodes:  # one step per session per batch, at most the pool
+                if p.step.session not in seen and len(batch) < self.slots:
+                    batch.append(p)
+                    seen.add(p.step.session)
+            for p in list(batch):  # a bad step fails alone, not its whole batch
+                problem = self._decode_problem(p.step)
+                if problem is not None:
+                    batch.remove(p)
+                    self._pending.remove(p)
+                    if not p.future.done():
+                        p.future.set_exception(problem)
+            if batch:
+                await self._settle(batch, self._decode)
+            prefill = next((p for p in self._pending if p.step.kind == "prefill"), None)
+            if prefill is not None:
+                await self._settle([prefill], self._prefill)
+
+    async def _settle(self, items: list[_Pending], fn: Callable[[list[Step]], list[StageResult]]) -> None:
+        for p in items:
+            self._pending.remove(p)
+        live = [p for p in items if not p.future.done()]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, fn, [p.step for p in live])
+        except StageError as exc:
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        except Exception as exc:  # an engine failure: fail these steps, keep serving
+            err = StageError("engine_error", f"the engine failed: {type(exc).__name__}: {exc}")
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        for p, r in zip(live, results, strict=True):
+            s = self.sessions.get(p.step.session)
+            if s is not None:
+                s.last_step, s.last_result, s.used_at = p.step.step, r, self._clock()
+            if not p.future.done():
+                p.future.set_result(r)
+        self.steps_run += 1
+
+    def _decode_problem(self, step: Step) -> StageError | None:
+        s = self.sessions.get(step.session)
+        if s is None:
+            return StageError("unknown_session", "this stage holds no such session (start it with a prefill)")
+        if step.start != s.pos:
+            return StageError("bad_position", f"the session holds {s.pos} tokens, the step starts at {step.start}")
+        if self.is_last and s.state is None:
+            return StageError("not_prefilled", "a decode step arrived before the prompt's last chunk")
+        return None
+
+    # ------------------------------------------------------------------ engine calls (engine thread)
+
+    def _session_for(self, step: Step) -> _Session:
+        s = self.sessions.get(step.session)
+        if step.kind == "prefill" and step.start == 0:
+            if s is None:
+                if not self._free:
+                    raise StageBusy("busy", f"all {self.slots} sessions of this stage are in use")
+                s = _Session(self._free.pop(0))
+                self.sessions[step.session] = s
+            s.pos, s.state, s.last_step = 0, None, -1
+        if s is None:
+            raise StageError("unknown_session", "this stage holds no such session (start it with a prefill)")
+        if step.start != s.pos:
+            raise StageError("bad_position", f"the session holds {s.pos} tokens, the step starts at {step.start}")
+        return s
+
+    def _prefill(self, steps: list[Step]) -> list[StageResult]:
+        (step,) = steps
+        s = self._session_for(step)
+        self.cache, out = self.partition.prefill(self.cache, step.inputs, start_pos=step.start, slot=s.slot)
+        s.pos += int(step.inputs.shape[0])
+        if not self.is_last:
+            return [StageResult(hidden=np.asarray(out))]
+        if not step.last:
+            return [StageResult()]
+        s.state = self._state(step)
+        if step.resume_step:
+            return [StageResult()]  # rebuilt after a failure: the driver knows the next token
+        tokens, logprobs = sample_batch(out[None], [s.state])
+        return [StageResult(token=int(tokens[0]), logprob=float(logprobs[0]))]
+
+    def _state(self, step: Step) -> SamplerState:
+        spec = step.sampling or SamplingSpec()
+        params = SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+                                min_p=spec.min_p, repetition_penalty=spec.repetition_penalty, seed=spec.seed)
+        state = SamplerState(params, self.partition.config.vocab_size, seed=spec.seed, step=step.resume_step)
+        if step.seen is not None:
+            state.observe(step.seen.tolist())
+        return state
+
+    def _decode(self, steps: list[Step]) -> list[StageResult]:
+        sessions = [self._session_for(st) for st in steps]
+        slots = [s.slot for s in sessions]
+        positions = [st.start for st in steps]
+        if self.is_first:
+            inputs: Any = np.concatenate([st.inputs for st in steps])
+        else:
+            inputs = np.concatenate([st.inputs for st in steps], axis=0)
+        results: list[StageResult]
+        if not self.is_last:
+            self.cache, out = self.partition.decode(self.cache, inputs, slots, positions)
+            hidden = np.asarray(out)
+            results = [StageResult(hidden=hidden[i : i + 1]) for i in range(len(steps))]
+        else:
+            results = self._tail(steps, sessions, inputs, slots, positions)
+        for s in sessions:
+            s.pos += 1
+        return results
+
+    def _tail(self, steps: list[Step], sessions: list[_Session], inputs: Any, slots: list[int],
+              positions: list[int]) -> list[StageResult]:
+        forced = [st.kind == "forced" for st in steps]
+        results = [StageResult() for _ in steps]
+        if all(forced):
+            self.cache, _ = self.partition.decode(self.cache, inputs, slots, positions)
+            return results
+        # Forced rows ride along with their position set to -1 would skip their cache
+        # write; run them in their own call instead.
+        if any(forced):
+            keep = [i for i, f in enumerate(forced) if f]
+            self.cache, _ = self.partition.decode(
+                self.cache, inputs[keep], [slots[i] for i in keep], [positions[i] for i in keep])
+        idx = [i for i, f in enumerate(forced) if not f]
+        self.cache, out = self.partition.tail_step(
+            self.cache, inputs[idx], [slots[i] for i in idx], [positions[i] for i in idx],
+            [sessions[i].state for i in idx])
+        for j, i in enumerate(idx):
+            results[i] = StageResult(token=int(out.tokens[j]), logprob=float(out.logprobs[j]))
+        return results

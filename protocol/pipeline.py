@@ -1,0 +1,199 @@
+"""Pipeline messages between nodes: what a stage accepts, checked before any work.
+
+A session's driver sends ``pipe.step`` to the first stage of a plan; each stage runs
+its layers and forwards the step, with its hidden states in place of the token ids,
+to the next; the last stage samples and its answer (the token) travels back along
+the chain. Every body is a msgpack map; the checks here turn a body into a typed
+step or raise ``PipelineMessageError`` with a message the sender can act on, and
+bound everything a peer controls (token counts, tensor shapes, ids, sampling
+values) before a stage allocates anything for it. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MAX_STEP_TOKENS",
+    "PipelineMessageError",
+    "SamplingSpec",
+    "Step",
+    "parse_sampling",
+    "parse_step",
+    "session_id_ok",
+]
+
+# A prefill chunk is at most 8192 tokens (engine.prefill_chunk's bound).
+MAX_STEP_TOKENS = 8192
+MAX_STOP_TOKENS = 64
+MAX_SEEN_TOKENS = 1 << 20
+_SESSION = re.compile(r"^[0-9a-f]{8,64}$")
+_MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
+KINDS = ("prefill", "decode", "forced")
+HIDDEN_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class PipelineMessageError(ValueError):
+    """A pipeline body that breaks the rules; the text is safe to send back."""
+
+
+def session_id_ok(value: Any) -> bool:
+    return isinstance(value, str) and _SESSION.match(value) is not None
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """The sampler settings of a session, as the driver sends them to the tail."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+            "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of one session at one stage.
+
+    kind: "prefill" (tokens or hidden rows at positions start.., a chunk of the prompt),
+    "decode" (one token, sampled at the tail) or "forced" (one token replayed after a
+    failure: the tail computes it but samples nothing). ``inputs`` are token ids [n]
+    (int64) at the first stage, hidden states [n, hidden] elsewhere. ``last`` marks the
+    prompt's final chunk, after which the tail samples the first token. ``resume``
+    (prefill at position 0 only): the sampler's step count and the tokens already
+    emitted, so a rebuilt session draws the same random numbers as the original;
+    after a resumed prefill the tail samples nothing (the driver knows the next token).
+    ``seen``: the token ids the repetition penalty counts (the prompt, plus the emitted
+    tokens on resume), sent with the last prefill chunk when the penalty is on.
+    """
+
+    model_id: str
+    epoch: int
+    session: str
+    step: int
+    kind: str
+    start: int
+    inputs: np.ndarray
+    last: bool
+    sampling: SamplingSpec | None
+    resume_step: int
+    seen: np.ndarray | None
+    timeout: float
+
+
+def _int(body: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise PipelineMessageError(f"{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _float(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PipelineMessageError(f"{key} must be a number")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise PipelineMessageError(f"{key} must be from {low} to {high}")
+    return value
+
+
+def parse_sampling(body: Any) -> SamplingSpec:
+    if not isinstance(body, dict):
+        raise PipelineMessageError("sampling must be a map")
+    top_k = body.get("top_k", 0)
+    seed = body.get("seed", 0)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1 << 20:
+        raise PipelineMessageError("top_k must be an integer from 0 to 1048576")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 31:
+        raise PipelineMessageError("seed must be an integer from 0 to 2^31 - 1")
+    top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p <= 0:
+        raise PipelineMessageError("top_p must be above 0")
+    penalty = _float(body, "repetition_penalty", 1.0, 0.0, 100.0)
+    if penalty <= 0:
+        raise PipelineMessageError("repetition_penalty must be above 0")
+    return SamplingSpec(
+        temperature=_float(body, "temperature", 0.0, 0.0, 100.0),
+        top_k=top_k,
+        top_p=top_p,
+        min_p=_float(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=penalty,
+        seed=seed,
+    )
+
+
+def parse_step(body: Any, *, first: bool, hidden_size: int, vocab_size: int, max_context: int) -> Step:
+    """Check a ``pipe.step`` body against the stage that received it."""
+    if not isinstance(body, dict):
+        raise PipelineMessageError("a step must be a map")
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or _MODEL_ID.match(model_id) is None:
+        raise PipelineMessageError("model must be a model id (64 hex digits)")
+    session = body.get("session")
+    if not session_id_ok(session):
+        raise PipelineMessageError("session must be 8 to 64 lowercase hex digits")
+    assert isinstance(session, str)
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise PipelineMessageError(f"kind must be one of {', '.join(KINDS)}")
+    epoch = _int(body, "epoch", 0, 1 << 62)
+    step = _int(body, "step", 0, 1 << 40)
+    start = _int(body, "start", 0, max_context - 1)
+    inputs = body.get("inputs")
+    if first:
+        if not isinstance(inputs, np.ndarray) or inputs.ndim != 1 or inputs.dtype.kind not in "iu":
+            raise PipelineMessageError("the first stage takes token ids: a 1-d integer tensor")
+        inputs = inputs.astype(np.int64)
+        if inputs.size and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab_size):
+            raise PipelineMessageError(f"token ids must be in [0, {vocab_size})")
+    else:
+        if (
+            not isinstance(inputs, np.ndarray)
+            or inputs.ndim != 2
+            or inputs.shape[1] != hidden_size
+            or inputs.dtype.name not in HIDDEN_DTYPES
+        ):
+            raise PipelineMessageError(f"hidden states must be a float tensor [n, {hidden_size}]")
+    n = int(inputs.shape[0])
+    if not 1 <= n <= MAX_STEP_TOKENS:
+        raise PipelineMessageError(f"a step carries 1 to {MAX_STEP_TOKENS} tokens, got {n}")
+    if kind != "prefill" and n != 1:
+        raise PipelineMessageError(f"a {kind} step carries exactly one token")
+    if start + n > max_context:
+        raise PipelineMessageError(
+            f"positions {start}..{start + n - 1} exceed the context of {max_context} tokens"
+        )
+    last = body.get("last", kind != "prefill")
+    if not isinstance(last, bool):
+        raise PipelineMessageError("last must be true or false")
+    sampling = None
+    if "sampling" in body:
+        sampling = parse_sampling(body["sampling"])
+    resume_step = _int(body, "resume_step", 0, 1 << 40) if "resume_step" in body else 0
+    seen = body.get("seen")
+    if seen is not None:
+        if not isinstance(seen, np.ndarray) or seen.ndim != 1 or seen.dtype.kind not in "iu":
+            raise PipelineMessageError("seen must be a 1-d integer tensor")
+        if seen.size > MAX_SEEN_TOKENS:
+            raise PipelineMessageError(f"seen holds at most {MAX_SEEN_TOKENS} tokens")
+        seen = seen.astype(np.int64)
+        if seen.size and (int(seen.min()) < 0 or int(seen.max()) >= vocab_size):
+            raise PipelineMessageError(f"seen token ids must be in [0, {vocab_size})")
+    timeout = _float(body, "timeout", 60.0, 0.5, 3600.0)
+    return Step(
+        model_id, epoch, session, step, kind, start, inputs, last, sampling, resume_step, seen, timeout
+    )

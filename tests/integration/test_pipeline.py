@@ -1,0 +1,248 @@
+"""Distributed generation between real daemons: a model split over nodes answers exactly
+as the engine in one process does, a model that fits runs on one node, a node killed
+mid-generation is replaced without breaking the stream, bad requests get clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.engine import (
+    PartitionSpec,
+    SamplingParams,
+    WeightSource,
+    generate,
+    load_chain,
+    load_config,
+)
+from node.engine.tokenizer import Tokenizer
+from node.pipeline.cost import model_cost
+from node.pipeline.planner import NodeOffer, PlanError, make_plan
+from node.testing.localcluster import LocalCluster, LocalNode
+from node.testing.tinymodel import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+CONTEXT, SLOTS, CHUNK = 256, 4, 32
+ENGINE = {"max_context": CONTEXT, "max_sessions": SLOTS, "prefill_chunk": CHUNK, "queue": 2,
+          "step_timeout": 20.0, "compute_dtype": "float32"}
+ENV = {"PYTHONUNBUFFERED": "1", "ENJAMBRE_BENCH_SECONDS": "0.2"}
+
+
+def nodectl(node: LocalNode, *args: str, check: bool = True, timeout: float = 300
+            ) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, "ENJAMBRE_CONFIG": str(node.config)})
+    if check:
+        assert out.returncode == 0, out.stderr + out.stdout
+    return out
+
+
+def post(node: LocalNode, path: str, body: Any, *, timeout: float = 300) -> tuple[int, list[dict[str, Any]]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{node.api}{path}", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    except urllib.error.HTTPError as exc:
+        return exc.code, [json.loads(exc.read())]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "pipe-model", layers=6, hidden=64,
+                           intermediate=128, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def lend(tiny: Path) -> int:
+    """Memory per node such that only three nodes together hold the model."""
+    cfg = load_config(tiny)
+    cost = asyncio.run(model_cost(ThreadPoolExecutor(1), cfg, "float32", CONTEXT, SLOTS, CHUNK))
+    whole = cost.need(0, cfg.num_layers, True, True)
+    lend = next(lend for lend in range(whole // 4, whole, max(1, whole // 200))
+                if _fits(cost, lend, 3) and not _fits(cost, lend, 2))
+    return int(lend)
+
+
+def _fits(cost: Any, lend: int, n: int) -> bool:
+    offers = [NodeOffer(f"{i:064x}", f"n{i}", lend, 1.0) for i in range(n)]
+    try:
+        return len(make_plan(cost, offers).stages) == n
+    except PlanError:
+        return False
+
+
+def reference(tiny: Path, prompt_ids: list[int], n: int, penalty: float = 1.1) -> list[int]:
+    """Greedy tokens of the single-process engine (whole model) for the same prompt, with
+    Ollama's default repeat_penalty (1.1) unless told."""
+    cfg = load_config(tiny)
+    chain = load_chain(WeightSource.from_dir(tiny), cfg, [PartitionSpec.whole(cfg)], dtype="float32",
+                       max_context=CONTEXT, prefill_chunk=CHUNK)
+    tok = Tokenizer.from_model_dir(tiny)
+    sampling = SamplingParams(repetition_penalty=penalty, stop_token_ids=tok.stop_token_ids)
+    return [t for t, _ in generate(chain, prompt_ids, sampling, n, block=0)]
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory, tiny: Path, lend: int) -> Iterator[LocalCluster]:
+    """Four nodes that each lend a third of what the model needs (three are planned, one spare)."""
+    c = LocalCluster(tmp_path_factory.mktemp("pipe"), env=ENV)
+    try:
+        for _ in range(4):
+            node = c.add_node(config={"resources": {"max_memory": lend}, "engine": ENGINE})
+            c.start(node)
+        c.wait_converged(timeout=60)
+        nodectl(c.nodes[0], "pull", str(tiny), "--piece-size", "16KiB")
+        time.sleep(1.0)
+        yield c
+    finally:
+        c.close()
+
+
+def chat_tokens(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode_chat([{"role": "user", "content": text}])
+
+
+def test_split_over_three_nodes_answers_as_the_engine_does(split: LocalCluster, tiny: Path) -> None:
+    driver = split.nodes[1]
+    lines = [json.loads(x) for x in nodectl(driver, "load", "pipe-model", "--json").stdout.splitlines()]
+    done = lines[-1]
+    assert done["status"] == "success", lines
+    assert len(done["plan"]) == 3 and done["plan"][0]["start"] == 0
+    assert done["plan"][-1]["end"] == 6
+    tok = Tokenizer.from_model_dir(tiny)
+    status, out = post(driver, "/api/chat", {
+        "model": "pipe-model", "messages": [{"role": "user", "content": "hola"}],
+        "options": {"temperature": 0, "num_predict": 24}, "stream": False})
+    assert status == 200, out
+    (final,) = out
+    want = reference(tiny, chat_tokens(tok, "hola"), 24)
+    assert final["message"]["content"] == tok.decode(want)
+    assert final["eval_count"] == len(want) and final["done"] is True
+    assert final["prompt_eval_count"] == len(chat_tokens(tok, "hola"))
+    assert len(set(final["nodes"])) == 3
+    ps = json.loads(nodectl(driver, "ps", "--json").stdout)
+    (entry,) = ps["models"]
+    assert [s["end"] - s["start"] for s in entry["plan"]] and sum(
+        s["end"] - s["start"] for s in entry["plan"]) == 6
+
+
+def test_streamed_generate_matches_and_ends_with_ollama_counters(split: LocalCluster, tiny: Path) -> None:
+    driver = split.nodes[0]
+    status, lines = post(driver, "/api/generate", {
+        "model": "pipe-model", "prompt": "el perro", "raw": True, "options": {"temperature": 0, "num_predict": 12}})
+    assert status == 200, lines
+    *pieces, final = lines
+    tok = Tokenizer.from_model_dir(tiny)
+    want = reference(tiny, tok.encode("el perro"), 12)
+    assert "".join(p["response"] for p in pieces) == tok.decode(want)
+    assert all(p["done"] is False for p in pieces)
+    for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+                "eval_duration"):
+        assert isinstance(final[key], int), key
+    assert final["done"] is True and final["done_reason"] in ("length", "stop")
+
+
+def test_bad_requests_get_clear_errors(split: LocalCluster) -> None:
+    node = split.nodes[0]
+    status, (body,) = post(node, "/api/chat", {"model": "no-such-model", "messages": [{"role": "user",
+                                                                                      "content": "x"}]})
+    assert status == 404 and "not found" in body["error"]
+    status, (body,) = post(node, "/api/generate", b"{not json")
+    assert status == 400 and "JSON" in body["error"]
+    status, (body,) = post(node, "/api/generate", {"model": "pipe-model", "prompt": 5})
+    assert status == 400 and "prompt" in body["error"]
+    status, (body,) = post(node, "/api/generate", {"model": "pipe-model", "prompt": "x",
+                                                   "options": {"temperature": "hot"}})
+    assert status == 400 and "temperature" in body["error"]
+    status, (body,) = post(node, "/api/generate", {"model": "pipe-model", "prompt": "a " * 400, "raw": True})
+    assert status == 400 and "context" in body["error"]
+
+
+def test_queue_full_is_503_and_concurrent_streams_are_correct(split: LocalCluster, tiny: Path) -> None:
+    node = split.nodes[2]
+    tok = Tokenizer.from_model_dir(tiny)
+    prompts = ["uno", "dos dos", "tres tres tres", "cuatro"]
+    results: dict[str, Any] = {}
+
+    def one(p: str, n: int) -> None:
+        results[p] = post(node, "/api/generate", {"model": "pipe-model", "prompt": p, "raw": True,
+                                                  "options": {"temperature": 0, "num_predict": n}})
+
+    threads = [threading.Thread(target=one, args=(p, 40)) for p in prompts]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    # 4 running and 2 waiting (engine.queue = 2): more are refused at once.
+    extra = [threading.Thread(target=one, args=(f"extra {i}", 4)) for i in range(4)]
+    for t in extra:
+        t.start()
+    for t in threads + extra:
+        t.join(timeout=300)
+    for p in prompts:
+        status, lines = results[p]
+        assert status == 200, lines
+        text = "".join(x.get("response", "") for x in lines)
+        assert text == tok.decode(reference(tiny, tok.encode(p), 40)), p
+    refused = [results[f"extra {i}"] for i in range(4) if results[f"extra {i}"][0] == 503]
+    assert refused and "waiting" in refused[0][1][0]["error"]
+
+
+def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: LocalCluster, tiny: Path) -> None:
+    driver = split.nodes[0]
+    ps = json.loads(nodectl(driver, "ps", "--json").stdout)
+    if not ps["models"]:
+        nodectl(driver, "load", "pipe-model")
+        ps = json.loads(nodectl(driver, "ps", "--json").stdout)
+    plan = ps["models"][0]["plan"]
+    middle = next(n for n in split.nodes if n.node_id == plan[1]["node_id"])
+    assert middle is not driver
+    tok = Tokenizer.from_model_dir(tiny)
+    n = 150
+    want = reference(tiny, tok.encode("la casa"), n)
+    req = urllib.request.Request(f"http://{driver.api}/api/generate", method="POST",
+                                 headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": "pipe-model", "prompt": "la casa", "raw": True,
+                                                  "options": {"temperature": 0, "num_predict": n}}).encode())
+    got: list[dict[str, Any]] = []
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            got.append(json.loads(raw))
+            if len(got) == 20:
+                os.kill(middle.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    assert "error" not in got[-1], got[-1]
+    assert "".join(x.get("response", "") for x in got) == tok.decode(want)
+    new_plan = json.loads(nodectl(driver, "ps", "--json").stdout)["models"][0]["plan"]
+    assert middle.node_id not in {s["node_id"] for s in new_plan}
+    assert sum(s["end"] - s["start"] for s in new_plan) == 6
+
+
+def test_model_that_fits_runs_on_one_node(tmp_path: Path, tiny: Path) -> None:
+    with LocalCluster(tmp_path / "fits", env=ENV) as c:
+        for _ in range(2):
+            c.start(c.add_node(config={"engine": ENGINE}))
+        c.wait_converged(timeout=60)
+        nodectl(c.nodes[0], "pull", str(tiny), "--piece-size", "16KiB")
+        out = nodectl(c.nodes[1], "run", "pipe-model", "hola", "--verbose", "--temperature", "0",
+                      "--num-predict", "8")
+        tok = Tokenizer.from_model_dir(tiny)
+        assert out.stdout.strip() == tok.decode(reference(tiny, chat_tokens(tok, "hola"), 8)).strip()
+        assert "tok/s" in out.stderr
+        (entry,) = json.loads(nodectl(c.nodes[1], "ps", "--json").stdout)["models"]
+        assert len(entry["plan"]) == 1
