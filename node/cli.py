@@ -221,6 +221,15 @@ def render_status(data: dict[str, Any]) -> str:
         f"cluster {data.get('cluster', '?')}: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
         f"{_gib(mem_allowed)} GiB allowed of {_gib(mem_total)} GiB, {tflops:.2f} TFLOPS  (* = this node)"
     )
+    serving = [(n, e) for n in nodes for e in (n.get("serving") or []) if isinstance(e, dict)]
+    if serving:
+        lines.append("")
+        lines.append("loaded models:")
+        for n, e in sorted(serving, key=lambda ne: (str(ne[1].get("name")), ne[1].get("start", 0))):
+            lines.append(
+                f"  {_printable(e.get('name', '?'))}  layers [{e.get('start')}, {e.get('end')})  on "
+                f"{_printable(n.get('name', '?'))}  {e.get('sessions', 0)} session(s)"
+            )
     for n in nodes:
         offset = n.get("clock_offset_s")
         if isinstance(offset, int | float) and abs(offset) >= 10:

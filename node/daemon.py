@@ -131,6 +131,7 @@ class Daemon:
         self.peers: Peers | None = None
         self.worker: StageWorker | None = None
         self.driver: Driver | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
         self._clock_warned_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
@@ -189,7 +190,8 @@ class Daemon:
         )
         self.peers = Peers(self.key.node_id, self.transport, self._members)
         self.worker = StageWorker(self.key.node_id, self.models, self.peers,
-                                  memory_allowed=self.caps.memory_allowed, step_timeout=cfg.engine.step_timeout)
+                                  memory_allowed=self.caps.memory_allowed, step_timeout=cfg.engine.step_timeout,
+                                  on_change=self._publish_soon)
         self.worker.register(self.transport)
         self.driver = Driver(self.key.node_id, self.models, self.peers, self.worker, members=self._members,
                              engine=cfg.engine, data_dir=cfg.node.data_dir, record_ttl=cfg.dht.record_ttl)
@@ -293,6 +295,7 @@ class Daemon:
             peer_port=self.transport.port or 0, dht_port=self.dht.port, state=self.state,
             memory_free=caps.memory_free, memory_used=psutil.Process().memory_info().rss,
             started_at=self.started_at, clock_offset_s=self._clock_offset(),
+            serving=self.worker.serving() if self.worker is not None else [],
         )
 
     def _clock_offset(self) -> float | None:
@@ -313,6 +316,14 @@ class Daemon:
     async def _publish(self, ttl: float | None = None) -> None:
         assert self.dht is not None
         await publish_member(self.dht, self.record(), ttl=ttl or self.config.dht.record_ttl)
+
+    def _publish_soon(self) -> None:
+        """Publish this node's record now (what it serves changed), not at the next refresh."""
+        if self.state != "ready":
+            return
+        task = asyncio.ensure_future(self._publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _idle_models_loop(self) -> None:
         while True:
@@ -374,6 +385,9 @@ class Daemon:
         self.metrics.register(GaugesCollector({
             "enjambre_peers_known": ("Peers in the DHT routing table", dht.peers_known),
             "enjambre_dht_records_held": ("Records this node stores for the DHT", dht.records_held),
+            "enjambre_pipeline_sessions": ("Sessions whose KV caches this node's stages hold",
+                                           self.worker.sessions if self.worker is not None else lambda: 0),
+            "enjambre_pipeline_driven_sessions": ("Sessions this node drives", self._driven_sessions),
         }))
         self.metrics.register(CountersCollector("dht", dht.counters))
         self.metrics.register(CountersCollector("cluster", self.counters))
@@ -381,6 +395,9 @@ class Daemon:
         self.metrics.register(CountersCollector("transport", transport.counters))
         if beacon is not None:
             self.metrics.register(CountersCollector("beacon", beacon.counters))
+
+    def _driven_sessions(self) -> int:
+        return sum(len(m.sessions) for m in self.driver.models.values()) if self.driver is not None else 0
 
     def metrics_text(self) -> bytes:
         return render(self.metrics)

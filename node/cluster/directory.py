@@ -70,6 +70,7 @@ def member_record(
     memory_used: int,
     started_at: float,
     clock_offset_s: float | None = None,
+    serving: list[dict[str, Any]] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """This node's capability record as published in the directory."""
@@ -88,11 +89,13 @@ def member_record(
         "memory_used": memory_used,
         "uptime_s": round(now - started_at, 1),
         "clock_offset_s": None if clock_offset_s is None else round(clock_offset_s, 1),
+        "serving": list(serving or [])[:MAX_SERVING],
         "ts": now,
     }
 
 
 STATES = frozenset({"joining", "ready", "busy", "leaving"})
+MAX_SERVING = 16  # models whose layers one node serves, as its record lists them
 _TEXT = {"name": 64, "device": 128, "version": 32, "os": 32, "platform": 256, "arch": 32,
          "cpu_model": 128, "device_kind": 16, "jax_version": 32}
 _COUNTS = ("peer_port", "dht_port", "protocol", "cpu_count", "device_count", "memory_total",
@@ -139,6 +142,30 @@ def member_problem(publisher: str, value: Any) -> str | None:
     offset = value.get("clock_offset_s")
     if offset is not None and not _number(offset):
         return "bad_clock_offset_s"
+    return _serving_problem(value.get("serving"))
+
+
+def _serving_problem(serving: Any) -> str | None:
+    """The layers a node serves: [{model, name, start, end, epoch, sessions}] (absent in
+    records of older versions)."""
+    if serving is None:
+        return None
+    if not isinstance(serving, list) or len(serving) > MAX_SERVING:
+        return "bad_serving"
+    for entry in serving:
+        if not isinstance(entry, dict):
+            return "bad_serving"
+        model, name = entry.get("model"), entry.get("name")
+        if not isinstance(model, str) or len(model) != 64 or not all(c in "0123456789abcdef" for c in model):
+            return "bad_serving"
+        if not isinstance(name, str) or len(name) > 128 or not name.isprintable():
+            return "bad_serving"
+        for key in ("start", "end", "epoch", "sessions"):
+            count = entry.get(key)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                return "bad_serving"
+        if entry["start"] >= entry["end"]:
+            return "bad_serving"
     return None
 
 

@@ -171,7 +171,8 @@ class Driver:
         dtype = "float32" if eng.compute_dtype in ("auto", "float32") else eng.compute_dtype
         m = Model(model_id, name, Plan(()), 0, config, tokenizer, context, eng.max_sessions, dtype, 0.0)
         m.gate = asyncio.Semaphore(eng.max_sessions)
-        await self._place(m, progress)
+        if not await self._adopt(m, progress):
+            await self._place(m, progress)
         m.load_s = time.monotonic() - t0
         self.models[model_id] = m
         m.used_at = time.monotonic()
@@ -191,7 +192,7 @@ class Driver:
         progress({"status": "planned", "epoch": epoch,
                   "stages": [{"node": names.get(s.node_id, s.node_id[:12]), "node_id": s.node_id,
                               "layers": [s.start, s.end]} for s in plan.stages]})
-        body = {"model": m.model_id, "epoch": epoch, "plan": plan.to_dict(), "max_context": m.max_context,
+        body = {"model": m.model_id, "name": m.name, "epoch": epoch, "plan": plan.to_dict(), "max_context": m.max_context,
                 "slots": m.slots, "dtype": m.dtype, "prefill_chunk": eng.prefill_chunk,
                 "keep_alive": eng.keep_alive, "step_timeout": eng.step_timeout}
 
@@ -216,6 +217,44 @@ class Driver:
             await self.service.dht.put(PLAN_PREFIX + m.model_id, {
                 "name": m.name, "epoch": epoch, "plan": plan.to_dict(), "driver": self.node_id,
             }, ttl=self.record_ttl)
+
+    async def _adopt(self, m: Model, progress: Callable[[dict[str, Any]], None]) -> bool:
+        """Use the newest published plan of the model if every stage of it is ready (another
+        node loaded it): one plan for every driver, not one each."""
+        try:
+            records = await self.service.dht.get(PLAN_PREFIX + m.model_id)
+        except Exception:
+            return False
+        best: tuple[int, Plan] | None = None
+        for record in records.values():
+            value = record.value
+            if not isinstance(value, dict) or not isinstance(value.get("epoch"), int):
+                continue
+            try:
+                plan = Plan.from_dict(value.get("plan"))
+            except PlanError:
+                continue
+            if plan.stages[-1].end == m.config.num_layers and value["epoch"] > m.epoch and (
+                    best is None or value["epoch"] > best[0]):
+                best = (value["epoch"], plan)
+        if best is None:
+            return False
+        epoch, plan = best
+
+        async def ready(node: str) -> bool:
+            try:
+                state = await self.peers.request(node, "pipe.state", {}, timeout=10.0)
+            except Exception:
+                return False
+            return any(isinstance(x, dict) and x.get("model") == m.model_id and x.get("epoch") == epoch
+                       and x.get("state") == "ready" for x in (state or {}).get("models", []))
+
+        if not all(await asyncio.gather(*(ready(s.node_id) for s in plan.stages))):
+            return False
+        m.plan, m.epoch = plan, epoch
+        progress({"status": "adopted", "epoch": epoch,
+                  "stages": [{"node_id": s.node_id, "layers": [s.start, s.end]} for s in plan.stages]})
+        return True
 
     async def unload(self, name: str) -> bool:
         model_id = await self.resolve(name)
@@ -282,6 +321,9 @@ class Driver:
             m.recoveries += 1
             if m.recoveries > MAX_RECOVERIES * max(1, len(m.plan.stages)):
                 raise GenerationError(f"the model's nodes keep failing ({gone}); giving up")
+            if gone.node_id is None and await self._adopt(m, lambda _e: None):
+                log.info("adopted_newer_plan", model=m.name, epoch=m.epoch)
+                return  # another driver re-planned already
             if gone.node_id is not None:
                 m.failed.add(gone.node_id)
             log.warning("stage_failed_replanning", model=m.name, node=(gone.node_id or "?")[:12], why=str(gone))

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,12 +72,14 @@ class Loaded:
     compile_s: float = 0.0
     step_timeout: float = 60.0
     keep_alive: float = 300.0
+    name: str = ""
 
 
 class StageWorker:
     def __init__(self, node_id: str, service: ModelService, peers: Peers, *, memory_allowed: int,
-                 step_timeout: float) -> None:
+                 step_timeout: float, on_change: Callable[[], None] = lambda: None) -> None:
         self.node_id = node_id
+        self.on_change = on_change
         self.service = service
         self.peers = peers
         self.memory_allowed = memory_allowed
@@ -150,7 +153,7 @@ class StageWorker:
         if dtype not in LOAD_DTYPES or not 1 <= slots <= 256 or not 16 <= context <= 1 << 20:
             raise RequestRefused("bad_request", "dtype, slots or max_context out of range")
         loaded = Loaded(model_id, epoch, plan, index, step_timeout=float(body.get("step_timeout", self.step_timeout)),
-                        keep_alive=float(body.get("keep_alive", 300.0)))
+                        keep_alive=float(body.get("keep_alive", 300.0)), name=str(body.get("name", ""))[:128])
         old = self.stages.get(model_id)
         self.stages[model_id] = loaded
         if old is not None and old.runner is not None:
@@ -188,6 +191,7 @@ class StageWorker:
             loaded.compile_s = time.monotonic() - t1
             loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
             runner.start()
+            self.on_change()
             log.info("stage_ready", model=model_id[:12], epoch=epoch, layers=f"{stage.start}-{stage.end}",
                      load_s=round(loaded.load_s, 2), compile_s=round(loaded.compile_s, 2))
             return self._view(loaded)
@@ -206,6 +210,19 @@ class StageWorker:
                 "sessions": len(runner.sessions) if runner else 0, "load_s": loaded.load_s,
                 "compile_s": loaded.compile_s}
 
+    def serving(self) -> list[dict[str, Any]]:
+        """What this node's record says it serves (node/cluster/directory.py checks it)."""
+        out = []
+        for m in self.stages.values():
+            if m.state == "ready" and m.runner is not None:
+                stage = m.plan.stages[m.index]
+                out.append({"model": m.model_id, "name": m.name[:128], "start": stage.start, "end": stage.end,
+                            "epoch": m.epoch, "sessions": len(m.runner.sessions)})
+        return out
+
+    def sessions(self) -> int:
+        return sum(len(m.runner.sessions) for m in self.stages.values() if m.runner is not None)
+
     async def state(self, _body: Any = None) -> dict[str, Any]:
         return {"models": [self._view(m) for m in self.stages.values()]}
 
@@ -214,6 +231,8 @@ class StageWorker:
         loaded = self.stages.pop(model_id, None) if isinstance(model_id, str) else None
         if loaded is not None and loaded.runner is not None:
             await loaded.runner.close()
+        if loaded is not None:
+            self.on_change()
         return {"unloaded": loaded is not None}
 
     async def close(self, body: Any) -> dict[str, Any]:

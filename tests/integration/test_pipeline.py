@@ -34,6 +34,7 @@ from node.pipeline.cost import model_cost
 from node.pipeline.planner import NodeOffer, PlanError, make_plan
 from node.testing.localcluster import LocalCluster, LocalNode
 from node.testing.tinymodel import make_tiny_model
+from tests.helpers.attacker import metric
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +138,8 @@ def test_split_over_three_nodes_answers_as_the_engine_does(split: LocalCluster, 
     assert final["eval_count"] == len(want) and final["done"] is True
     assert final["prompt_eval_count"] == len(chat_tokens(tok, "hola"))
     assert len(set(final["nodes"])) == 3
+    split.wait_until(lambda: nodectl(driver, "status").stdout.count("layers [") == 3, 30,
+                     "status listing the three stages")
     ps = json.loads(nodectl(driver, "ps", "--json").stdout)
     (entry,) = ps["models"]
     assert [s["end"] - s["start"] for s in entry["plan"]] and sum(
@@ -204,15 +207,27 @@ def test_queue_full_is_503_and_concurrent_streams_are_correct(split: LocalCluste
     assert refused and "waiting" in refused[0][1][0]["error"]
 
 
+def test_client_disconnect_frees_the_caches_on_every_node(split: LocalCluster) -> None:
+    driver = split.nodes[3]
+    req = urllib.request.Request(f"http://{driver.api}/api/generate", method="POST",
+                                 headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": "pipe-model", "prompt": "adios", "raw": True,
+                                                  "options": {"temperature": 0, "num_predict": 200}}).encode())
+    resp = urllib.request.urlopen(req, timeout=300)
+    for _ in range(3):
+        assert json.loads(resp.readline())["done"] is False
+    held = [metric(n, "enjambre_pipeline_sessions") for n in split.nodes]
+    assert sum(held) == 3  # one session on each stage of the plan
+    resp.close()  # the client goes away mid-stream
+    split.wait_until(lambda: all(metric(n, "enjambre_pipeline_sessions") == 0 for n in split.nodes), 30,
+                     "every stage freeing the session")
+    assert metric(driver, "enjambre_pipeline_driven_sessions") == 0
+
+
 def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: LocalCluster, tiny: Path) -> None:
-    driver = split.nodes[0]
-    ps = json.loads(nodectl(driver, "ps", "--json").stdout)
-    if not ps["models"]:
-        nodectl(driver, "load", "pipe-model")
-        ps = json.loads(nodectl(driver, "ps", "--json").stdout)
-    plan = ps["models"][0]["plan"]
+    plan = json.loads(nodectl(split.nodes[1], "ps", "--json").stdout)["models"][0]["plan"]
     middle = next(n for n in split.nodes if n.node_id == plan[1]["node_id"])
-    assert middle is not driver
+    driver = next(n for n in split.nodes if n is not middle)
     tok = Tokenizer.from_model_dir(tiny)
     n = 150
     want = reference(tiny, tok.encode("la casa"), n)

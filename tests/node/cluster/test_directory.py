@@ -62,6 +62,15 @@ def test_member_problem_accepts_a_real_record_and_names_what_is_wrong() -> None:
         ({"memory_free": -1}, "bad_memory_free"),
         ({"tflops": True}, "bad_tflops"),
         ({"clock_offset_s": "soon"}, "bad_clock_offset_s"),
+        ({"serving": "all"}, "bad_serving"),
+        ({"serving": [{"model": "zz", "name": "m", "start": 0, "end": 2, "epoch": 1, "sessions": 0}]},
+         "bad_serving"),
+        ({"serving": [{"model": "a" * 64, "name": "\x1b[2J", "start": 0, "end": 2, "epoch": 1, "sessions": 0}]},
+         "bad_serving"),
+        ({"serving": [{"model": "a" * 64, "name": "m", "start": 2, "end": 2, "epoch": 1, "sessions": 0}]},
+         "bad_serving"),
+        ({"serving": [{"model": "a" * 64, "name": "m", "start": 0, "end": 2, "epoch": 1, "sessions": 0}] * 17},
+         "bad_serving"),
     ]
     for change, reason in cases:
         record = {**_good(pid), **change}
