@@ -1,0 +1,87 @@
+"""protocol/pipeline.py: every field of a step a peer sends is checked and bounded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from protocol.pipeline import MAX_STEP_TOKENS, PipelineMessageError, parse_sampling, parse_step
+
+H, V, CTX = 8, 100, 64
+MODEL = "ab" * 32
+
+
+def body(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": MODEL, "epoch": 3, "session": "00ff00ff00ff", "step": 0, "kind": "prefill",
+                            "start": 0, "inputs": np.arange(5, dtype=np.int64), "last": True}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def parse(b: Any, first: bool = True) -> Any:
+    return parse_step(b, first=first, hidden_size=H, vocab_size=V, max_context=CTX)
+
+
+def test_a_good_first_stage_prefill() -> None:
+    step = parse(body(sampling={"temperature": 0.5, "seed": 7}, seen=np.array([1, 2], np.int32)))
+    assert step.kind == "prefill" and step.inputs.dtype == np.int64 and step.inputs.tolist() == [0, 1, 2, 3, 4]
+    assert step.sampling is not None and step.sampling.temperature == 0.5 and step.sampling.seed == 7
+    assert step.seen is not None and step.seen.tolist() == [1, 2]
+
+
+def test_hidden_states_at_later_stages() -> None:
+    for dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
+        step = parse(body(inputs=np.zeros((3, H), dtype)), first=False)
+        assert step.inputs.shape == (3, H)
+
+
+@pytest.mark.parametrize(("over", "first", "needle"), [
+    ({"model": "x"}, True, "model must be"),
+    ({"session": "../../etc"}, True, "session must be"),
+    ({"kind": "explode"}, True, "kind must be"),
+    ({"epoch": -1}, True, "epoch must be"),
+    ({"step": True}, True, "step must be"),
+    ({"start": CTX}, True, "start must be"),
+    ({"inputs": [1, 2, 3]}, True, "token ids"),
+    ({"inputs": np.array([1.5])}, True, "token ids"),
+    ({"inputs": np.array([V])}, True, f"[0, {V})"),
+    ({"inputs": np.array([-1])}, True, f"[0, {V})"),
+    ({"inputs": np.zeros(0, np.int64)}, True, "1 to"),
+    ({"inputs": np.zeros((2, H + 1), np.float32)}, False, "hidden states"),
+    ({"inputs": np.zeros((2, H), np.int32)}, False, "hidden states"),
+    ({"inputs": np.zeros((2, 2, H), np.float32)}, False, "hidden states"),
+    ({"kind": "decode", "inputs": np.array([1, 2])}, True, "exactly one token"),
+    ({"start": CTX - 2}, True, "exceed the context"),
+    ({"last": "yes"}, True, "last must be"),
+    ({"seen": np.array([[1]])}, True, "seen must be"),
+    ({"seen": np.array([V + 5])}, True, "seen token ids"),
+    ({"timeout": 1e9}, True, "timeout must be"),
+    ({"sampling": {"temperature": float("nan")}}, True, "temperature"),
+    ({"sampling": {"top_p": 0}}, True, "top_p"),
+    ({"sampling": {"repetition_penalty": 0}}, True, "repetition_penalty"),
+    ({"sampling": {"seed": 2**40}}, True, "seed"),
+    ({"sampling": "greedy"}, True, "sampling must be"),
+])
+def test_bad_steps_are_refused_with_a_reason(over: dict[str, Any], first: bool, needle: str) -> None:
+    with pytest.raises(PipelineMessageError) as info:
+        parse(body(**over), first=first)
+    assert needle in str(info.value)
+
+
+def test_not_a_map() -> None:
+    with pytest.raises(PipelineMessageError, match="must be a map"):
+        parse([1, 2])
+
+
+def test_token_count_is_bounded_before_any_work() -> None:
+    big = np.zeros(MAX_STEP_TOKENS + 1, np.int64)
+    with pytest.raises(PipelineMessageError, match="1 to"):
+        parse_step(body(inputs=big), first=True, hidden_size=H, vocab_size=V, max_context=1 << 20)
+
+
+def test_sampling_defaults_are_greedy() -> None:
+    spec = parse_sampling({})
+    assert spec.temperature == 0.0 and spec.top_k == 0 and spec.top_p == 1.0 and spec.repetition_penalty == 1.0
