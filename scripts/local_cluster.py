@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Start a local multi-node enjambre cluster on this machine (loopback) and show it.
+"""Start a local multi-node enjambre cluster on this machine (loopback) and use it.
 
     python scripts/local_cluster.py [--nodes 3] [--dir DIR] [--keep]
 
 Every node is a real `nodectl serve` daemon with its own config, key and data dir;
-they find each other through the DHT and talk over mutual TLS. Without --keep the
-nodes are stopped cleanly (SIGTERM) at the end.
+they find each other through the DHT and talk over mutual TLS. A tiny random model is
+imported on the first node; every node lends only a third of what it needs, so
+`nodectl load` splits its layers over all of them (each fetching its range from its
+peers) and `nodectl run` answers a prompt through the chain. Without --keep the nodes
+are stopped cleanly (SIGTERM) at the end.
 """
 
 from __future__ import annotations
@@ -32,32 +35,43 @@ def main() -> int:
     root = args.dir or Path(tempfile.mkdtemp(prefix="enjambre-demo-"))
     print(f"starting {args.nodes} nodes under {root} ...", flush=True)
     t0 = time.monotonic()
+    from node.testing.plans import lend_for_split
+    from node.testing.tinymodel import make_tiny_model
+
+    model = make_tiny_model(root / "tiny-model", arch="qwen2", layers=6)
+    engine = {"max_context": 512, "max_sessions": 4, "prefill_chunk": 64}
+    lend = lend_for_split(model, args.nodes, context=512, slots=4, prefill_chunk=64)
     with LocalCluster(root) as cluster:
-        cluster.launch(args.nodes)
+        for _ in range(args.nodes):
+            node = cluster.add_node(config={"resources": {"max_memory": lend}, "engine": engine})
+            cluster.start(node)
         cluster.wait_converged(timeout=60)
         print(f"all {args.nodes} nodes see each other after {time.monotonic() - t0:.1f}s\n", flush=True)
-        first = cluster.nodes[0]
+        first, last = cluster.nodes[0], cluster.nodes[-1]
         nodectl = [sys.executable, "-m", "node.cli"]
         env = {**os.environ, "ENJAMBRE_CONFIG": str(first.config)}
+        env_last = {**os.environ, "ENJAMBRE_CONFIG": str(last.config)}
         print("$ nodectl status", flush=True)
         subprocess.run([*nodectl, "status"], env=env, check=True)
         for other in cluster.nodes[1:]:
             print(f"\n$ nodectl ping {other.node_id[:12]}", flush=True)
             subprocess.run([*nodectl, "ping", other.node_id[:12]], env=env, check=True)
-        # A model enters the cluster once, on one node, and the others fetch it from their peers.
-        from node.testing.tinymodel import make_tiny_model
-
-        model = make_tiny_model(root / "tiny-model", arch="qwen2", layers=4)
+        # A model enters the cluster once, on one node; the others fetch their layers from peers.
         print(f"\n$ nodectl pull {model}   (on {first.config.parent.name})", flush=True)
         subprocess.run([*nodectl, "pull", str(model), "--piece-size", "64KiB"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         time.sleep(1.5)  # the holder's records spread
-        for other in cluster.nodes[1:]:
-            print(f"$ nodectl pull tiny-model   (on {other.config.parent.name})", flush=True)
-            subprocess.run([*nodectl, "pull", "tiny-model"], env={**os.environ, "ENJAMBRE_CONFIG": str(other.config)},
-                           check=True, stdout=subprocess.DEVNULL)
-        print("\n$ nodectl list", flush=True)
-        subprocess.run([*nodectl, "list"], env=env, check=True)
+        print(f"\n$ nodectl load tiny-model   (on {last.config.parent.name}; each node lends "
+              f"{lend / 2**20:.1f} MiB, a third of what the model needs)", flush=True)
+        subprocess.run([*nodectl, "load", "tiny-model"], env=env_last, check=True)
+        print('\n$ nodectl run tiny-model "Hola, ¿qué tal?" --verbose   (a random model: the words are noise)',
+              flush=True)
+        subprocess.run([*nodectl, "run", "tiny-model", "Hola, ¿qué tal?", "--verbose", "--num-predict", "32"],
+                       env=env_last, check=True)
+        print("\n$ nodectl ps", flush=True)
+        subprocess.run([*nodectl, "ps"], env=env_last, check=True)
+        print("\n$ nodectl status", flush=True)
+        subprocess.run([*nodectl, "status"], env=env_last, check=True)
         if args.keep:
             print(f"\nnodes keep running; try: ENJAMBRE_CONFIG={first.config} nodectl status   (Ctrl-C stops them)")
             try:

@@ -4,7 +4,6 @@ mid-generation is replaced without breaking the stream, bad requests get clear e
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +28,8 @@ from node.engine import (
     load_config,
 )
 from node.engine.tokenizer import Tokenizer
-from node.pipeline.cost import model_cost
-from node.pipeline.planner import NodeOffer, PlanError, make_plan
 from node.testing.localcluster import LocalCluster, LocalNode
+from node.testing.plans import lend_for_split
 from node.testing.tinymodel import make_tiny_model
 from tests.helpers.attacker import metric
 
@@ -73,20 +70,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lend(tiny: Path) -> int:
     """Memory per node such that only three nodes together hold the model."""
-    cfg = load_config(tiny)
-    cost = asyncio.run(model_cost(ThreadPoolExecutor(1), cfg, "float32", CONTEXT, SLOTS, CHUNK))
-    whole = cost.need(0, cfg.num_layers, True, True)
-    lend = next(lend for lend in range(whole // 4, whole, max(1, whole // 200))
-                if _fits(cost, lend, 3) and not _fits(cost, lend, 2))
-    return int(lend)
-
-
-def _fits(cost: Any, lend: int, n: int) -> bool:
-    offers = [NodeOffer(f"{i:064x}", f"n{i}", lend, 1.0) for i in range(n)]
-    try:
-        return len(make_plan(cost, offers).stages) == n
-    except PlanError:
-        return False
+    return lend_for_split(tiny, 3, context=CONTEXT, slots=SLOTS, prefill_chunk=CHUNK)
 
 
 def reference(tiny: Path, prompt_ids: list[int], n: int, penalty: float = 1.1) -> list[int]:
