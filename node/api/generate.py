@@ -191,8 +191,7 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             try:
                 async for piece in pieces:
                     chunk, count, reason = piece
-                    if chunk:
-                        await response.write(json.dumps(line(chunk)).encode() + b"\n")
+                    await response.write(json.dumps(line(chunk)).encode() + b"\n")
             except DriverError as exc:
                 await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
                 await response.write_eof()
@@ -281,6 +280,8 @@ async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[st
                  ) -> AsyncIterator[tuple[str, int, str]]:
     """(text, tokens so far, done_reason) as tokens arrive; a stop string ends it early
     (text is held back until it cannot be the start of one)."""
+    from node.engine.tokenizer import TokenizerError
+
     decoder = m.tokenizer.incremental_decoder()
     held, count = "", 0
     hold = max((len(s) for s in stop), default=1) - 1
@@ -288,16 +289,20 @@ async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[st
         tok = first
         while tok is not None:
             count += 1
-            held += decoder.push(tok.id)
+            try:
+                held += decoder.push(tok.id)
+            except TokenizerError:
+                # A model's vocabulary may be padded past its tokenizer's (Qwen2.5: 151936
+                # rows, 151665 tokens): such an id has no text.
+                decoder = m.tokenizer.incremental_decoder()
             for s in stop:
                 at = held.find(s)
                 if at >= 0:
                     yield held[:at], count, "stop"
                     return
-            if len(held) > hold:
-                cut = len(held) - hold
-                yield held[:cut], count, "stop"
-                held = held[cut:]
+            cut = max(0, len(held) - hold)
+            yield held[:cut], count, "stop"  # one line per token, as Ollama streams (text may be "")
+            held = held[cut:]
             tok = await anext(tokens, None)
         held += decoder.flush()
         yield held, count, "length" if count >= limit else "stop"
