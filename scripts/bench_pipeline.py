@@ -99,7 +99,7 @@ def cluster(root: Path, n: int, lend: int | None, context: int, cores: list[str]
             wrapper.write_text(f'#!/bin/sh\nexec taskset -c {cores[i]} {sys.executable} "$@"\n')
             wrapper.chmod(0o755)
             c.python = str(wrapper)
-        resources = {"max_memory": lend} if lend else {}
+        resources = {"max_memory": lend or 8 * 2**30}
         node = c.add_node(config={"resources": resources, "engine": engine})
         c.start(node, timeout=120)
     c.python = sys.executable

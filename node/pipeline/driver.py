@@ -35,7 +35,7 @@ from node.engine.buckets import chunk_spans
 from node.net.errors import RemoteError, RequestRefused, TransportError
 from node.pipeline.cost import model_cost
 from node.pipeline.peers import Peers, PeerUnknown
-from node.pipeline.planner import NodeOffer, Plan, PlanError, make_plan
+from node.pipeline.planner import ModelCost, NodeOffer, Plan, PlanError, make_plan
 from node.pipeline.worker import StageWorker, config_of
 from node.store.pieces import StoreError
 from node.swarm.layers import pieces_for_layers
@@ -102,6 +102,7 @@ class Model:
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     waiting: int = 0
     recoveries: int = 0
+    cost: ModelCost | None = None
 
 
 class Driver:
@@ -181,7 +182,10 @@ class Driver:
     async def _place(self, m: Model, progress: Callable[[dict[str, Any]], None]) -> None:
         """Plan over the ready members without the failed ones, publish, load every stage."""
         eng = self.engine
-        cost = await model_cost(self.worker.executor, m.config, m.dtype, m.max_context, m.slots, eng.prefill_chunk)
+        if m.cost is None:  # each exact figure compiles: once per model, not per re-plan
+            m.cost = await model_cost(self.worker.executor, m.config, m.dtype, m.max_context, m.slots,
+                                      eng.prefill_chunk)
+        cost = m.cost
         offers = await self._offers(m.failed)
         try:
             plan = make_plan(cost, offers, max_rtt_ms=eng.max_rtt_ms)

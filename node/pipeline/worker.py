@@ -42,7 +42,7 @@ from protocol.pipeline import PipelineMessageError, parse_step
 if TYPE_CHECKING:
     from node.pipeline.stage import StageRunner
 
-__all__ = ["StageWorker", "config_of"]
+__all__ = ["StageWorker", "config_of", "floor_bytes"]
 
 log = structlog.get_logger("node.pipeline")
 
@@ -56,6 +56,17 @@ def config_of(store: Any, manifest: Manifest) -> Any:
     entry = manifest.files[manifest.file_index("config.json")]
     raw = store.read_range(manifest, "config.json", 0, entry.size)
     return parse_config(json.loads(raw))
+
+
+def floor_bytes(config: Any, start: int, end: int, first: bool, last: bool, dtype: str, context: int,
+                slots: int) -> int:
+    """Weights plus KV cache of a layer range: a lower bound of what loading it takes."""
+    item = 4 if dtype == "float32" else 2
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    per_layer = h * (config.q_size + 2 * config.kv_size) + config.q_size * h + 3 * h * f + 2 * h
+    weights = (end - start) * per_layer + (v * h if first else 0) + (v * h + h if last else 0)
+    cache = 2 * (end - start) * slots * context * config.kv_size
+    return (weights + cache) * item
 
 
 @dataclass
@@ -73,6 +84,8 @@ class Loaded:
     step_timeout: float = 60.0
     keep_alive: float = 300.0
     name: str = ""
+    dtype: str = ""
+    chunk: int = 0
 
 
 class StageWorker:
@@ -87,7 +100,8 @@ class StageWorker:
         # One engine thread: JAX serialises work on a device anyway, and a donated
         # cache must never be used by two calls at once.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.stages: dict[str, Loaded] = {}
+        self.stages: dict[str, Loaded] = {}  # serving (or failed after replacing one)
+        self.loading: dict[str, Loaded] = {}  # loads in progress, by model
         self._loads: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         peers.local.update({"pipe.step": self.step, "pipe.load": self.load, "pipe.close": self.close,
@@ -129,10 +143,11 @@ class StageWorker:
             raise RequestRefused("bad_request", "epoch and index must be integers inside the plan")
         if plan.stages[index].node_id != self.node_id:
             raise RequestRefused("bad_plan", "this node is not that stage of the plan")
-        current = self.stages.get(model_id)
-        if current is not None and current.epoch > epoch:
-            raise RequestRefused("stale_epoch", f"this node serves epoch {current.epoch} of the model")
-        if current is not None and current.epoch == epoch and model_id in self._loads:
+        current, pending = self.stages.get(model_id), self.loading.get(model_id)
+        newest = max((x.epoch for x in (current, pending) if x is not None), default=-1)
+        if newest > epoch:
+            raise RequestRefused("stale_epoch", f"this node serves epoch {newest} of the model")
+        if pending is not None and pending.epoch == epoch and model_id in self._loads:
             return await asyncio.shield(self._loads[model_id])
         if current is not None and current.epoch == epoch and current.state == "ready":
             return self._view(current)
@@ -154,10 +169,9 @@ class StageWorker:
             raise RequestRefused("bad_request", "dtype, slots or max_context out of range")
         loaded = Loaded(model_id, epoch, plan, index, step_timeout=float(body.get("step_timeout", self.step_timeout)),
                         keep_alive=float(body.get("keep_alive", 300.0)), name=str(body.get("name", ""))[:128])
-        old = self.stages.get(model_id)
-        self.stages[model_id] = loaded
-        if old is not None and old.runner is not None:
-            await old.runner.close()
+        # The stage being replaced keeps serving until this load passes its checks: a
+        # plan that cannot be loaded here (a lie, or too big) must not take it down.
+        self.loading[model_id] = loaded
         t0 = time.monotonic()
         try:
             manifest = await self.service.manifest(model_id)
@@ -166,7 +180,9 @@ class StageWorker:
             loaded.state = "loading"
             config = config_of(self.service.store, manifest)
             used = sum(s.memory for m, s in self.stages.items() if m != model_id)
-            need = stage.memory  # the planner's figure (node/pipeline/cost.py)
+            # The planner's figure (node/pipeline/cost.py), but never less than the weights
+            # and cache themselves: a plan comes from a peer, which may lie.
+            need = max(stage.memory, floor_bytes(config, stage.start, stage.end, first, last, dtype, context, slots))
             if need + used > self.memory_allowed:
                 raise RequestRefused("out_of_memory", (
                     f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
@@ -176,6 +192,16 @@ class StageWorker:
             from node.engine import PartitionSpec, WeightSource, load_partition
             from node.pipeline.stage import StageRunner
 
+            old = self.stages.pop(model_id, None)
+            if old is not None and old.runner is not None:
+                await old.runner.close()
+                part = old.runner.partition
+                if (part.spec == PartitionSpec(stage.start, stage.end, first, last) and part.max_context == context
+                        and old.runner.slots == slots and old.dtype == dtype and old.chunk == chunk):
+                    # A re-plan that keeps this node's range (a recovery elsewhere in the
+                    # chain): keep the weights and the compiled steps, start a fresh cache.
+                    return self._ready(loaded, StageRunner(part, slots=slots, executor=self.executor,
+                                                           session_idle=2 * loaded.step_timeout), need, dtype, chunk)
             files = [f.path for f in manifest.files if f.data_start is not None]
             store = self.service.store
             source = WeightSource.from_reader(lambda f, o, n: store.read_range(manifest, f, o, n), files)
@@ -189,18 +215,26 @@ class StageWorker:
             t1 = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(self.executor, _warm, runner)
             loaded.compile_s = time.monotonic() - t1
-            loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
-            runner.start()
-            self.on_change()
-            log.info("stage_ready", model=model_id[:12], epoch=epoch, layers=f"{stage.start}-{stage.end}",
-                     load_s=round(loaded.load_s, 2), compile_s=round(loaded.compile_s, 2))
-            return self._view(loaded)
+            return self._ready(loaded, runner, need, dtype, chunk)
         except RequestRefused as exc:
             loaded.state, loaded.error = "failed", exc.message
             raise
         except (StoreError, EngineError, OSError, ValueError) as exc:
             loaded.state, loaded.error = "failed", str(exc)
             raise RequestRefused("load_failed", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if self.loading.get(model_id) is loaded:
+                del self.loading[model_id]
+
+    def _ready(self, loaded: Loaded, runner: StageRunner, need: int, dtype: str, chunk: int) -> dict[str, Any]:
+        stage = loaded.plan.stages[loaded.index]
+        loaded.memory, loaded.runner, loaded.state, loaded.dtype, loaded.chunk = need, runner, "ready", dtype, chunk
+        self.stages[loaded.model_id] = loaded
+        runner.start()
+        self.on_change()
+        log.info("stage_ready", model=loaded.model_id[:12], epoch=loaded.epoch, layers=f"{stage.start}-{stage.end}",
+                 load_s=round(loaded.load_s, 2), compile_s=round(loaded.compile_s, 2))
+        return self._view(loaded)
 
     def _view(self, loaded: Loaded) -> dict[str, Any]:
         stage = loaded.plan.stages[loaded.index]
@@ -224,7 +258,7 @@ class StageWorker:
         return sum(len(m.runner.sessions) for m in self.stages.values() if m.runner is not None)
 
     async def state(self, _body: Any = None) -> dict[str, Any]:
-        return {"models": [self._view(m) for m in self.stages.values()]}
+        return {"models": [self._view(m) for m in (*self.stages.values(), *self.loading.values())]}
 
     async def unload(self, body: Any) -> dict[str, Any]:
         model_id = body.get("model") if isinstance(body, dict) else None

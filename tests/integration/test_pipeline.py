@@ -4,6 +4,7 @@ mid-generation is replaced without breaking the stream, bad requests get clear e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -28,10 +29,13 @@ from node.engine import (
     load_config,
 )
 from node.engine.tokenizer import Tokenizer
+from node.identity import NodeKey
+from node.net.errors import RemoteError
+from node.net.transport import Transport
 from node.testing.localcluster import LocalCluster, LocalNode
 from node.testing.plans import lend_for_split
 from node.testing.tinymodel import make_tiny_model
-from tests.helpers.attacker import metric
+from tests.helpers.attacker import cluster_keys, metric
 
 pytestmark = pytest.mark.slow
 
@@ -206,6 +210,40 @@ def test_client_disconnect_frees_the_caches_on_every_node(split: LocalCluster) -
     split.wait_until(lambda: all(metric(n, "enjambre_pipeline_sessions") == 0 for n in split.nodes), 30,
                      "every stage freeing the session")
     assert metric(driver, "enjambre_pipeline_driven_sessions") == 0
+
+
+def test_a_member_sending_bad_steps_or_lying_plans_is_refused(split: LocalCluster) -> None:
+    """An insider (it holds the secret) gets named refusals, and a plan that claims a
+    range needs 1 byte cannot make a node load more than it lends."""
+    target = split.nodes[0]
+    model_id = json.loads(nodectl(split.nodes[1], "ps", "--json").stdout)["models"][0]["digest"]
+
+    async def attack() -> list[str]:
+        transport = Transport(NodeKey.generate(), cluster_keys(split), name="insider", software_version="test")
+        codes = []
+        try:
+            conn = await transport.connect("127.0.0.1", int(target.runtime["peer_port"]),
+                                           expect_node_id=target.node_id)
+            lying = {"stages": [{"node_id": target.node_id, "start": 0, "end": 6, "memory": 1}]}
+            bodies = [
+                ("pipe.step", {"model": model_id, "session": "x"}),
+                ("pipe.step", {"model": "ab" * 32, "session": "00ff00ff00ff", "kind": "decode"}),
+                ("pipe.load", {"model": model_id, "epoch": 2**61, "plan": lying, "index": 0}),
+                ("pipe.load", {"model": model_id, "epoch": 1, "plan": {"stages": []}, "index": 0}),
+            ]
+            for method, body in bodies:
+                with pytest.raises(RemoteError) as info:
+                    await conn.request(method, body, timeout=120)
+                codes.append(f"{info.value.code}: {info.value.message}")
+        finally:
+            await transport.close()
+        return codes
+
+    codes = asyncio.run(attack())
+    assert codes[0].startswith(("bad_step", "not_loaded")), codes
+    assert codes[1].startswith("not_loaded"), codes
+    assert codes[2].startswith("out_of_memory") and "this node lends" in codes[2], codes
+    assert codes[3].startswith("bad_plan"), codes
 
 
 def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: LocalCluster, tiny: Path) -> None:
