@@ -12,6 +12,8 @@ lists loaded models with their plan, ``POST /api/unload`` {model} unloads.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -226,15 +228,23 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             return error_response(404, str(exc))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=256)
 
         def progress(event: dict[str, Any]) -> None:
-            pending.append(event)
+            with contextlib.suppress(asyncio.QueueFull):  # progress is advisory
+                events.put_nowait(event)
 
-        pending: list[dict[str, Any]] = []
+        async def load_it() -> Model:
+            try:
+                return await driver.model(body["model"], progress=progress)
+            finally:
+                await events.put(None)
+
+        task = asyncio.ensure_future(load_it())
         try:
-            m = await driver.model(body["model"], progress=progress)
-            for event in pending:
+            while (event := await events.get()) is not None:  # each node's progress as it comes
                 await response.write(json.dumps(event).encode() + b"\n")
+            m = await task
             await response.write(json.dumps({"status": "success", **_ps_entry(m)}).encode() + b"\n")
         except DriverError as exc:
             await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
