@@ -205,7 +205,11 @@ class ModelService:
         for holder in records:
             try:
                 data = await self._ask(holder, "swarm.manifest", {"id": model_id})
-                return parse_manifest(data, expected_id=model_id)
+                manifest = parse_manifest(data, expected_id=model_id)
+                # Kept (without a name): this node can now serve the manifest and the
+                # pieces it fetches, and its bitfield is published with the others.
+                self.store.add(manifest)
+                return manifest
             except ManifestError as exc:
                 self.counters.inc("bad_manifests")
                 log.warning("a holder sent a manifest that is not the model asked for", peer=holder[:12], error=str(exc))

@@ -250,6 +250,9 @@ def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: Loc
     plan = json.loads(nodectl(split.nodes[1], "ps", "--json").stdout)["models"][0]["plan"]
     middle = next(n for n in split.nodes if n.node_id == plan[1]["node_id"])
     driver = next(n for n in split.nodes if n is not middle)
+    # The spare holds the whole model (the middle may be the only other full copy).
+    spare = next(n for n in split.nodes if n.node_id not in {s["node_id"] for s in plan})
+    nodectl(spare, "pull", "pipe-model")
     tok = Tokenizer.from_model_dir(tiny)
     n = 150
     want = reference(tiny, tok.encode("la casa"), n)

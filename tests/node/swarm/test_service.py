@@ -45,6 +45,10 @@ async def test_a_manifest_that_is_not_the_model_asked_for_is_rejected(tmp_path: 
     service._ask = ask  # type: ignore[method-assign]
     got = await service.manifest(real.model_id)
     assert got.model_id == real.model_id and counters["bad_manifests"] == 1  # the liar was skipped
+    assert service.store.manifest(real.model_id).model_id == real.model_id  # kept, to serve it on
     answers["b" * 64] = forged.encoded
+    service = ModelService(ModelStore(tmp_path / "me2", reserve=0), _Dht(["a" * 64, "b" * 64]),  # type: ignore[arg-type]
+                           _Transport(), lambda: None, counters, piece_size=16384, ttl=60)  # type: ignore[arg-type]
+    service._ask = ask  # type: ignore[method-assign]
     with pytest.raises(PullError, match="no reachable node holds"):
         await service.manifest(real.model_id)
