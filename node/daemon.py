@@ -33,6 +33,7 @@ from node.cluster.directory import (
     status_view,
 )
 from node.cluster.ping import ping_member
+from node.cluster.rtt import RttTable
 from node.config import Config
 from node.dht.errors import DHTError
 from node.dht.node import DHTNode
@@ -132,6 +133,7 @@ class Daemon:
         self.worker: StageWorker | None = None
         self.driver: Driver | None = None
         self._publishing: set[asyncio.Task[None]] = set()
+        self.rtts = RttTable()
         self._clock_warned_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
@@ -296,6 +298,7 @@ class Daemon:
             memory_free=caps.memory_free, memory_used=psutil.Process().memory_info().rss,
             started_at=self.started_at, clock_offset_s=self._clock_offset(),
             serving=self.worker.serving() if self.worker is not None else [],
+            rtt_ms=self.rtts.medians(),
         )
 
     def _clock_offset(self) -> float | None:
@@ -339,6 +342,8 @@ class Daemon:
             await asyncio.sleep(self.config.dht.republish_interval)
             try:
                 self.caps = self.caps.refresh_memory()
+                if self.transport is not None:
+                    await self.rtts.measure(self.transport, await self._members(), self.key.node_id)
                 await self._publish()
                 if self.models is not None:
                     await self.models.publish()

@@ -223,19 +223,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pauses = [b - a for a, b in itertools.pairwise(stamps)]
             res["recovery_s"] = max(pauses[9:]) if len(pauses) > 9 else None
             meta["plan_after_recovery"] = [[s["start"], s["end"]] for s in plan_of(driver)]
-            meta["recovery_stage_compile_s"] = _last_compile_s(spare)
+            meta["recovery_stage_load_s"], meta["recovery_stage_compile_s"] = _last_stage_times(spare)
         say("three nodes done")
     meta["targets"] = verdicts(res)
     return {**res, "meta": meta}
 
 
-def _last_compile_s(node: Any) -> float | None:
-    """The compile time of the last stage this node loaded, from its log."""
-    found = None
+def _last_stage_times(node: Any) -> tuple[float | None, float | None]:
+    """(load_s, compile_s) of the last stage this node loaded, from its log."""
+    found: tuple[float | None, float | None] = (None, None)
     for line in node.log_path.read_text(errors="replace").splitlines():
         if '"stage_ready"' in line:
             try:
-                found = float(json.loads(line)["compile_s"])
+                event = json.loads(line)
+                found = (float(event["load_s"]), float(event["compile_s"]))
             except (ValueError, KeyError):
                 continue
     return found

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from node.cluster.rtt import rtt_problem
 from node.dht.node import DHTNode
 from node.dht.routing import RecordSet
 
@@ -71,6 +72,7 @@ def member_record(
     started_at: float,
     clock_offset_s: float | None = None,
     serving: list[dict[str, Any]] | None = None,
+    rtt_ms: Mapping[str, float] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """This node's capability record as published in the directory."""
@@ -90,6 +92,7 @@ def member_record(
         "uptime_s": round(now - started_at, 1),
         "clock_offset_s": None if clock_offset_s is None else round(clock_offset_s, 1),
         "serving": list(serving or [])[:MAX_SERVING],
+        "rtt_ms": dict(rtt_ms or {}),
         "ts": now,
     }
 
@@ -142,7 +145,7 @@ def member_problem(publisher: str, value: Any) -> str | None:
     offset = value.get("clock_offset_s")
     if offset is not None and not _number(offset):
         return "bad_clock_offset_s"
-    return _serving_problem(value.get("serving"))
+    return _serving_problem(value.get("serving")) or rtt_problem(value.get("rtt_ms"))
 
 
 def _serving_problem(serving: Any) -> str | None:

@@ -147,7 +147,7 @@ class Driver:
     async def _offers(self, exclude: set[str]) -> list[NodeOffer]:
         records = await self.members()
         return [NodeOffer(pid, str(r.get("name", pid[:12])), int(r.get("memory_allowed", 0)),
-                          float(r.get("tflops", 0.0)))
+                          float(r.get("tflops", 0.0)), dict(r.get("rtt_ms") or {}))
                 for pid, r in records.items() if r.get("state") == "ready" and pid not in exclude]
 
     async def _load(self, model_id: str, name: str, progress: Callable[[dict[str, Any]], None]) -> Model:
@@ -332,10 +332,16 @@ class Driver:
                 m.failed.add(gone.node_id)
             log.warning("stage_failed_replanning", model=m.name, node=(gone.node_id or "?")[:12], why=str(gone))
             t0 = time.monotonic()
-            try:
-                await self._place(m, lambda _e: None)
-            except DriverError as exc:
-                raise GenerationError(f"a node failed ({gone}) and the model cannot be re-planned: {exc}") from None
+            for attempt in range(3):  # the directory and the holders' records lag a death
+                try:
+                    await self._place(m, lambda _e: None)
+                    break
+                except DriverError as exc:
+                    log.warning("replan_failed", model=m.name, attempt=attempt + 1, error=str(exc))
+                    if attempt == 2:
+                        raise GenerationError(
+                            f"a node failed ({gone}) and the model cannot be re-planned: {exc}") from None
+                    await asyncio.sleep(1.0 + attempt)
             log.info("replanned", model=m.name, epoch=m.epoch, nodes=len(m.plan.stages),
                      seconds=round(time.monotonic() - t0, 2))
 

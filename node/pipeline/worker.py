@@ -203,8 +203,8 @@ class StageWorker:
                     return self._ready(loaded, StageRunner(part, slots=slots, executor=self.executor,
                                                            session_idle=2 * loaded.step_timeout), need, dtype, chunk)
             files = [f.path for f in manifest.files if f.data_start is not None]
-            store = self.service.store
-            source = WeightSource.from_reader(lambda f, o, n: store.read_range(manifest, f, o, n), files)
+            reader = self.service.store.range_reader(manifest)
+            source = WeightSource(reader, files, read_into=reader.read_into)
             spec = PartitionSpec(stage.start, stage.end, first, last)
             part = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: load_partition(source, config, spec, dtype=dtype, max_context=context,

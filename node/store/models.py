@@ -195,6 +195,12 @@ class ModelStore:
             out += data[lo:hi]
         return bytes(out)
 
+    def range_reader(self, manifest: Manifest, *, cached: int = 2) -> RangeReader:
+        """A reader of byte ranges for loading a model: each piece is read and verified
+        once while consecutive tensors share it (the last ``cached`` pieces are kept),
+        and ``read_into`` copies straight into the caller's buffer."""
+        return RangeReader(self, manifest, cached)
+
     def file_chunks(self, manifest: Manifest, file: str) -> Iterator[bytes]:
         """A whole file, piece by piece, verified (for export and for serving it)."""
         f = manifest.file_index(file)
@@ -245,3 +251,42 @@ class ModelStore:
                 self.pieces.remove(piece)
                 dropped += 1
         return dropped
+
+
+class RangeReader:
+    """See ModelStore.range_reader. Not thread-safe: one loader at a time."""
+
+    def __init__(self, store: ModelStore, manifest: Manifest, cached: int) -> None:
+        self.store, self.manifest, self.cached = store, manifest, max(1, cached)
+        self._pieces: dict[int, list[PieceRef]] = {}
+        for p in manifest.pieces:
+            self._pieces.setdefault(p.file, []).append(p)
+        self._cache: dict[int, bytes] = {}
+
+    def _piece(self, ref: PieceRef) -> bytes:
+        data = self._cache.get(ref.index)
+        if data is None:
+            data = self.store.read_piece(self.manifest, ref)
+            if len(self._cache) >= self.cached:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[ref.index] = data
+        return data
+
+    def read_into(self, file: str, offset: int, buffer: memoryview) -> None:
+        f = self.manifest.file_index(file)
+        entry = self.manifest.files[f]
+        length = len(buffer)
+        if offset < 0 or offset + length > entry.size:
+            raise StoreError(f"{file} has {entry.size} bytes; {length} at {offset} is outside it")
+        size, pieces, done = self.manifest.piece_size, self._pieces.get(f, []), 0
+        for j in range(offset // size, (offset + length - 1) // size + 1 if length else 0):
+            data = memoryview(self._piece(pieces[j]))
+            lo = max(offset - j * size, 0)
+            hi = min(offset + length - j * size, len(data))
+            buffer[done : done + hi - lo] = data[lo:hi]
+            done += hi - lo
+
+    def __call__(self, file: str, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.read_into(file, offset, memoryview(out))
+        return bytes(out)

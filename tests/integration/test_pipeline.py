@@ -128,6 +128,9 @@ def test_split_over_three_nodes_answers_as_the_engine_does(split: LocalCluster, 
     assert len(set(final["nodes"])) == 3
     split.wait_until(lambda: nodectl(driver, "status").stdout.count("layers [") == 3, 30,
                      "status listing the three stages")
+    # Every node measures its round trips to the others and publishes them for the planner.
+    split.wait_until(lambda: all(len(n.get("rtt_ms") or {}) == 3 for n in split.status(driver)["nodes"]), 30,
+                     "round trips in every record")
     ps = json.loads(nodectl(driver, "ps", "--json").stdout)
     (entry,) = ps["models"]
     assert [s["end"] - s["start"] for s in entry["plan"]] and sum(

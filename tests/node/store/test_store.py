@@ -121,3 +121,25 @@ def test_names() -> None:
     for bad in ("", "a b", "-x", "x:", "x:y:z", "../x"):
         with pytest.raises(ValueError):
             normalize_name(bad)
+
+
+def test_range_reader_reads_each_piece_once_and_equals_the_file(tiny: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ModelStore(tmp_path / "data", reserve=0)
+    manifest = import_directory(store, tiny, name="tiny", piece_size=PIECE)
+    weights = next(f for f in manifest.files if f.path.endswith(".safetensors"))
+    data = (tiny / weights.path).read_bytes()
+    reads: list[int] = []
+    real = store.read_piece
+    monkeypatch.setattr(store, "read_piece", lambda m, p: reads.append(p.index) or real(m, p))
+    reader = store.range_reader(manifest)
+    pos = 0
+    for length in (7, PIECE - 7, 3, PIECE * 2 + 5, 1):  # consecutive tensors, across pieces
+        assert reader(weights.path, pos, length) == data[pos : pos + length]
+        pos += length
+    assert len(reads) == len(set(reads))  # no piece read (and hashed) twice in a row
+    buf = bytearray(10)
+    reader.read_into(weights.path, 5, memoryview(buf))
+    assert bytes(buf) == data[5:15]
+    with pytest.raises(StoreError, match="outside it"):
+        reader(weights.path, len(data) - 2, 4)
