@@ -46,14 +46,18 @@ class TensorInfo:
     length: int
 
 
-def header_length(first8: bytes, file_name: str, file_size: int) -> int:
-    """The JSON header's length from the file's first 8 bytes, checked."""
-    if len(first8) < 8 or file_size < 8:
+def header_length(first8: bytes, file_name: str, file_size: int | None) -> int:
+    """The JSON header's length from the file's first 8 bytes, checked.
+
+    file_size None: a reader that does not know it (the engine reading byte ranges);
+    the checks against the file's end are then left to the reads themselves.
+    """
+    if len(first8) < 8 or (file_size is not None and file_size < 8):
         raise SafetensorsError(f"{file_name}: too short to be a safetensors file ({file_size} bytes)")
     (length,) = struct.unpack("<Q", first8[:8])
     if length > MAX_HEADER_BYTES:
         raise SafetensorsError(f"{file_name}: a safetensors header of {length} bytes is implausible")
-    if 8 + length > file_size:
+    if file_size is not None and 8 + length > file_size:
         raise SafetensorsError(
             f"{file_name}: the header says it is {length} bytes, past the end of the {file_size}-byte file "
             "(truncated download?)"
@@ -61,7 +65,7 @@ def header_length(first8: bytes, file_name: str, file_size: int) -> int:
     return int(length)
 
 
-def parse_header(data: bytes, file_name: str, file_size: int) -> dict[str, TensorInfo]:
+def parse_header(data: bytes, file_name: str, file_size: int | None) -> dict[str, TensorInfo]:
     """Every tensor of one file from its first ``8 + header length`` bytes."""
     length = header_length(data, file_name, file_size)
     if len(data) < 8 + length:
@@ -85,7 +89,7 @@ def parse_header(data: bytes, file_name: str, file_size: int) -> dict[str, Tenso
     return out
 
 
-def _tensor(name: str, meta: Any, file_name: str, base: int, file_size: int) -> TensorInfo:
+def _tensor(name: str, meta: Any, file_name: str, base: int, file_size: int | None) -> TensorInfo:
     try:
         dtype = meta["dtype"]
         shape = tuple(meta["shape"])
@@ -95,7 +99,7 @@ def _tensor(name: str, meta: Any, file_name: str, base: int, file_size: int) -> 
     ints = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
     if not isinstance(dtype, str) or not ints or end < begin:
         raise SafetensorsError(f"{file_name}: malformed header entry for {name!r}")
-    if base + end > file_size:
+    if file_size is not None and base + end > file_size:
         raise SafetensorsError(
             f"{file_name}: tensor {name!r} ends at byte {base + end}, past the end of the "
             f"{file_size}-byte file (truncated download?)"

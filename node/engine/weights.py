@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +42,12 @@ from node.engine.errors import (
     ShapeMismatchError,
     WeightsError,
 )
+from protocol.safetensors import SafetensorsError, TensorInfo, header_length
+from protocol.safetensors import parse_header as parse_safetensors_header
 
 ReadRange = Callable[[str, int, int], bytes]
 # Optional faster path: fill a caller's buffer (file name, offset, buffer) in place.
 ReadInto = Callable[[str, int, memoryview], None]
-
-# Refuse absurd headers before allocating them (the format's own reference limit is 100 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype(np.float32),
@@ -130,18 +128,6 @@ class PartitionParams:
         return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(self))
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, absolute byte range, dtype and shape."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    length: int
-
-
 class _ModelFiles:
     """The files of one local model directory a reader may open: only those the model
     lists (its safetensors files), by plain name, resolved inside the directory, and
@@ -220,30 +206,14 @@ def _aligned_bytes(n: int, alignment: int = 64) -> np.ndarray:
 
 
 def parse_header(read_range: ReadRange, file_name: str) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header through the byte-range reader."""
-    (header_len,) = struct.unpack("<Q", read_range(file_name, 0, 8))
-    if header_len > MAX_HEADER_BYTES:
-        raise WeightsError(f"{file_name}: safetensors header of {header_len} bytes is implausible")
+    """Parse one safetensors file's header through the byte-range reader (the checks are
+    protocol/safetensors.py's, shared with the importer)."""
     try:
-        header = json.loads(read_range(file_name, 8, header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{file_name}: safetensors header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{file_name}: safetensors header should be a JSON object")
-    base = 8 + header_len
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = meta["data_offsets"]
-            info = TensorInfo(
-                name, file_name, meta["dtype"], tuple(meta["shape"]), base + begin, end - begin
-            )
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{file_name}: malformed header entry for {name!r}") from None
-        out[name] = info
-    return out
+        first8 = read_range(file_name, 0, 8)
+        length = header_length(first8, file_name, None)
+        return parse_safetensors_header(first8 + read_range(file_name, 8, length), file_name, None)
+    except SafetensorsError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 def model_files(model_dir: str | os.PathLike[str]) -> list[str]:
