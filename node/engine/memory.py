@@ -251,6 +251,31 @@ def _largest_tensor(config: ModelConfig, spec: PartitionSpec) -> int:
     return max(elems)
 
 
+def _geometry(
+    config: ModelConfig, context: int, prefill_chunk: int, attn_block: int | None, platform: str
+) -> CacheGeometry:
+    context = min(context, config.max_position_embeddings)
+    return CacheGeometry.plan(config, context, prefill_chunk, attn_block or default_attn_block(platform))
+
+
+def resident_bytes(
+    config: ModelConfig,
+    spec: PartitionSpec,
+    dtype: str,
+    context: int,
+    batch: int,
+    *,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> int:
+    """Weights plus KV cache of a partition, without compiling anything: a floor of
+    memory_needed, cheap enough to check a plan a peer sent before loading it."""
+    spec.validate(config)
+    itemsize = jnp.dtype(dtype).itemsize
+    geom = _geometry(config, context, prefill_chunk, None, jax.default_backend())
+    weights = partition_param_count(config, spec) * itemsize
+    return weights + cache_nbytes(config, spec.end - spec.start, batch, geom.length, itemsize)
+
+
 def memory_estimate(
     config: ModelConfig,
     start: int,
@@ -276,9 +301,7 @@ def memory_estimate(
     spec.validate(config)
     platform = platform or jax.default_backend()
     itemsize = jnp.dtype(dtype).itemsize
-    context = min(context, config.max_position_embeddings)
-    block = attn_block or default_attn_block(platform)
-    geom = CacheGeometry.plan(config, context, prefill_chunk, block)
+    geom = _geometry(config, context, prefill_chunk, attn_block, platform)
     stored = config.torch_dtype if config.torch_dtype in SUPPORTED_DTYPES else dtype
     file_itemsize = jnp.dtype(stored).itemsize
     converting = jnp.dtype(stored) != jnp.dtype(dtype)

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from node.cluster.peers import Peers, PeerUnknown
 from node.engine.errors import EngineError
 from node.net.errors import RemoteError, RequestRefused, TransportError
-from node.pipeline.peers import Peers, PeerUnknown
 from node.pipeline.planner import Plan, PlanError
 from node.pipeline.stage_errors import StageError
 from node.store.pieces import StoreError
@@ -42,7 +42,7 @@ from protocol.pipeline import PipelineMessageError, parse_step
 if TYPE_CHECKING:
     from node.pipeline.stage import StageRunner
 
-__all__ = ["StageWorker", "config_of", "floor_bytes"]
+__all__ = ["StageWorker", "config_of"]
 
 log = structlog.get_logger("node.pipeline")
 
@@ -56,17 +56,6 @@ def config_of(store: Any, manifest: Manifest) -> Any:
     entry = manifest.files[manifest.file_index("config.json")]
     raw = store.read_range(manifest, "config.json", 0, entry.size)
     return parse_config(json.loads(raw))
-
-
-def floor_bytes(config: Any, start: int, end: int, first: bool, last: bool, dtype: str, context: int,
-                slots: int) -> int:
-    """Weights plus KV cache of a layer range: a lower bound of what loading it takes."""
-    item = 4 if dtype == "float32" else 2
-    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    per_layer = h * (config.q_size + 2 * config.kv_size) + config.q_size * h + 3 * h * f + 2 * h
-    weights = (end - start) * per_layer + (v * h if first else 0) + (v * h + h if last else 0)
-    cache = 2 * (end - start) * slots * context * config.kv_size
-    return (weights + cache) * item
 
 
 @dataclass
@@ -182,21 +171,23 @@ class StageWorker:
             used = sum(s.memory for m, s in self.stages.items() if m != model_id)
             # The planner's figure (node/pipeline/cost.py), but never less than the weights
             # and cache themselves: a plan comes from a peer, which may lie.
-            need = max(stage.memory, floor_bytes(config, stage.start, stage.end, first, last, dtype, context, slots))
+            # JAX loads here, on first use, not when the daemon starts (it takes seconds,
+            # and the daemon sets JAX's memory settings before it).
+            from node.engine import PartitionSpec, WeightSource, load_partition
+            from node.engine.memory import resident_bytes
+            from node.pipeline.stage import StageRunner
+
+            spec = PartitionSpec(stage.start, stage.end, first, last)
+            need = max(stage.memory, resident_bytes(config, spec, dtype, context, slots, prefill_chunk=chunk))
             if need + used > self.memory_allowed:
                 raise RequestRefused("out_of_memory", (
                     f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
                     f"{self.memory_allowed / 2**20:.0f} MiB and {used / 2**20:.0f} MiB are in use"))
-            # JAX loads here, on first use, not when the daemon starts (it takes seconds,
-            # and the daemon sets JAX's memory settings before it).
-            from node.engine import PartitionSpec, WeightSource, load_partition
-            from node.pipeline.stage import StageRunner
-
             old = self.stages.pop(model_id, None)
             if old is not None and old.runner is not None:
                 await old.runner.close()
                 part = old.runner.partition
-                if (part.spec == PartitionSpec(stage.start, stage.end, first, last) and part.max_context == context
+                if (part.spec == spec and part.max_context == context
                         and old.runner.slots == slots and old.dtype == dtype and old.chunk == chunk):
                     # A re-plan that keeps this node's range (a recovery elsewhere in the
                     # chain): keep the weights and the compiled steps, start a fresh cache.
@@ -205,7 +196,6 @@ class StageWorker:
             files = [f.path for f in manifest.files if f.data_start is not None]
             reader = self.service.store.range_reader(manifest)
             source = WeightSource(reader, files, read_into=reader.read_into)
-            spec = PartitionSpec(stage.start, stage.end, first, last)
             part = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: load_partition(source, config, spec, dtype=dtype, max_context=context,
                                                       prefill_chunk=chunk))
