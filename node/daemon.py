@@ -32,6 +32,7 @@ from node.cluster.directory import (
     read_members,
     status_view,
 )
+from node.cluster.peers import Peers
 from node.cluster.ping import ping_member
 from node.cluster.rtt import RttTable
 from node.config import Config
@@ -43,7 +44,6 @@ from node.net.discovery import Beacon
 from node.net.errors import TransportError
 from node.net.transport import Transport
 from node.pipeline.driver import Driver
-from node.pipeline.peers import Peers
 from node.pipeline.worker import StageWorker
 from node.store.models import ModelStore
 from node.swarm.service import ModelService
@@ -190,7 +190,7 @@ class Daemon:
             piece_size=cfg.swarm.piece_size, ttl=cfg.dht.record_ttl, max_upload_rate=cfg.swarm.max_upload_rate,
             max_download_rate=cfg.swarm.max_download_rate, share=cfg.swarm.share,
         )
-        self.peers = Peers(self.key.node_id, self.transport, self._members)
+        self.peers = self.models.peers
         self.worker = StageWorker(self.key.node_id, self.models, self.peers,
                                   memory_allowed=self.caps.memory_allowed, step_timeout=cfg.engine.step_timeout,
                                   on_change=self._publish_soon)

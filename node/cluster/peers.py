@@ -1,18 +1,18 @@
-"""Requests to other members by node id: the directory gives the address, the
-transport the authenticated connection (the pipeline's one way to reach a peer).
-A request to this node itself calls the local handler directly, no socket."""
+"""Requests to other members by node id, for the swarm and the pipeline: the directory
+gives the address, the transport the authenticated connection. A request to this node
+itself for a method with a local handler calls it directly, no socket."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from node.net.transport import Transport
 
 __all__ = ["PeerUnknown", "Peers"]
 
-Members = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
+Members = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
 LocalHandler = Callable[[Any], Awaitable[Any]]
 # Reading the directory is 16 DHT lookups: once every few seconds, not once a step.
 ADDRESS_TTL = 5.0

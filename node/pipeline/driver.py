@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from node.cluster.peers import Peers, PeerUnknown
 from node.engine.buckets import chunk_spans
 from node.net.errors import RemoteError, RequestRefused, TransportError
 from node.pipeline.cost import model_cost
-from node.pipeline.peers import Peers, PeerUnknown
 from node.pipeline.planner import ModelCost, NodeOffer, Plan, PlanError, make_plan
 from node.pipeline.worker import StageWorker, config_of
 from node.store.pieces import StoreError
@@ -126,7 +126,7 @@ class Driver:
         model_id = self.service.store.resolve(name)
         if model_id is None:
             with contextlib.suppress(Exception):
-                model_id = await self.service._resolve_in_cluster(name)
+                model_id = await self.service.resolve_in_cluster(name)
         if model_id is None:
             raise ModelNotFound(f"model {name!r} not found; pull it first (nodectl pull)")
         return model_id

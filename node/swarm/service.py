@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from node.cluster.peers import Peers, PeerUnknown
 from node.dht.node import DHTNode
 from node.net.transport import Transport
 from node.store.importer import import_directory
@@ -65,8 +66,7 @@ class ModelService:
         self.server.register(transport)
         self._publish_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._addresses: dict[str, tuple[str, int]] = {}
-        self._addresses_at = 0.0
+        self.peers = Peers(dht.node_id, transport, members)
         self._last_publish = 0.0
 
     # ------------------------------------------------------------------ publishing
@@ -156,7 +156,7 @@ class ModelService:
 
     async def _replicate(self, source: str, name: str | None, layers: tuple[int, int] | None,
                          progress: Callable[[Event], None]) -> Event:
-        model_id = self.store.resolve(source) or await self._resolve_in_cluster(source)
+        model_id = self.store.resolve(source) or await self.resolve_in_cluster(source)
         if model_id is None:
             raise PullError(
                 f"no model called {source!r} in the cluster; import it first with `nodectl pull DIR` "
@@ -181,7 +181,7 @@ class ModelService:
         await self.publish()
         return {"id": model_id, "name": local_name or (self.store.names_of(model_id) or [model_id])[0]}
 
-    async def _resolve_in_cluster(self, source: str) -> str | None:
+    async def resolve_in_cluster(self, source: str) -> str | None:
         text = source.strip().lower()
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             return text
@@ -246,21 +246,11 @@ class ModelService:
         await self.downloads.take(len(data))
         return data
 
-    async def _address(self, peer: str) -> tuple[str, int]:
-        # Reading the directory is 16 lookups: once every few seconds, not once a piece.
-        if peer not in self._addresses or time.monotonic() - self._addresses_at > 5.0:
-            members = await self.members()
-            self._addresses = {pid: (str(r["addresses"][0]), int(r["peer_port"])) for pid, r in members.items()}
-            self._addresses_at = time.monotonic()
-        found = self._addresses.get(peer)
-        if found is None:
-            raise PullError(f"node {peer[:12]} is not in the directory")
-        return found
-
     async def _ask(self, peer: str, method: str, body: dict[str, object]) -> bytes:
-        host, port = await self._address(peer)
-        conn = await self.transport.connect(host, port, expect_node_id=peer)
-        data = await conn.request(method, body, timeout=self.request_timeout)
+        try:
+            data = await self.peers.request(peer, method, body, timeout=self.request_timeout)
+        except PeerUnknown as exc:
+            raise PullError(str(exc)) from None
         if not isinstance(data, bytes):
             raise PullError(f"node {peer[:12]} answered {method} with {type(data).__name__}, not bytes")
         return data
