@@ -245,14 +245,14 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             while (event := await events.get()) is not None:  # each node's progress as it comes
                 await response.write(json.dumps(event).encode() + b"\n")
             m = await task
-            await response.write(json.dumps({"status": "success", **_ps_entry(m)}).encode() + b"\n")
+            await response.write(json.dumps({"status": "success", **_ps_entry(m, driver.engine.keep_alive)}).encode() + b"\n")
         except DriverError as exc:
             await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         await response.write_eof()
         return response
 
     async def ps(_: web.Request) -> web.Response:
-        return web.json_response({"models": [_ps_entry(m) for m in driver.models.values()]})
+        return web.json_response({"models": [_ps_entry(m, driver.engine.keep_alive) for m in driver.models.values()]})
 
     async def unload(request: web.Request) -> web.Response:
         try:
@@ -273,9 +273,9 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
     app.router.add_post("/api/unload", unload)
 
 
-def _ps_entry(m: Model) -> dict[str, Any]:
+def _ps_entry(m: Model, keep_alive: float) -> dict[str, Any]:
     size = sum(s.memory for s in m.plan.stages)
-    expires = time.time() + max(0.0, m.used_at + 300.0 - time.monotonic())
+    expires = time.time() + max(0.0, m.used_at + keep_alive - time.monotonic())
     return {
         "name": m.name, "model": m.name, "digest": m.model_id, "size": size, "size_vram": 0,
         "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),

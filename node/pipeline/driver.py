@@ -99,10 +99,13 @@ class Model:
     expires_at: float = 0.0
     sessions: set[str] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    gate: asyncio.Semaphore = field(init=False)  # one permit per session slot
     waiting: int = 0
     recoveries: int = 0
     cost: ModelCost | None = None
+
+    def __post_init__(self) -> None:
+        self.gate = asyncio.Semaphore(self.slots)
 
 
 class Driver:
@@ -171,7 +174,6 @@ class Driver:
         context = min(eng.max_context, config.max_position_embeddings or eng.max_context)
         dtype = "float32" if eng.compute_dtype in ("auto", "float32") else eng.compute_dtype
         m = Model(model_id, name, Plan(()), 0, config, tokenizer, context, eng.max_sessions, dtype, 0.0)
-        m.gate = asyncio.Semaphore(eng.max_sessions)
         if not await self._adopt(m, progress):
             await self._place(m, progress)
         m.load_s = time.monotonic() - t0
