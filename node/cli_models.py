@@ -29,7 +29,7 @@ def _printable(value: Any, limit: int = 48) -> str:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     source = args.source
-    if os.path.isdir(source):
+    if os.path.exists(source):  # a directory or a GGUF file
         source = str(Path(source).absolute())
     body: dict[str, Any] = {"model": source, "in_place": args.in_place}
     if args.name:
@@ -163,10 +163,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def add_model_commands(sub: Any, client: Any) -> None:
-    s = sub.add_parser("pull", help="import a model (a directory or hf:org/repo) or fetch one from the cluster")
+    s = sub.add_parser("pull", help="import a model (a directory, a GGUF file, ollama:NAME, hf:org/repo, "
+                       "a catalogue name like smollm2:135m) or fetch one from the cluster")
     client(s)
-    s.add_argument("source", help="a model directory, hf:org/repo[@revision], or a model name or id in the cluster")
-    s.add_argument("--name", help="name it (default: the directory name, tag latest)")
+    s.add_argument("source", help="a model directory, a .gguf file, ollama:NAME[:TAG] (a local Ollama store), "
+                   "hf:org/repo[@revision], a catalogue name (smollm2:135m), or a model name or id in the cluster")
+    s.add_argument("--name", help="name it (default: the directory or file name, tag latest)")
     s.add_argument("--piece-size", help='size of the verified pieces, e.g. "4MiB" (default: swarm.piece_size)')
     s.add_argument("--in-place", action="store_true", help="serve the files where they are instead of copying")
     s.add_argument("--export", metavar="DIR", help="then write the model's original files to DIR")

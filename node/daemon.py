@@ -189,6 +189,10 @@ class Daemon:
             ModelStore(cfg.node.data_dir), self.dht, self.transport, self._members, self.swarm_counters,
             piece_size=cfg.swarm.piece_size, ttl=cfg.dht.record_ttl, max_upload_rate=cfg.swarm.max_upload_rate,
             max_download_rate=cfg.swarm.max_download_rate, share=cfg.swarm.share,
+            # Catalogue downloads: $ENJAMBRE_CACHE when set (shared by the daemons of one
+            # machine, as the tests and the demo run them), else the node's own data dir.
+            download_dir=Path(os.environ["ENJAMBRE_CACHE"]) if os.environ.get("ENJAMBRE_CACHE")
+            else Path(cfg.node.data_dir) / "downloads",
         )
         self.peers = self.models.peers
         self.worker = StageWorker(self.key.node_id, self.models, self.peers,

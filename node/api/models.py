@@ -48,7 +48,7 @@ def tags_view(catalog: dict[str, dict[str, Any]], self_id: str) -> dict[str, Any
                 "details": {
                     "format": summary.get("format", "safetensors"), "family": summary.get("model_type") or "",
                     "families": [summary["model_type"]] if summary.get("model_type") else None,
-                    "parameter_size": _params(params), "quantization_level": str(summary.get("torch_dtype") or ""),
+                    "parameter_size": _params(params), "quantization_level": str(summary.get("quantization") or summary.get("torch_dtype") or ""),
                 },
                 "architecture": summary.get("architecture"), "parameters": params,
                 "copies": sum(1 for n in holders.values() if pieces and n >= pieces),

@@ -65,6 +65,9 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None
     torch_dtype: str | None = None
+    # Per-frequency divisors of the inverse frequencies (GGUF rope_freqs.weight, llama.cpp's
+    # form of Llama 3.1's rope scaling), applied after rope_scaling.
+    rope_factors: tuple[float, ...] | None = None
 
     @property
     def model_type(self) -> str:
@@ -85,6 +88,8 @@ class ModelConfig:
             self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
         )
         rs = self.rope_scaling
+        if self.rope_factors is not None:
+            inv = inv / np.asarray(self.rope_factors, dtype=np.float32)
         if rs is None or rs.rope_type == "default":
             return inv.astype(np.float32)
         if rs.rope_type == "linear":
@@ -204,6 +209,12 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
                 "Qwen2 sliding-window attention (use_sliding_window/layer_types) is not supported"
             )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
+    factors = raw.get("rope_factors")
+    if factors is not None and (
+        not isinstance(factors, list) or len(factors) != int(head_dim) // 2
+        or not all(isinstance(f, int | float) and not isinstance(f, bool) and f > 0 for f in factors)
+    ):
+        raise ModelConfigError(f"config.json rope_factors must be {int(head_dim) // 2} positive numbers")
     return ModelConfig(
         architecture=arch,
         hidden_size=hidden,
@@ -223,6 +234,7 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         sliding_window=int(sliding) if sliding else None,
         torch_dtype=str(dtype) if dtype else None,
+        rope_factors=tuple(float(f) for f in factors) if factors is not None else None,
     )
 
 

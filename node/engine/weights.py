@@ -42,6 +42,7 @@ from node.engine.errors import (
     ShapeMismatchError,
     WeightsError,
 )
+from node.engine.gguf import GGUF_MAGIC, GGUFWeights, decode, gguf_index, unpermute
 from protocol.safetensors import SafetensorsError, TensorInfo, header_length
 from protocol.safetensors import parse_header as parse_safetensors_header
 
@@ -228,7 +229,9 @@ def model_files(model_dir: str | os.PathLike[str]) -> list[str]:
         return sorted(set(weight_map.values()))
     files = sorted(p.name for p in root.glob("*.safetensors"))
     if not files:
-        raise WeightsError(f"{root} holds no *.safetensors files")
+        files = sorted(p.name for p in root.glob("*.gguf"))[:1]
+    if not files:
+        raise WeightsError(f"{root} holds no *.safetensors (or .gguf) files")
     return files
 
 
@@ -245,17 +248,41 @@ class WeightSource:
     index: dict[str, TensorInfo] = field(default_factory=dict)
     tensors_read: list[str] = field(default_factory=list)
     read_into: ReadInto | None = None
+    # Each file's size; needed for GGUF files (their header has no length up front).
+    sizes: dict[str, int] = field(default_factory=dict)
+    # GGUF rows to restore (tensor name -> heads), see node/engine/gguf.py.
+    permuted: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.index:
             for file_name in self.files:
-                self.index.update(parse_header(self.read_range, file_name))
+                if self.read_range(file_name, 0, 4) == GGUF_MAGIC:
+                    size = self.sizes.get(file_name)
+                    if size is None:
+                        raise WeightsError(f"{file_name} is a GGUF file: its size must be given")
+                    found: GGUFWeights = gguf_index(self.read_range, file_name, size)
+                    self.index.update(found.index)
+                    self.permuted.update(found.permuted)
+                else:
+                    self.index.update(parse_header(self.read_range, file_name))
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike[str]) -> WeightSource:
         files = model_files(model_dir)
+        sizes = {f: (Path(model_dir) / f).stat().st_size for f in files}
         return cls(
-            local_reader(model_dir, files), files, read_into=local_read_into(model_dir, files)
+            local_reader(model_dir, files), files, read_into=local_read_into(model_dir, files),
+            sizes=sizes,
+        )
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> WeightSource:
+        """A single GGUF file (its directory holds the config and tokenizer files, if any)."""
+        p = Path(path)
+        files = [p.name]
+        return cls(
+            local_reader(p.parent, files), files, read_into=local_read_into(p.parent, files),
+            sizes={p.name: p.stat().st_size},
         )
 
     @classmethod
@@ -275,8 +302,12 @@ class WeightSource:
                 f"{list(expected_shape)}"
             )
         np_dtype = _ST_DTYPES.get(info.dtype)
-        if np_dtype is None:
-            raise WeightsError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+        if np_dtype is None or name in self.permuted:
+            # A GGUF tensor: quantized blocks, or rows to restore.
+            out = decode(info, self.read_range(info.file, info.offset, info.length))
+            self.tensors_read.append(name)
+            heads = self.permuted.get(name)
+            return out if heads is None else unpermute(out, heads)
         if info.length != np_dtype.itemsize * int(np.prod(info.shape, dtype=np.int64)):
             raise WeightsError(f"tensor {name!r}: byte length does not match its shape and dtype")
         if self.read_into is not None:

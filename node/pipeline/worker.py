@@ -195,7 +195,8 @@ class StageWorker:
                                                            session_idle=2 * loaded.step_timeout), need, dtype, chunk)
             files = [f.path for f in manifest.files if f.data_start is not None]
             reader = self.service.store.range_reader(manifest)
-            source = WeightSource(reader, files, read_into=reader.read_into)
+            source = WeightSource(reader, files, read_into=reader.read_into,
+                                  sizes={f.path: f.size for f in manifest.files})
             part = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: load_partition(source, config, spec, dtype=dtype, max_context=context,
                                                       prefill_chunk=chunk))

@@ -26,7 +26,7 @@ from node.store.pieces import StoreError
 from protocol.manifest import Manifest, ManifestError, ManifestFile, build_manifest, check_path
 from protocol.safetensors import SafetensorsError, TensorInfo, header_length, parse_header
 
-__all__ = ["ImportError_", "import_directory", "model_files"]
+__all__ = ["ImportError_", "hash_file", "import_directory", "model_files"]
 
 # What a model directory may carry besides its weights; other weight formats
 # (.bin, .pt, .gguf, ...) and subdirectories are left out.
@@ -81,7 +81,7 @@ def _header(path: Path, name: str) -> tuple[dict[str, TensorInfo], int]:
     return parse_header(data, name, size), 8 + length
 
 
-def _hash_file(path: Path, piece_size: int, keep: Callable[[str, bytes], None] | None,
+def hash_file(path: Path, piece_size: int, keep: Callable[[str, bytes], None] | None,
                progress: Progress | None, name: str) -> tuple[int, list[str]]:
     size = path.stat().st_size
     hashes: list[str] = []
@@ -162,7 +162,7 @@ def import_directory(
         for rel in (*others, *weights):
             path = root / rel
             info = path.stat()
-            size, hashes = _hash_file(path, piece_size, keep_and_note if keep else None, progress, rel)
+            size, hashes = hash_file(path, piece_size, keep_and_note if keep else None, progress, rel)
             files.append(ManifestFile(rel, size, tuple(hashes), data_starts.get(rel)))
             stats[rel] = [info.st_size, info.st_mtime_ns]
         manifest = build_manifest(files, sorted(tensors, key=lambda t: (t.file, t.offset)),

@@ -40,7 +40,7 @@ __all__ = [
 
 SHARDS = "0123456789abcdef"
 _SUMMARY_FIELDS = ("format", "architecture", "model_type", "parameters", "num_hidden_layers",
-                   "torch_dtype", "max_position_embeddings")
+                   "torch_dtype", "max_position_embeddings", "quantization")
 
 
 def name_key(name: str) -> str:

