@@ -25,7 +25,10 @@ def _clean(value: Any, limit: int = 48) -> str:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    for event in stream(args, "POST", "/api/load", {"model": args.model}):
+    body: dict[str, Any] = {"model": args.model}
+    if args.weights:
+        body["weights"] = args.weights
+    for event in stream(args, "POST", "/api/load", body):
         if args.json:
             print(json.dumps(event), flush=True)
         if "error" in event:
@@ -102,6 +105,9 @@ def add_run_commands(sub: Any, client: Any) -> None:
     s = sub.add_parser("load", help="plan a model over the cluster and load it")
     client(s)
     s.add_argument("model", help="the model's name or id")
+    s.add_argument("--weights", choices=("native", "int8"),
+                   help="hold matrices as int8 (a quarter of float32's memory) or native "
+                        "(default: the daemon's engine.weights)")
     s.set_defaults(func=cmd_load, timeout=3600.0)
 
     s = sub.add_parser("run", help="answer a prompt with a model (loading it if needed)")

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_PIECE_SIZE",
     "MIN_PIECE_SIZE",
     "RENAMED",
+    "WEIGHT_FORMATS",
     "ApiSection",
     "ClusterSection",
     "Config",
@@ -67,6 +68,7 @@ DEFAULT_BEACON_GROUP = "239.255.74.20"
 DEFAULT_BEACON_PORT = 7423
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("native", "int8")
 LOG_LEVELS = tuple(LEVELS)
 LOG_FORMATS = tuple(FORMATS)
 MIN_PIECE_SIZE = 16 * 1024
@@ -364,6 +366,14 @@ class EngineSection:
             f"dtype used for compute: {' | '.join(COMPUTE_DTYPES)}. "
             "auto = the engine picks one the device runs well.",
             default="auto",
+        )
+    )
+    weights: str = field(
+        metadata=key(
+            v.choice(WEIGHT_FORMATS),
+            "How matrices are held: native (the compute dtype) | int8 (per-row int8 with "
+            "float32 scales: a quarter of float32's memory; W8A8 matmuls on CPU).",
+            default="native",
         )
     )
     max_sessions: int = field(

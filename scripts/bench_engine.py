@@ -1,7 +1,7 @@
 """Benchmark the JAX engine against transformers and llama.cpp on the same random weights.
 
     python scripts/bench_engine.py [--shape qwen0.5b|llama8b|quick] [--dtype float32]
-        [--no-transformers] [--no-llamacpp] [--json]
+        [--no-transformers] [--no-llamacpp] [--only int8] [--json]
 
 One run measures (keys of the JSON; Qwen2.5-0.5B shape, random weights, float32 by
 default; 128-token prompts, 128 new tokens, greedy unless said):
@@ -18,7 +18,12 @@ default; 128-token prompts, 128 new tokens, greedy unless said):
   same thread count (null, with a note, when llama-cpp-python or gguf is missing);
 - memory_predicted_bytes / memory_measured_bytes: memory_needed() for the whole model,
   context 1024, 8 slots, 512-token chunks, against the peak RSS growth of a fresh process
-  that loads the checkpoint, prefills a 512-token chunk and decodes 8 slots.
+  that loads the checkpoint, prefills a 512-token chunk and decodes 8 slots;
+- int8_decode_tok_s / int8_vs_f32: batch-1 greedy tail steps with weights="int8" (the
+  same checkpoint quantized as it loads), and its ratio to the native weights in --dtype,
+  the two measured in alternating rounds (meta: the same ratio at 8 slots);
+  int8_memory_ratio: the loaded int8 weights' bytes over the native ones'. ``--only
+  int8`` measures these three alone.
 "meta" holds the machine, load time, per-target verdicts and notes. On an accelerator
 (--shape llama8b --dtype bfloat16) it adds the tail step against the measured
 memory-bandwidth ceiling.
@@ -104,6 +109,9 @@ KEYS = (
     "llamacpp_decode_tok_s",
     "memory_predicted_bytes",
     "memory_measured_bytes",
+    "int8_decode_tok_s",
+    "int8_vs_f32",
+    "int8_memory_ratio",
 )
 OLLAMA = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 1}
 MEM_CONTEXT, MEM_SLOTS, CHUNK, BLOCK = 1024, 8, 512, 16
@@ -217,6 +225,56 @@ def paired_tail_tok_s(
         for i, run in enumerate(runs):
             spent[i] += steps(run, per_round)
     return [per_round * rounds / t for t in spent]
+
+
+def paired_partitions_tok_s(
+    parts: list[Any], prompt: int, new: int, slots: int = 1, rounds: int = 4
+) -> list[float]:
+    """Total greedy tok/s of `slots` sessions through the tail step of each partition (the
+    same model in different weight formats), in alternating rounds (see paired_tail_tok_s)."""
+    from node.engine import SamplerState, SamplingParams
+
+    ids = list(range(slots))
+    runs = []
+    for part in parts:
+        vocab = part.config.vocab_size
+        prompts = _prompts(vocab, slots, prompt)
+        cache, outs = part.prefill_batch(part.new_cache(slots), prompts, ids, [0] * slots)
+        states = [SamplerState(SamplingParams(), vocab) for _ in ids]
+        toks = [int(np.argmax(o)) for o in outs]
+        runs.append({"part": part, "cache": cache, "toks": toks, "pos": prompt, "states": states})
+
+    def steps(run: dict[str, Any], n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run["cache"], out = run["part"].tail_step(
+                run["cache"], run["toks"], ids, [run["pos"]] * slots, run["states"]
+            )
+            run["toks"], run["pos"] = out.tokens.tolist(), run["pos"] + 1
+        return time.perf_counter() - t0
+
+    for run in runs:
+        steps(run, 2)  # compile and warm
+    per_round = max(1, new // rounds)
+    spent = [0.0] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            spent[i] += steps(run, per_round)
+    return [slots * per_round * rounds / t for t in spent]
+
+
+def int8_comparison(native: Any, int8: Any, prompt: int, new: int) -> dict[str, float]:
+    """The int8 keys (decode tok/s of `int8` at batch 1, its ratio to `native`, the weight
+    bytes ratio) and, for meta, the batch-8 ratio and native batch-1 tok/s."""
+    base, quant = paired_partitions_tok_s([native, int8], prompt, new)
+    base8, quant8 = paired_partitions_tok_s([native, int8], prompt, new // 2, slots=8)
+    return {
+        "int8_decode_tok_s": quant,
+        "int8_vs_f32": quant / base,
+        "int8_memory_ratio": int8.params.nbytes / native.params.nbytes,
+        "native_decode_tok_s": base,
+        "int8_batch8_vs_f32": quant8 / base8,
+    }
 
 
 def single_and_multi_step_tok_s(
@@ -488,12 +546,14 @@ def bandwidth_ceiling(cfg: Any, dtype: str, context: int) -> tuple[float, float]
     return bw, bw / step
 
 
-def random_partition(cfg: Any, dtype: str, context: int) -> Any:
-    """Random weights built on the device in the file layout (no 16 GB checkpoint)."""
+def random_partition(cfg: Any, dtype: str, context: int, weights: str = "native") -> Any:
+    """Random weights built on the device in the file layout (no 16 GB checkpoint);
+    weights="int8" quantizes each matrix on the device as load_partition does."""
     import jax
     import jax.numpy as jnp
 
     from node.engine import Partition, PartitionSpec
+    from node.engine.quant import default_kernel, quantize
     from node.engine.weights import LayerParams, PartitionParams
 
     H, F, V, Q, KV = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.q_size, cfg.kv_size
@@ -504,6 +564,10 @@ def random_partition(cfg: Any, dtype: str, context: int) -> Any:
         key, sub = jax.random.split(key)
         return (0.02 * jax.random.normal(sub, shape, jnp.float32)).astype(dtype)
 
+    def mat(*shape: int) -> Any:
+        w = rnd(*shape)
+        return w if weights == "native" else quantize(w, dtype, default_kernel())
+
     def bias(n: int) -> jax.Array | None:
         return rnd(n) if cfg.qkv_bias else None
 
@@ -511,24 +575,25 @@ def random_partition(cfg: Any, dtype: str, context: int) -> Any:
     layers = tuple(
         LayerParams(
             ones,
-            rnd(Q, H),
-            rnd(KV, H),
-            rnd(KV, H),
+            mat(Q, H),
+            mat(KV, H),
+            mat(KV, H),
             bias(Q),
             bias(KV),
             bias(KV),
-            rnd(H, Q),
+            mat(H, Q),
             None,
             ones,
-            rnd(F, H),
-            rnd(F, H),
-            rnd(H, F),
+            mat(F, H),
+            mat(F, H),
+            mat(H, F),
         )
         for _ in range(cfg.num_layers)
     )
-    head = None if cfg.tie_word_embeddings else rnd(V, H)
-    params = PartitionParams(rnd(V, H), layers, ones, head)
-    return Partition(cfg, PartitionSpec.whole(cfg), params, dtype, context, CHUNK)
+    head = None if cfg.tie_word_embeddings else mat(V, H)
+    params = PartitionParams(mat(V, H), layers, ones, head)
+    whole = PartitionSpec.whole(cfg)
+    return Partition(cfg, whole, params, dtype, context, CHUNK, weights=weights)
 
 
 def _gpu_used_bytes() -> int | None:
@@ -551,6 +616,13 @@ def _gpu_used_bytes() -> int | None:
 
 
 # -- the run ------------------------------------------------------------------------------
+
+
+def _int8_keys(res: dict[str, Any], meta: dict[str, Any], got: dict[str, float]) -> None:
+    for key in ("int8_decode_tok_s", "int8_vs_f32", "int8_memory_ratio"):
+        res[key] = got[key]
+    meta["int8_native_decode_tok_s"] = got["native_decode_tok_s"]
+    meta["int8_batch8_vs_f32"] = got["int8_batch8_vs_f32"]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -603,6 +675,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "calibrate it with nvidia_smi_used_bytes - measured"
         )
         meta["nvidia_smi_used_bytes"] = _gpu_used_bytes()
+        int8 = random_partition(cfg, args.dtype, 4096, "int8")
+        _int8_keys(res, meta, int8_comparison(part, int8, prompt, new))
         meta.update(
             bandwidth_gb_s=bw / 1e9,
             ceiling_tok_s=ceiling,
@@ -631,6 +705,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             prefill_chunk=CHUNK,
         )
         meta["load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        int8 = load_partition(
+            WeightSource.from_dir(model_dir),
+            cfg,
+            PartitionSpec.whole(cfg),
+            dtype=args.dtype,
+            max_context=1024,
+            prefill_chunk=CHUNK,
+            weights="int8",
+        )
+        meta["int8_load_s"] = time.perf_counter() - t0
+        _int8_keys(res, meta, int8_comparison(part, int8, prompt, new))
+        del int8
+        print("  int8 done", file=sys.stderr, flush=True)
+        if args.only == "int8":
+            meta["notes"].append("--only int8: the other keys were not measured")
+            meta["targets"] = verdicts(res)
+            return {**res, "meta": meta}
         res["decode_tok_s"], res["sampled_decode_tok_s"] = paired_tail_tok_s(
             part, prompt, new, [None, OLLAMA]
         )
@@ -710,6 +802,11 @@ def verdicts(res: dict[str, Any]) -> dict[str, str]:
     check("batch8_vs_batch1", res["batch8_tok_s"] / d if d else None, 4.0)
     check("long_context_ratio", res["long_context_ratio"], 0.9)
     check("single_vs_multi_step", res["single_vs_multi_step"], 0.9)
+    check("int8_vs_f32", res["int8_vs_f32"], 1.0)
+    r = res["int8_memory_ratio"]
+    out["int8_memory"] = (
+        "n/a" if r is None else f"{'met' if r <= 0.3 else 'missed'} ({r:.3f} <= 0.3)"
+    )
     ll = res["llamacpp_decode_tok_s"]
     check("decode_vs_llamacpp", d / ll if d and ll else None, 1.0)
     p, m = res["memory_predicted_bytes"], res["memory_measured_bytes"]
@@ -725,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-transformers", dest="transformers", action="store_false")
     ap.add_argument("--no-llamacpp", dest="llamacpp", action="store_false")
+    ap.add_argument("--only", choices=["int8"], help="measure only these keys")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--measure-memory", type=Path, nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

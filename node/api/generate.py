@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from node.api.guard import error_response
+from node.config_schema import WEIGHT_FORMATS
 from node.pipeline.driver import (
     Driver,
     DriverError,
@@ -221,6 +222,9 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
     async def load(request: web.Request) -> web.StreamResponse:
         try:
             body = await body_of(request)
+            weights = body.get("weights")
+            if weights is not None and weights not in WEIGHT_FORMATS:
+                raise BadRequest(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
             await driver.resolve(body["model"])
         except BadRequest as exc:
             return error_response(400, str(exc))
@@ -236,7 +240,7 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
 
         async def load_it() -> Model:
             try:
-                return await driver.model(body["model"], progress=progress)
+                return await driver.model(body["model"], progress=progress, weights=weights)
             finally:
                 await events.put(None)
 
@@ -279,8 +283,9 @@ def _ps_entry(m: Model, keep_alive: float) -> dict[str, Any]:
     return {
         "name": m.name, "model": m.name, "digest": m.model_id, "size": size, "size_vram": 0,
         "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
-        "details": {"family": m.config.architecture, "parameter_size": "", "quantization_level": m.dtype},
-        "context_length": m.max_context, "sessions": len(m.sessions), "epoch": m.epoch,
+        "details": {"family": m.config.architecture, "parameter_size": "",
+                    "quantization_level": "int8" if m.weights == "int8" else m.dtype},
+        "context_length": m.max_context, "weights": m.weights, "sessions": len(m.sessions), "epoch": m.epoch,
         "plan": [{"node_id": s.node_id, "start": s.start, "end": s.end, "memory": s.memory}
                  for s in m.plan.stages],
     }

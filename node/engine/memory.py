@@ -1,7 +1,10 @@
 """Memory the planner can trust: what a partition needs to load and serve.
 
 `memory_estimate` returns the parts, `memory_needed` their total:
-- weights, exactly as weights.load_params allocates them (tied-head rule included);
+- weights, exactly as weights.load_params allocates them (tied-head rule included): the
+  compute dtype's bytes, or with weights="int8" one byte per matrix entry plus a float32
+  scale per matrix row, norms and biases in the compute dtype (Qwen2.5-0.5B shape:
+  0.25x the f32 bytes);
 - the KV cache, exactly as cache.new_cache allocates it (CacheGeometry: a ring for a
   sliding window, lengths rounded to whole attention blocks);
 - temporaries of the compiled steps at the configured prefill chunk and slot count: the
@@ -16,8 +19,9 @@
   On CPU a bf16 model's temporaries include an f32 copy of its matrices: XLA CPU
   upcasts bf16 dots;
 - the host bytes in flight while loading: at most one tensor's bytes as read (two when
-  the file's dtype differs from the compute dtype, since the conversion runs on the
-  device); an upper bound, as JAX on CPU adopts an aligned read without copying;
+  the file's dtype differs from the compute dtype or the weights are quantized, since
+  the conversion runs on the device, plus quantize's 16 MB block); an upper bound, as
+  JAX on CPU adopts an aligned read without copying;
 - on GPU, the runtime's reserve outside JAX's pool (backend.GPU_RUNTIME_RESERVE).
 
 Before this, the estimate counted weights and cache only: a 512-token prefill at
@@ -37,6 +41,14 @@ from node.engine.backend import GPU_RUNTIME_RESERVE
 from node.engine.buckets import decode_width
 from node.engine.cache import CacheGeometry, KVCache, cache_nbytes, default_attn_block
 from node.engine.config import SUPPORTED_DTYPES, ModelConfig
+from node.engine.quant import (
+    BLOCK_ENTRIES,
+    NATIVE,
+    QuantMatrix,
+    check_weights,
+    default_kernel,
+    quantized_bytes,
+)
 from node.engine.samplers import DEFAULT_CANDIDATES, RowSettings
 from node.engine.steps import OUT_HIDDEN, OUT_LAST, StepShape, forward, tail
 from node.engine.weights import LayerParams, PartitionParams, PartitionSpec, head_shares_embedding
@@ -61,6 +73,33 @@ def partition_param_count(config: ModelConfig, spec: PartitionSpec) -> int:
         if not head_shares_embedding(config, spec):
             count += V * H
     return count
+
+
+def _matrix_shapes(config: ModelConfig, spec: PartitionSpec) -> list[tuple[int, int]]:
+    """[out, in] of every matrix a partition holds (what weights="int8" quantizes)."""
+    H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    Q, KV = config.q_size, config.kv_size
+    layer = [(Q, H), (KV, H), (KV, H), (H, Q), (F, H), (F, H), (H, F)]
+    shapes = layer * (spec.end - spec.start)
+    if spec.has_embedding:
+        shapes.append((V, H))
+    if spec.has_head and not head_shares_embedding(config, spec):
+        shapes.append((V, H))
+    return shapes
+
+
+def partition_weight_bytes(
+    config: ModelConfig, spec: PartitionSpec, dtype: str, weights: str = NATIVE
+) -> int:
+    """Bytes of a partition's weights as load_params allocates them, in `dtype`, or with
+    weights="int8" the matrices as int8 plus a float32 scale per row."""
+    itemsize = jnp.dtype(dtype).itemsize
+    count = partition_param_count(config, spec)
+    if check_weights(weights) == NATIVE:
+        return count * itemsize
+    shapes = _matrix_shapes(config, spec)
+    rest = count - sum(r * c for r, c in shapes)
+    return sum(quantized_bytes(r, c) for r, c in shapes) + rest * itemsize
 
 
 @dataclass(frozen=True)
@@ -88,38 +127,46 @@ class MemoryEstimate:
 
 
 def _abstract_params(
-    config: ModelConfig, spec: PartitionSpec, layers: int, dtype: str
+    config: ModelConfig, spec: PartitionSpec, layers: int, dtype: str, weights: str = NATIVE
 ) -> PartitionParams:
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     Q, KV = config.q_size, config.kv_size
     dt = jnp.dtype(dtype)
+    kernel = default_kernel()
 
     def a(*shape: int) -> Any:
         return jax.ShapeDtypeStruct(shape, dt)
+
+    def m(rows: int, cols: int) -> Any:
+        if weights == NATIVE:
+            return a(rows, cols)
+        q: Any = jax.ShapeDtypeStruct((rows, cols), jnp.int8)
+        scale: Any = jax.ShapeDtypeStruct((rows,), jnp.float32)
+        return QuantMatrix(q, scale, str(dt), kernel)
 
     def b(*shape: int) -> Any:
         return a(*shape) if config.qkv_bias else None
 
     layer = LayerParams(
         a(H),
-        a(Q, H),
-        a(KV, H),
-        a(KV, H),
+        m(Q, H),
+        m(KV, H),
+        m(KV, H),
         b(Q),
         b(KV),
         b(KV),
-        a(H, Q),
+        m(H, Q),
         a(H) if config.o_bias else None,
         a(H),
-        a(F, H),
-        a(F, H),
-        a(H, F),
+        m(F, H),
+        m(F, H),
+        m(H, F),
     )
     head = None
     if spec.has_head and not head_shares_embedding(config, spec):
-        head = a(V, H)
+        head = m(V, H)
     return PartitionParams(
-        a(V, H) if spec.has_embedding else None,
+        m(V, H) if spec.has_embedding else None,
         tuple(layer for _ in range(layers)),
         a(H) if spec.has_head else None,
         head,
@@ -136,10 +183,11 @@ def _step_temporaries(
     geom: CacheGeometry,
     prefill_chunk: int,
     slots: int,
+    weights: str = NATIVE,
 ) -> tuple[int, ...]:
     """temp_size_in_bytes of each step (prefill chunk, decode, tail) for `layers` layers."""
     spec = PartitionSpec(0, layers, has_embedding, has_head)
-    params = _abstract_params(config, spec, layers, dtype)
+    params = _abstract_params(config, spec, layers, dtype, weights)
     shape = StepShape(config, geom, has_embedding, has_head)
     cache_shape = (slots, config.num_kv_heads, geom.length, config.head_dim)
     kv: Any = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(dtype))
@@ -225,6 +273,7 @@ def step_temporaries(
     geom: CacheGeometry,
     prefill_chunk: int,
     slots: int,
+    weights: str = NATIVE,
 ) -> int:
     """Temporaries of the partition's largest compiled step, on this machine's backend:
     measured on two- and three-layer proxies and extrapolated per layer."""
@@ -233,7 +282,7 @@ def step_temporaries(
     # No temporary scales with the cache length (keys are walked block by block), so the
     # proxies use the shortest cache of this geometry: one compilation serves every context.
     proxy = CacheGeometry(2 * geom.block, 2 * geom.block, geom.block, geom.ring, geom.window)
-    rest = (dtype, proxy, prefill_chunk, slots)
+    rest = (dtype, proxy, prefill_chunk, slots, weights)
     if layers <= 3:
         return max(_step_temporaries(*args, layers, *rest))
     two = _step_temporaries(*args, 2, *rest)
@@ -266,14 +315,15 @@ def resident_bytes(
     batch: int,
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    weights: str = NATIVE,
 ) -> int:
     """Weights plus KV cache of a partition, without compiling anything: a floor of
     memory_needed, cheap enough to check a plan a peer sent before loading it."""
     spec.validate(config)
     itemsize = jnp.dtype(dtype).itemsize
     geom = _geometry(config, context, prefill_chunk, None, jax.default_backend())
-    weights = partition_param_count(config, spec) * itemsize
-    return weights + cache_nbytes(config, spec.end - spec.start, batch, geom.length, itemsize)
+    held = partition_weight_bytes(config, spec, dtype, weights)
+    return held + cache_nbytes(config, spec.end - spec.start, batch, geom.length, itemsize)
 
 
 def memory_estimate(
@@ -290,27 +340,35 @@ def memory_estimate(
     attn_block: int | None = None,
     platform: str | None = None,
     zero_copy_load: bool = False,
+    weights: str = NATIVE,
 ) -> MemoryEstimate:
     """The parts of what a partition of layers [start, end) needs with a cache of `batch`
     sessions of `context` tokens in `dtype` (see the module docstring). platform: "cpu"
     or an accelerator's ("gpu"); default: this machine's. Temporaries are measured with
     this machine's compiler (a few seconds the first time per model shape).
     zero_copy_load: the weights come from local files (WeightSource.from_dir), which
-    JAX on CPU adopts without a copy: no load transient unless the dtype is converted."""
+    JAX on CPU adopts without a copy: no load transient unless the dtype is converted.
+    weights: "native" or "int8" (see load_partition)."""
     spec = PartitionSpec(start, end, has_embedding, has_head)
     spec.validate(config)
+    check_weights(weights)
     platform = platform or jax.default_backend()
     itemsize = jnp.dtype(dtype).itemsize
     geom = _geometry(config, context, prefill_chunk, attn_block, platform)
     stored = config.torch_dtype if config.torch_dtype in SUPPORTED_DTYPES else dtype
     file_itemsize = jnp.dtype(stored).itemsize
-    converting = jnp.dtype(stored) != jnp.dtype(dtype)
-    copies = (2 if converting else 1) - (1 if zero_copy_load and platform == "cpu" else 0)
-    load = _largest_tensor(config, spec) * file_itemsize * copies
+    # Quantizing is a conversion: the tensor as read lives until its int8 replaces it.
+    # (int8 is quantized on the host, block by block, from the tensor as read: one copy.)
+    converting = jnp.dtype(stored) != jnp.dtype(dtype) and weights == NATIVE
+    copies = (2 if converting else 1) - (1 if zero_copy_load and platform == "cpu" and weights == NATIVE else 0)
+    largest = _largest_tensor(config, spec)
+    load = largest * file_itemsize * copies
+    if weights != NATIVE:
+        load += 4 * min(largest, BLOCK_ENTRIES)  # quant.quantize's float32 block
     return MemoryEstimate(
-        weights=partition_param_count(config, spec) * itemsize,
+        weights=partition_weight_bytes(config, spec, dtype, weights),
         kv_cache=cache_nbytes(config, end - start, batch, geom.length, itemsize),
-        temporaries=step_temporaries(config, spec, dtype, geom, prefill_chunk, batch),
+        temporaries=step_temporaries(config, spec, dtype, geom, prefill_chunk, batch, weights),
         load_transient=load,
         runtime_reserve=0 if platform == "cpu" else GPU_RUNTIME_RESERVE,
         platform=platform,
@@ -331,6 +389,7 @@ def memory_needed(
     attn_block: int | None = None,
     platform: str | None = None,
     zero_copy_load: bool = False,
+    weights: str = NATIVE,
 ) -> int:
     """Bytes a partition needs to load and serve: memory_estimate(...).total."""
     return memory_estimate(
@@ -346,4 +405,5 @@ def memory_needed(
         attn_block=attn_block,
         platform=platform,
         zero_copy_load=zero_copy_load,
+        weights=weights,
     ).total

@@ -35,6 +35,7 @@ from node.engine.buckets import MIN_BUCKET, chunk_spans, decode_width, pow2_buck
 from node.engine.cache import CacheGeometry, KVCache, default_attn_block, new_cache
 from node.engine.config import ModelConfig
 from node.engine.errors import ContextOverflowError, PartitionError, TokenRangeError
+from node.engine.quant import NATIVE, check_weights
 from node.engine.sampling import (
     SamplerState,
     advance,
@@ -91,6 +92,7 @@ class Partition:
     max_context: int
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     attn_block: int | None = None  # None: the platform's default (cache.default_attn_block)
+    weights: str = NATIVE  # "native" (as stored, in `dtype`) or "int8" (quant.py)
     geom: CacheGeometry = field(init=False)
     shape: StepShape = field(init=False)
 
@@ -484,6 +486,7 @@ def load_partition(
     max_context: int | None = DEFAULT_MAX_CONTEXT,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     attn_block: int | None = None,
+    weights: str = NATIVE,
 ) -> Partition:
     """Load one partition's weights from `source` (files or a byte-range callback).
 
@@ -491,7 +494,11 @@ def load_partition(
     max_context: cap on the cache length; the model's max_position_embeddings otherwise.
     attn_block: keys per attention block (a power of two; see attention.py); default:
     the platform's (64 on CPU, 1024 on accelerators).
+    weights: "native" keeps the matrices as stored (in `dtype`); "int8" quantizes every
+    matrix per output row as it is loaded (quant.py: 0.25x the f32 bytes);
+    norms and biases stay in `dtype`.
     """
+    check_weights(weights)
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
         raise PartitionError(
             f"prefill_chunk must be a power of two >= {MIN_BUCKET}, got {prefill_chunk}"
@@ -504,5 +511,5 @@ def load_partition(
             raise PartitionError(f"max_context must be positive, got {max_context}")
         context = min(context, max_context)
     chosen = resolve_dtype(config, dtype)
-    params = load_params(source, config, spec, chosen)
-    return Partition(config, spec, params, chosen, context, prefill_chunk, attn_block)
+    params = load_params(source, config, spec, chosen, weights)
+    return Partition(config, spec, params, chosen, context, prefill_chunk, attn_block, weights)

@@ -258,3 +258,27 @@ def generate(
             return
         yield token, float(out.logprobs[0])
         produced += 1
+
+
+def perplexity(chain: Chain, ids: Sequence[int], *, stepwise: bool = False) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] given the tokens before each: how well
+    the model predicts a fixed text. One all-logits prefill, or with ``stepwise`` one decode
+    step a token (teacher-forced): the path generation takes, whose products differ (int8
+    weights: W8A8 for decode widths, weight-only for prefill chunks; quant.py)."""
+    if len(ids) < 2:
+        raise PartitionError("perplexity needs at least two tokens")
+    caches = chain.new_caches(1)
+    if stepwise:
+        caches, first = chain.prefill(caches, list(ids[:1]))
+        rows = [np.asarray(first, dtype=np.float64).reshape(-1)]
+        for i in range(1, len(ids) - 1):
+            caches, step = chain.decode(caches, [ids[i]], [0], [i])
+            rows.append(np.asarray(step, dtype=np.float64).reshape(-1))
+        x = np.stack(rows)
+    else:
+        _, logits = chain.prefill(caches, list(ids), all_logits=True)
+        x = np.asarray(logits, dtype=np.float64)[:-1]
+    x = x - x.max(axis=1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    nll = -logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return float(np.exp(nll.mean()))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from node.engine.attention import attend
 from node.engine.cache import CacheGeometry
 from node.engine.config import ModelConfig
+from node.engine.quant import QuantMatrix, Weight, qmatmul, take_rows
 from node.engine.weights import LayerParams, PartitionParams
 
 
@@ -54,9 +55,12 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w[:, None] * y.astype(x.dtype)
 
 
-def linear(w: jax.Array, x: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """w [out, in] @ x [in, M] (+ b [out])."""
-    y = jax.lax.dot_general(w, x, (((1,), (0,)), ((), ())))
+def linear(w: Weight, x: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """w [out, in] @ x [in, M] (+ b [out]); an int8 w takes its kernel (quant.py)."""
+    if isinstance(w, QuantMatrix):
+        y = qmatmul(w, x)
+    else:
+        y = jax.lax.dot_general(w, x, (((1,), (0,)), ((), ())))
     return y if b is None else y + b[:, None]
 
 
@@ -113,6 +117,8 @@ def layer_forward(
 def embed(params: PartitionParams, ids: jax.Array) -> jax.Array:
     """Token ids [M] (already range-checked on the host) -> hidden [H, M]."""
     assert params.embed is not None
+    if isinstance(params.embed, QuantMatrix):
+        return take_rows(params.embed, ids).T
     return jnp.take(params.embed, ids, axis=0).T
 
 
@@ -120,19 +126,23 @@ def head_logits(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.
     """Final norm and LM head on x [H, M] -> float32 logits [M, V].
 
     The head's matmul accumulates and outputs float32 whatever the compute dtype: a bf16
-    output rounded the logits to 8 bits of mantissa, enough to flip greedy near-ties.
+    output rounded the logits to 8 bits of mantissa, enough to flip greedy near-ties. An
+    int8 table accumulates in int32 (w8a8) or float32 and is rescaled in float32.
     """
     assert params.final_norm is not None
     h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     table = params.head if params.head is not None else params.embed
     assert table is not None
-    if table.dtype != jnp.float32 and jax.default_backend() == "cpu":
-        # XLA CPU's generic dot has no bf16 x bf16 -> f32 kernel (only some fused dots
-        # do); multiply in f32 there, exact for bf16 inputs. bf16 on CPU is slow anyway.
-        table, h = table.astype(jnp.float32), h.astype(jnp.float32)
-    logits = jax.lax.dot_general(
-        table, h, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    if isinstance(table, QuantMatrix):
+        logits = qmatmul(table, h, out_dtype=jnp.float32)
+    else:
+        if table.dtype != jnp.float32 and jax.default_backend() == "cpu":
+            # XLA CPU's generic dot has no bf16 x bf16 -> f32 kernel (only some fused dots
+            # do); multiply in f32 there, exact for bf16 inputs. bf16 on CPU is slow anyway.
+            table, h = table.astype(jnp.float32), h.astype(jnp.float32)
+        logits = jax.lax.dot_general(
+            table, h, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
     # The barrier keeps the transpose a separate copy: fused with it, XLA CPU computes the
     # product as x.T @ W.T, 4.4x slower for 8 rows of the Qwen2.5 head (110 ms vs 25 ms).
     return jax.lax.optimization_barrier(logits).T

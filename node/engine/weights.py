@@ -43,6 +43,14 @@ from node.engine.errors import (
     WeightsError,
 )
 from node.engine.gguf import GGUF_MAGIC, GGUFWeights, decode, gguf_index, unpermute
+from node.engine.quant import (
+    NATIVE,
+    QuantMatrix,
+    Weight,
+    check_weights,
+    default_kernel,
+    quantize_host,
+)
 from protocol.safetensors import SafetensorsError, TensorInfo, header_length
 from protocol.safetensors import parse_header as parse_safetensors_header
 
@@ -92,37 +100,40 @@ def split_layers(num_layers: int, parts: int) -> list[PartitionSpec]:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class LayerParams:
-    """One decoder layer's weights as the checkpoint stores them: matrices [out, in]."""
+    """One decoder layer's weights as the checkpoint stores them: matrices [out, in]
+    (a QuantMatrix each when loaded as int8; norms and biases stay in the compute dtype)."""
 
     ln1: jax.Array  # input RMSNorm [H]
-    wq: jax.Array  # [q, H]
-    wk: jax.Array  # [kv, H]
-    wv: jax.Array  # [kv, H]
+    wq: Weight  # [q, H]
+    wk: Weight  # [kv, H]
+    wv: Weight  # [kv, H]
     bq: jax.Array | None  # [q]; Qwen2, or attention_bias
     bk: jax.Array | None  # [kv]
     bv: jax.Array | None  # [kv]
-    wo: jax.Array  # [H, q]
+    wo: Weight  # [H, q]
     bo: jax.Array | None  # [H]; attention_bias (not Qwen2)
     ln2: jax.Array  # post-attention RMSNorm [H]
-    wg: jax.Array  # gate [F, H]
-    wu: jax.Array  # up [F, H]
-    wd: jax.Array  # down [H, F]
+    wg: Weight  # gate [F, H]
+    wu: Weight  # up [F, H]
+    wd: Weight  # down [H, F]
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class PartitionParams:
-    """A partition's weights; every array has the compute dtype."""
+    """A partition's weights; every array has the compute dtype, or is a QuantMatrix
+    standing in for it (int8 weights)."""
 
-    embed: jax.Array | None  # [V, H] on the first partition
+    embed: Weight | None  # [V, H] on the first partition
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array | None  # [H] on the last partition
     # [V, H] on the last partition, except None when a tied head uses `embed` itself.
-    head: jax.Array | None
+    head: Weight | None
 
     @property
     def dtype(self) -> Any:
-        return jax.tree_util.tree_leaves(self)[0].dtype
+        first = jax.tree_util.tree_leaves(self, is_leaf=lambda x: isinstance(x, QuantMatrix))[0]
+        return first.dtype
 
     @property
     def nbytes(self) -> int:
@@ -362,11 +373,19 @@ def partition_tensor_names(config: ModelConfig, spec: PartitionSpec) -> list[str
 
 
 def load_params(
-    source: WeightSource, config: ModelConfig, spec: PartitionSpec, dtype: str
+    source: WeightSource,
+    config: ModelConfig,
+    spec: PartitionSpec,
+    dtype: str,
+    weights: str = NATIVE,
 ) -> PartitionParams:
     """Read a partition's tensors and put them on the device as they are (see the module
-    docstring). One tensor at a time: the host holds at most one tensor's bytes."""
+    docstring). One tensor at a time: the host holds at most one tensor's bytes.
+
+    weights="int8": every matrix (embedding, head, the layers' projections) is quantized
+    on the host right after it is read (quant.py), from the file's dtype."""
     spec.validate(config)
+    int8 = check_weights(weights) != NATIVE
     target = jnp.dtype(dtype)
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     Q, KV = config.q_size, config.kv_size
@@ -378,32 +397,38 @@ def load_params(
         # the host holds one tensor at a time (memory.py counts exactly that).
         return arr.block_until_ready()
 
+    def mat(name: str, shape: tuple[int, ...]) -> Weight:
+        if not int8:
+            return get(name, shape)
+        quantized = quantize_host(source.read(name, shape), dtype, default_kernel())
+        return jax.block_until_ready(quantized)
+
     def layer(i: int) -> LayerParams:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         bias = config.qkv_bias
         return LayerParams(
             ln1=get(p + "input_layernorm.weight", (H,)),
-            wq=get(a + "q_proj.weight", (Q, H)),
-            wk=get(a + "k_proj.weight", (KV, H)),
-            wv=get(a + "v_proj.weight", (KV, H)),
+            wq=mat(a + "q_proj.weight", (Q, H)),
+            wk=mat(a + "k_proj.weight", (KV, H)),
+            wv=mat(a + "v_proj.weight", (KV, H)),
             bq=get(a + "q_proj.bias", (Q,)) if bias else None,
             bk=get(a + "k_proj.bias", (KV,)) if bias else None,
             bv=get(a + "v_proj.bias", (KV,)) if bias else None,
-            wo=get(a + "o_proj.weight", (H, Q)),
+            wo=mat(a + "o_proj.weight", (H, Q)),
             bo=get(a + "o_proj.bias", (H,)) if config.o_bias else None,
             ln2=get(p + "post_attention_layernorm.weight", (H,)),
-            wg=get(p + "mlp.gate_proj.weight", (F, H)),
-            wu=get(p + "mlp.up_proj.weight", (F, H)),
-            wd=get(p + "mlp.down_proj.weight", (H, F)),
+            wg=mat(p + "mlp.gate_proj.weight", (F, H)),
+            wu=mat(p + "mlp.up_proj.weight", (F, H)),
+            wd=mat(p + "mlp.down_proj.weight", (H, F)),
         )
 
-    embed = get("model.embed_tokens.weight", (V, H)) if spec.has_embedding else None
+    embed = mat("model.embed_tokens.weight", (V, H)) if spec.has_embedding else None
     layers = tuple(layer(i) for i in range(spec.start, spec.end))
     final_norm = head = None
     if spec.has_head:
         final_norm = get("model.norm.weight", (H,))
         if not head_shares_embedding(config, spec):
             name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            head = get(name, (V, H))
+            head = mat(name, (V, H))
     return PartitionParams(embed, layers, final_norm, head)

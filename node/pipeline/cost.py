@@ -20,7 +20,7 @@ __all__ = ["model_cost"]
 
 
 async def model_cost(executor: Executor, config: Any, dtype: str, context: int, slots: int,
-                     prefill_chunk: int) -> ModelCost:
+                     prefill_chunk: int, *, weights: str = "native") -> ModelCost:
     from node.engine import PartitionSpec
     from node.engine.memory import (  # JAX: only when a model is planned
         memory_needed,
@@ -30,7 +30,8 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
     layers = config.num_layers
 
     def exact(n: int, emb: bool, head: bool) -> int:
-        return int(memory_needed(config, 0, n, emb, head, dtype, context, slots, prefill_chunk=prefill_chunk))
+        return int(memory_needed(config, 0, n, emb, head, dtype, context, slots, prefill_chunk=prefill_chunk,
+                                 weights=weights))
 
     def lines() -> dict[tuple[bool, bool], tuple[int, int]]:
         # The slope from a middle range; each end's fixed part from one more call (each
@@ -41,8 +42,9 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
         # one-layer step can be larger than for two, which made the slope too flat
         # (SmolLM2, 20 layers: 273 MiB predicted, 289 MiB exact, 285 MiB resident).
         held = resident_bytes(config, PartitionSpec(0, 2, False, False), dtype, context, slots,
-                              prefill_chunk=prefill_chunk) - resident_bytes(
-            config, PartitionSpec(0, 1, False, False), dtype, context, slots, prefill_chunk=prefill_chunk)
+                              prefill_chunk=prefill_chunk, weights=weights) - resident_bytes(
+            config, PartitionSpec(0, 1, False, False), dtype, context, slots, prefill_chunk=prefill_chunk,
+            weights=weights)
         per_layer = max(per_layer, held)
         out = {(False, False): (one - per_layer, per_layer)}
         for emb, head in ((True, False), (False, True), (True, True)):

@@ -94,6 +94,7 @@ class Model:
     slots: int
     dtype: str
     load_s: float
+    weights: str = "native"
     failed: set[str] = field(default_factory=set)
     used_at: float = field(default_factory=time.monotonic)
     expires_at: float = 0.0
@@ -134,15 +135,22 @@ class Driver:
             raise ModelNotFound(f"model {name!r} not found; pull it first (nodectl pull)")
         return model_id
 
-    async def model(self, name: str, *, progress: Callable[[dict[str, Any]], None] | None = None) -> Model:
-        """The loaded model, loading it (plan, fetch, compile on every stage) if needed."""
+    async def model(self, name: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
+                    weights: str | None = None) -> Model:
+        """The loaded model, loading it (plan, fetch, compile on every stage) if needed.
+        ``weights`` ("native" | "int8", default engine.weights): a model loaded otherwise is
+        unloaded and loaded again that way."""
         model_id = await self.resolve(name)
         m = self.models.get(model_id)
+        if m is not None and weights is not None and m.weights != weights and not m.sessions:
+            await self.unload(model_id)
+            m = None
         if m is not None:
             return m
         task = self._loading.get(model_id)
         if task is None:
-            task = asyncio.ensure_future(self._load(model_id, name, progress or (lambda _: None)))
+            task = asyncio.ensure_future(self._load(model_id, name, progress or (lambda _: None),
+                                                    weights or self.engine.weights))
             self._loading[model_id] = task
             task.add_done_callback(lambda _t: self._loading.pop(model_id, None))
         return await asyncio.shield(task)
@@ -153,7 +161,8 @@ class Driver:
                           float(r.get("tflops", 0.0)), dict(r.get("rtt_ms") or {}))
                 for pid, r in records.items() if r.get("state") == "ready" and pid not in exclude]
 
-    async def _load(self, model_id: str, name: str, progress: Callable[[dict[str, Any]], None]) -> Model:
+    async def _load(self, model_id: str, name: str, progress: Callable[[dict[str, Any]], None],
+                    weights: str = "native") -> Model:
         t0 = time.monotonic()
         try:
             manifest = await self.service.manifest(model_id)
@@ -173,7 +182,8 @@ class Driver:
         eng = self.engine
         context = min(eng.max_context, config.max_position_embeddings or eng.max_context)
         dtype = "float32" if eng.compute_dtype in ("auto", "float32") else eng.compute_dtype
-        m = Model(model_id, name, Plan(()), 0, config, tokenizer, context, eng.max_sessions, dtype, 0.0)
+        m = Model(model_id, name, Plan(()), 0, config, tokenizer, context, eng.max_sessions, dtype, 0.0,
+                  weights=weights)
         if not await self._adopt(m, progress):
             await self._place(m, progress)
         m.load_s = time.monotonic() - t0
@@ -186,7 +196,7 @@ class Driver:
         eng = self.engine
         if m.cost is None:  # each exact figure compiles: once per model, not per re-plan
             m.cost = await model_cost(self.worker.executor, m.config, m.dtype, m.max_context, m.slots,
-                                      eng.prefill_chunk)
+                                      eng.prefill_chunk, weights=m.weights)
         cost = m.cost
         offers = await self._offers(m.failed)
         try:
@@ -199,7 +209,7 @@ class Driver:
                   "stages": [{"node": names.get(s.node_id, s.node_id[:12]), "node_id": s.node_id,
                               "layers": [s.start, s.end]} for s in plan.stages]})
         body = {"model": m.model_id, "name": m.name, "epoch": epoch, "plan": plan.to_dict(), "max_context": m.max_context,
-                "slots": m.slots, "dtype": m.dtype, "prefill_chunk": eng.prefill_chunk,
+                "slots": m.slots, "dtype": m.dtype, "weights": m.weights, "prefill_chunk": eng.prefill_chunk,
                 "keep_alive": eng.keep_alive, "step_timeout": eng.step_timeout}
 
         async def load_stage(i: int) -> dict[str, Any]:
@@ -222,6 +232,7 @@ class Driver:
         with contextlib.suppress(Exception):
             await self.service.dht.put(PLAN_PREFIX + m.model_id, {
                 "name": m.name, "epoch": epoch, "plan": plan.to_dict(), "driver": self.node_id,
+                "weights": m.weights,
             }, ttl=self.record_ttl)
 
     async def _adopt(self, m: Model, progress: Callable[[dict[str, Any]], None]) -> bool:
@@ -239,6 +250,8 @@ class Driver:
             try:
                 plan = Plan.from_dict(value.get("plan"))
             except PlanError:
+                continue
+            if value.get("weights", "native") != m.weights:
                 continue
             if plan.stages[-1].end == m.config.num_layers and value["epoch"] > m.epoch and (
                     best is None or value["epoch"] > best[0]):

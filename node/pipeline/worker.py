@@ -47,6 +47,7 @@ __all__ = ["StageWorker", "config_of"]
 log = structlog.get_logger("node.pipeline")
 
 LOAD_DTYPES = ("float32", "bfloat16", "float16")
+LOAD_WEIGHTS = ("native", "int8")
 
 
 def config_of(store: Any, manifest: Manifest) -> Any:
@@ -75,6 +76,7 @@ class Loaded:
     name: str = ""
     dtype: str = ""
     chunk: int = 0
+    weights: str = "native"
 
 
 class StageWorker:
@@ -153,11 +155,13 @@ class StageWorker:
         first, last = stage.start == 0, index == len(plan.stages) - 1
         slots, context = int(body.get("slots", 4)), int(body.get("max_context", 2048))
         chunk = int(body.get("prefill_chunk", 256))
-        dtype = body.get("dtype", "float32")
-        if dtype not in LOAD_DTYPES or not 1 <= slots <= 256 or not 16 <= context <= 1 << 20:
-            raise RequestRefused("bad_request", "dtype, slots or max_context out of range")
+        dtype, weights = body.get("dtype", "float32"), body.get("weights", "native")
+        if dtype not in LOAD_DTYPES or weights not in LOAD_WEIGHTS or not 1 <= slots <= 256 \
+                or not 16 <= context <= 1 << 20:
+            raise RequestRefused("bad_request", "dtype, weights, slots or max_context out of range")
         loaded = Loaded(model_id, epoch, plan, index, step_timeout=float(body.get("step_timeout", self.step_timeout)),
-                        keep_alive=float(body.get("keep_alive", 300.0)), name=str(body.get("name", ""))[:128])
+                        keep_alive=float(body.get("keep_alive", 300.0)), name=str(body.get("name", ""))[:128],
+                        weights=weights)
         # The stage being replaced keeps serving until this load passes its checks: a
         # plan that cannot be loaded here (a lie, or too big) must not take it down.
         self.loading[model_id] = loaded
@@ -178,7 +182,8 @@ class StageWorker:
             from node.pipeline.stage import StageRunner
 
             spec = PartitionSpec(stage.start, stage.end, first, last)
-            need = max(stage.memory, resident_bytes(config, spec, dtype, context, slots, prefill_chunk=chunk))
+            need = max(stage.memory, resident_bytes(config, spec, dtype, context, slots, prefill_chunk=chunk,
+                                                    weights=weights))
             if need + used > self.memory_allowed:
                 raise RequestRefused("out_of_memory", (
                     f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
@@ -188,7 +193,8 @@ class StageWorker:
                 await old.runner.close()
                 part = old.runner.partition
                 if (part.spec == spec and part.max_context == context
-                        and old.runner.slots == slots and old.dtype == dtype and old.chunk == chunk):
+                        and old.runner.slots == slots and old.dtype == dtype and old.chunk == chunk
+                        and old.weights == weights):
                     # A re-plan that keeps this node's range (a recovery elsewhere in the
                     # chain): keep the weights and the compiled steps, start a fresh cache.
                     return self._ready(loaded, StageRunner(part, slots=slots, executor=self.executor,
@@ -199,7 +205,7 @@ class StageWorker:
                                   sizes={f.path: f.size for f in manifest.files})
             part = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: load_partition(source, config, spec, dtype=dtype, max_context=context,
-                                                      prefill_chunk=chunk))
+                                                      prefill_chunk=chunk, weights=weights))
             loaded.load_s = time.monotonic() - t0
             loaded.state = "compiling"
             runner = StageRunner(part, slots=slots, executor=self.executor, session_idle=2 * loaded.step_timeout)
@@ -233,7 +239,7 @@ class StageWorker:
         return {"model": loaded.model_id, "epoch": loaded.epoch, "start": stage.start, "end": stage.end,
                 "state": loaded.state, "error": loaded.error, "memory": loaded.memory,
                 "sessions": len(runner.sessions) if runner else 0, "load_s": loaded.load_s,
-                "compile_s": loaded.compile_s}
+                "compile_s": loaded.compile_s, "weights": loaded.weights}
 
     def serving(self) -> list[dict[str, Any]]:
         """What this node's record says it serves (node/cluster/directory.py checks it)."""

@@ -89,6 +89,13 @@ def test_pull_then_run_across_three_nodes(tmp_path: Path, smol: tuple[Path, Path
         smol_entry = tags["smollm2:135m"]
         assert smol_entry["details"]["quantization_level"] == "Q4_1"
         assert 0 < smol_entry["local_share"] < 1
+        # int8 weights take about a quarter of the memory: the same nodes hold it on one.
+        lines = [json.loads(x) for x in nodectl(c.nodes[1], "load", "smollm2:135m", "--weights", "int8",
+                                                "--json").stdout.splitlines()]
+        assert lines[-1]["status"] == "success" and lines[-1]["weights"] == "int8", lines
+        assert len(lines[-1]["plan"]) == 1
+        out = nodectl(c.nodes[1], "run", "smollm2:135m", QUESTION, "--temperature", "0", "--num-predict", "24")
+        assert len(out.stdout.split()) >= 8
 
 
 def test_pull_then_run_on_one_node(tmp_path: Path, answer: str) -> None:

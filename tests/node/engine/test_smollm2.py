@@ -61,3 +61,28 @@ def test_greedy_tokens_equal_transformers_from_the_same_gguf(smol: tuple[Path, P
     assert ours[0] == theirs[: len(ours[0])] and len(ours[0]) >= 16
     assert ours[1] == ours[0]
     assert "four" in tok.decode(ours[0]).lower() or "4" in tok.decode(ours[0])
+
+
+def test_int8_weights_keep_answers_sensible_and_perplexity_within_3_percent(smol: tuple[Path, Path]) -> None:
+    from node.engine.runner import perplexity
+
+    path, side = smol
+    config = load_config(side)
+    tok = Tokenizer.from_model_dir(side)
+    text = (Path(__file__).parents[2] / "helpers" / "perplexity.txt").read_text()
+    ids = tok.encode(text, add_special_tokens=False)
+    assert 180 <= len(ids) <= 512
+    results = {}
+    for weights in ("native", "int8"):
+        chain = load_chain(WeightSource.from_gguf(path), config, [PartitionSpec.whole(config)], dtype="float32",
+                           max_context=512, prefill_chunk=64, weights=weights)
+        answer = [t for t, _ in generate(chain, tok.encode_chat(QUESTION),
+                                         SamplingParams(stop_token_ids=tok.stop_token_ids), 32, block=0)]
+        # The prefill path (all logits at once) and the decode path (one step a token).
+        results[weights] = (perplexity(chain, ids), perplexity(chain, ids[:96], stepwise=True),
+                            tok.decode(answer))
+    (ppl32, step32, _), (ppl8, step8, text8) = results["native"], results["int8"]
+    assert 1.0 < ppl32 < 100.0  # a real model reads plain English well
+    assert ppl8 / ppl32 - 1 < 0.03, (ppl32, ppl8)
+    assert step8 / step32 - 1 < 0.03, (step32, step8)
+    assert "four" in text8.lower() or "4" in text8, text8
