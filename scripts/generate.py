@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("model_dir", type=Path, help="a Hugging Face model directory or a GGUF file")
     ap.add_argument("--prompt", required=True)
     ap.add_argument(
         "--chat",
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--partitions", type=int, default=1)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--weights", default="native", choices=["native", "int8"],
+                    help="int8: per-row int8 matrices (a quarter of float32's memory)")
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument(
         "--compilation-cache", type=Path, help="directory for jax's persistent compilation cache"
@@ -84,8 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.compilation_cache:
             enable_compilation_cache(args.compilation_cache)
         t0 = time.perf_counter()
-        config = load_config(args.model_dir)
-        tokenizer = Tokenizer.from_model_dir(args.model_dir)
+        model_dir, source = args.model_dir, None
+        if args.model_dir.is_file():  # a GGUF: its config and tokenizer come from its metadata
+            import tempfile
+
+            from node.gguf.sidecar import write_sidecars
+
+            try:
+                model_dir = write_sidecars(args.model_dir, tempfile.mkdtemp(prefix="enjambre-gguf-"))
+            except ValueError as exc:  # GGUFError, GGUFConfigError, GGUFTokenizerError
+                print(f"error: {args.model_dir}: {exc}", file=sys.stderr)
+                return 2
+            source = WeightSource.from_gguf(args.model_dir)
+        config = load_config(model_dir)
+        tokenizer = Tokenizer.from_model_dir(model_dir)
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             messages.append({"role": "user", "content": args.prompt})
@@ -95,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         context = min(args.max_context, config.max_position_embeddings)
         dtype = choose_dtype(config, args.dtype, context)
         chain = load_chain(
-            WeightSource.from_dir(args.model_dir),
+            source or WeightSource.from_dir(args.model_dir),
             config,
             split_layers(config.num_layers, args.partitions),
             dtype=dtype,
+            weights=args.weights,
             max_context=args.max_context,
         )
         sampling = SamplingParams(
