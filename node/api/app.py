@@ -17,6 +17,7 @@ from node import __version__
 from node.api.generate import add_generate_routes
 from node.api.guard import RequestGuard, error_response
 from node.api.models import add_model_routes
+from node.api.openai import add_openai_routes
 from node.cluster.ping import PeerNotFound, PeerUnreachable
 from node.pipeline.driver import Driver
 from node.swarm.service import ModelService
@@ -77,4 +78,5 @@ def build_app(
         add_model_routes(app, models, models.dht.node_id)
     if driver is not None:
         add_generate_routes(app, driver)
+        add_openai_routes(app, driver)
     return app

@@ -291,10 +291,11 @@ def _ps_entry(m: Model, keep_alive: float) -> dict[str, Any]:
     }
 
 
-async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[str], limit: int
-                 ) -> AsyncIterator[tuple[str, int, str]]:
+async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[str], limit: int,
+                 seen: list[Any] | None = None) -> AsyncIterator[tuple[str, int, str]]:
     """(text, tokens so far, done_reason) as tokens arrive; a stop string ends it early
-    (text is held back until it cannot be the start of one)."""
+    (text is held back until it cannot be the start of one). ``seen`` collects every
+    token (id, logprob) as it arrives (OpenAI's logprobs)."""
     from node.engine.tokenizer import TokenizerError
 
     decoder = m.tokenizer.incremental_decoder()
@@ -304,6 +305,8 @@ async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[st
         tok = first
         while tok is not None:
             count += 1
+            if seen is not None:
+                seen.append(tok)
             try:
                 held += decoder.push(tok.id)
             except TokenizerError:

@@ -1,0 +1,221 @@
+"""OpenAI's API on every node: /v1/chat/completions, /v1/completions, /v1/models.
+
+The same driver as Ollama's endpoints (node/api/generate.py), in OpenAI's shapes:
+``stream: true`` is server-sent events, one ``data: {chunk}`` per piece of text and a
+final ``data: [DONE]``; ``stream: false`` one object with ``usage``. Sampling follows
+OpenAI's defaults (temperature 1, top_p 1, no top_k, no repeat penalty), with
+``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop``, ``logprobs`` (the
+chosen token's) and ``stream_options.include_usage``. ``n`` other than 1 and
+``top_logprobs`` above 0 are refused, saying so; unknown fields are ignored, as
+OpenAI's own server ignores ones it does not use. Errors have OpenAI's shape
+``{"error": {"message", "type", "code"}}``. The request guard (Host, Origin, token)
+covers these routes like every other.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from node.api.generate import MAX_STOP, BadRequest, _prompt_ids, _texts
+from node.pipeline.driver import (
+    Driver,
+    DriverError,
+    GenerationError,
+    Model,
+    ModelNotFound,
+    QueueFull,
+)
+from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
+
+__all__ = ["add_openai_routes"]
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                             status=status)
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
+        raise BadRequest(f"{key} must be a number from {lo} to {hi}")
+    return float(value)
+
+
+def _request(body: dict[str, Any]) -> tuple[SamplingSpec, int | None, list[str], bool, bool]:
+    """(sampling, max tokens, stop strings, logprobs, include usage in the stream)."""
+    n = body.get("n", 1)
+    if n != 1:
+        raise BadRequest("n must be 1: enjambre generates one choice per request")
+    if body.get("top_logprobs") not in (None, 0):
+        raise BadRequest("top_logprobs is not supported (logprobs: true gives the chosen tokens')")
+    logprobs = body.get("logprobs", False)
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: an int
+        if logprobs not in (0, 1):
+            raise BadRequest("logprobs above 1 (alternatives per token) are not supported")
+        logprobs = bool(logprobs)
+    if not isinstance(logprobs, bool):
+        raise BadRequest("logprobs must be true or false")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(31)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise BadRequest("seed must be an integer")
+    try:
+        sampling = parse_sampling({
+            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0), "top_k": 0,
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0), "min_p": 0.0,
+            "repetition_penalty": 1.0, "seed": seed % (1 << 31),
+        })
+    except PipelineMessageError as exc:
+        raise BadRequest(str(exc)) from None
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise BadRequest("max_tokens must be a positive integer")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(x, str) and x for x in stop):
+        raise BadRequest(f"stop must be a string or a list of at most {MAX_STOP} strings")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object")
+    return sampling, limit, stop, logprobs, bool(options.get("include_usage", False))
+
+
+def _model_entry(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "enjambre"}
+
+
+def add_openai_routes(app: web.Application, driver: Driver) -> None:
+    async def completion(request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise BadRequest("the body must be a JSON object") from None
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            if not isinstance(body.get("model"), str) or not body["model"].strip():
+                raise BadRequest("model is required")
+            if not chat and not isinstance(body.get("prompt"), str):
+                raise BadRequest("prompt must be a string (lists of prompts are not supported)")
+            sampling, limit, stop, want_logprobs, include_usage = _request(body)
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise BadRequest("stream must be true or false")
+            m = await driver.model(body["model"])
+            prompt = _prompt_ids(m, {**body, "raw": True} if not chat else body, chat)
+            if len(prompt) + 1 > m.max_context:
+                raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context holds {m.max_context}")
+            room = m.max_context - len(prompt)
+            limit = room if limit is None else min(limit, room)
+            tokens = driver.generate(m, prompt, sampling, limit, m.tokenizer.stop_token_ids)
+            first = await anext(tokens, None)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        except ModelNotFound as exc:
+            return _error(404, str(exc), code="model_not_found")
+        except QueueFull as exc:
+            return _error(503, str(exc), "server_error", "overloaded")
+        except DriverError as exc:
+            return _error(500 if isinstance(exc, GenerationError) else 503, str(exc), "server_error")
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created, name = int(time.time()), body["model"]
+        seen: list[Any] = []
+        pieces = _texts(m, first, tokens, stop, limit, seen)
+        kind = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str, reason: str | None, tokens_now: list[Any], delta: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"index": 0, "finish_reason": reason}
+            if chat:
+                out["delta" if delta else "message"] = {"role": "assistant", "content": text} if not delta or text \
+                    else {}
+            else:
+                out["text"] = text
+            out["logprobs"] = _logprobs(m, tokens_now, chat) if want_logprobs else None
+            return out
+
+        def usage(count: int) -> dict[str, int]:
+            return {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
+
+        if not stream:
+            text, reason, count = "", "stop", 0
+            try:
+                async for piece in pieces:
+                    chunk, count, reason = piece
+                    text += chunk
+            except DriverError as exc:
+                return _error(500, str(exc), "server_error")
+            return web.json_response({"id": ident, "object": kind, "created": created, "model": name,
+                                      "choices": [choice(text, _FINISH[reason], seen, False)],
+                                      "usage": usage(count)})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(payload: dict[str, Any]) -> None:
+            await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+        base = {"id": ident, "object": chunk_kind, "created": created, "model": name}
+        reason, count, sent = "stop", 0, 0
+        try:
+            if chat:
+                await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None, "logprobs": None}]})
+            async for piece in pieces:
+                chunk, count, reason = piece
+                if chunk or (want_logprobs and len(seen) > sent):
+                    await send({**base, "choices": [choice(chunk, None, seen[sent:], True)]})
+                    sent = len(seen)
+            await send({**base, "choices": [choice("", _FINISH[reason], [], True)]})
+            if include_usage:
+                await send({**base, "choices": [], "usage": usage(count)})
+        except DriverError as exc:
+            await send({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await completion(request, True)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await completion(request, False)
+
+    async def models(_: web.Request) -> web.Response:
+        catalog = await driver.service.catalog()
+        now = int(time.time())
+        names = sorted({n for entry in catalog.values() for n in entry.get("names") or []})
+        return web.json_response({"object": "list", "data": [_model_entry(n, now) for n in names]})
+
+    async def model(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            await driver.resolve(name)
+        except ModelNotFound as exc:
+            return _error(404, str(exc), code="model_not_found")
+        return web.json_response(_model_entry(name, int(time.time())))
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{name:.+}", model)
+
+
+def _logprobs(m: Model, tokens: list[Any], chat: bool) -> dict[str, Any]:
+    texts = [m.tokenizer.decode([t.id], skip_special_tokens=False) for t in tokens]
+    if chat:
+        return {"content": [{"token": text, "logprob": float(t.logprob), "bytes": list(text.encode()),
+                             "top_logprobs": []} for t, text in zip(tokens, texts, strict=True)]}
+    return {"tokens": texts, "token_logprobs": [float(t.logprob) for t in tokens], "top_logprobs": None,
+            "text_offset": []}
