@@ -139,3 +139,17 @@ def varied(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     return TinyModel(path, load_config(path), hf)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_steps() -> Iterator[None]:
+    """Drop JAX's compiled executables after each test module: one process compiles
+    hundreds of steps over this directory, and past a point XLA CPU crashed compiling
+    the next (a segfault in backend_compile, at a different test each run)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
