@@ -17,7 +17,7 @@ from node.gguf.config import SUPPORTED_TYPES, GGUFConfigError, hf_config
 from node.gguf.tokenizer import tokenizer_files
 from protocol.gguf import GGUFHeader
 
-__all__ = ["check_types", "sidecar_files", "write_sidecars"]
+__all__ = ["check_types", "read_sidecars", "sidecar_files", "write_sidecars"]
 
 
 def check_types(header: GGUFHeader) -> None:
@@ -50,20 +50,26 @@ def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict
     return files
 
 
-def write_sidecars(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Write the GGUF's sidecar files into ``out_dir`` (made if absent) and return it: a
-    directory the engine's ``load_config`` and ``Tokenizer.from_model_dir`` read (scripts
-    and tests that load a GGUF without a store)."""
+def read_sidecars(gguf_path: str | os.PathLike[str]) -> tuple[GGUFHeader, dict[str, bytes]]:
+    """A local GGUF file's header and its sidecar files (sidecar_files over the file)."""
     from node.gguf.files import read_header
 
-    path, out = Path(gguf_path), Path(out_dir)
+    path = Path(gguf_path)
     header = read_header(path)
     with path.open("rb") as fh:
         def read(offset: int, length: int) -> bytes:
             fh.seek(offset)
             return fh.read(length)
 
-        files = sidecar_files(header, read)
+        return header, sidecar_files(header, read)
+
+
+def write_sidecars(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write the GGUF's sidecar files into ``out_dir`` (made if absent) and return it: a
+    directory the engine's ``load_config`` and ``Tokenizer.from_model_dir`` read (scripts
+    and tests that load a GGUF without a store)."""
+    out = Path(out_dir)
+    _, files = read_sidecars(gguf_path)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (out / name).write_bytes(data)

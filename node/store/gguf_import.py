@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from node.gguf.config import GGUFConfigError
-from node.gguf.files import read_header
 from node.gguf.tokenizer import GGUFTokenizerError
 from node.store.importer import ImportError_, Progress, hash_file
 from node.store.models import ModelStore
@@ -72,7 +71,7 @@ def import_gguf(
     files for the manifest (an Ollama model's LICENSE)."""
     import json
 
-    from node.gguf.sidecar import sidecar_files
+    from node.gguf.sidecar import read_sidecars
 
     path = Path(path).expanduser().absolute()
     if not path.is_file():
@@ -80,13 +79,7 @@ def import_gguf(
     rel = path.name
     try:
         check_path(rel)
-        header = read_header(path)
-        with path.open("rb") as fh:
-            def read(offset: int, length: int) -> bytes:
-                fh.seek(offset)
-                return fh.read(length)
-
-            small = sidecar_files(header, read)
+        header, small = read_sidecars(path)
         small.update(extra or {})
     except (GGUFError, GGUFConfigError, GGUFTokenizerError, ManifestError) as exc:
         raise ImportError_(f"{path}: {exc}") from None
