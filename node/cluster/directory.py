@@ -149,8 +149,8 @@ def member_problem(publisher: str, value: Any) -> str | None:
 
 
 def _serving_problem(serving: Any) -> str | None:
-    """The layers a node serves: [{model, name, start, end, epoch, sessions}] (absent in
-    records of older versions)."""
+    """The layers a node serves: [{model, name, start, end, epoch, sessions, memory}]
+    (absent in records of older versions; memory: bytes the stage holds)."""
     if serving is None:
         return None
     if not isinstance(serving, list) or len(serving) > MAX_SERVING:
@@ -163,8 +163,8 @@ def _serving_problem(serving: Any) -> str | None:
             return "bad_serving"
         if not isinstance(name, str) or len(name) > 128 or not name.isprintable():
             return "bad_serving"
-        for key in ("start", "end", "epoch", "sessions"):
-            count = entry.get(key)
+        for key in ("start", "end", "epoch", "sessions", "memory"):
+            count = entry.get(key, 0 if key == "memory" else None)  # memory: absent from older records
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 return "bad_serving"
         if entry["start"] >= entry["end"]:

@@ -41,11 +41,13 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
         # Never less than what a layer holds (weights and cache): XLA's temporaries for a
         # one-layer step can be larger than for two, which made the slope too flat
         # (SmolLM2, 20 layers: 273 MiB predicted, 289 MiB exact, 285 MiB resident).
-        held = resident_bytes(config, PartitionSpec(0, 2, False, False), dtype, context, slots,
-                              prefill_chunk=prefill_chunk, weights=weights) - resident_bytes(
-            config, PartitionSpec(0, 1, False, False), dtype, context, slots, prefill_chunk=prefill_chunk,
-            weights=weights)
-        per_layer = max(per_layer, held)
+        # (A one-layer model has no slope: its single range is the exact figure.)
+        if layers >= 2:
+            held = resident_bytes(config, PartitionSpec(0, 2, False, False), dtype, context, slots,
+                                  prefill_chunk=prefill_chunk, weights=weights) - resident_bytes(
+                config, PartitionSpec(0, 1, False, False), dtype, context, slots, prefill_chunk=prefill_chunk,
+                weights=weights)
+            per_layer = max(per_layer, held)
         out = {(False, False): (one - per_layer, per_layer)}
         for emb, head in ((True, False), (False, True), (True, True)):
             out[(emb, head)] = (exact(1, emb, head) - per_layer, per_layer)

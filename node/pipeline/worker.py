@@ -248,7 +248,7 @@ class StageWorker:
             if m.state == "ready" and m.runner is not None:
                 stage = m.plan.stages[m.index]
                 out.append({"model": m.model_id, "name": m.name[:128], "start": stage.start, "end": stage.end,
-                            "epoch": m.epoch, "sessions": len(m.runner.sessions)})
+                            "epoch": m.epoch, "sessions": len(m.runner.sessions), "memory": stage.memory})
         return out
 
     def sessions(self) -> int:

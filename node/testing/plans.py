@@ -23,8 +23,9 @@ def _stages(cost: ModelCost, lend: int, nodes: int) -> int:
 
 
 def lend_for_split(model_dir: Path, n: int, *, context: int, slots: int, prefill_chunk: int,
-                   dtype: str = "float32") -> int:
-    """The smallest memory (bytes) with which n equal nodes hold the model and n - 1 do not."""
+                   dtype: str = "float32", largest: bool = False) -> int:
+    """The smallest memory (bytes) with which n equal nodes hold the model and n - 1 do not
+    (``largest``: the largest such, leaving each node room for something small beside it)."""
     from node.engine import load_config
 
     config: Any = load_config(model_dir)
@@ -32,7 +33,8 @@ def lend_for_split(model_dir: Path, n: int, *, context: int, slots: int, prefill
         cost = asyncio.run(model_cost(pool, config, dtype, context, slots, prefill_chunk))
     whole = cost.need(0, config.num_layers, True, True)
     step = max(1, whole // 400)
-    for lend in range(whole // (n + 1), whole + 1, step):
-        if _stages(cost, lend, n) == n and (n == 1 or _stages(cost, lend, n - 1) == 0):
-            return lend
+    fits = [lend for lend in range(whole // (n + 1), whole + 1, step)
+            if _stages(cost, lend, n) == n and (n == 1 or _stages(cost, lend, n - 1) == 0)]
+    if fits:
+        return fits[-1] if largest else fits[0]
     raise ValueError(f"no memory size splits this model over exactly {n} nodes")

@@ -74,6 +74,10 @@ def test_member_problem_accepts_a_real_record_and_names_what_is_wrong() -> None:
          "bad_serving"),
         ({"serving": [{"model": "a" * 64, "name": "m", "start": 2, "end": 2, "epoch": 1, "sessions": 0}]},
          "bad_serving"),
+        ({"serving": [{"model": "a" * 64, "name": "m", "start": 0, "end": 2, "epoch": 1, "sessions": 0,
+                       "memory": -5}]}, "bad_serving"),
+        ({"serving": [{"model": "a" * 64, "name": "m", "start": 0, "end": 2, "epoch": 1, "sessions": 0,
+                       "memory": "1 GB"}]}, "bad_serving"),
         ({"serving": [{"model": "a" * 64, "name": "m", "start": 0, "end": 2, "epoch": 1, "sessions": 0}] * 17},
          "bad_serving"),
     ]
