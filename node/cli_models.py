@@ -1,4 +1,4 @@
-"""``nodectl pull``, ``nodectl list`` and ``nodectl rm``: the cluster's models from a terminal.
+"""``nodectl pull``, ``list``, ``show``, ``cp`` and ``rm``: the cluster's models from a terminal.
 
 ``pull`` asks the daemon (``POST /api/pull``) and shows its progress: a bar per
 file or model on a terminal (rich), plain lines otherwise. A local directory is
@@ -20,7 +20,7 @@ from typing import Any
 from node.client import CliError, call, download, stream
 from node.system.units import format_size, parse_size
 
-__all__ = ["add_model_commands"]
+__all__ = ["add_model_commands", "render_show", "show_section"]
 
 
 def _printable(value: Any, limit: int = 48) -> str:
@@ -153,8 +153,62 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(value: Any) -> str:
+    # A model's template or license comes from whoever made it: keep lines, drop escapes.
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else "?" for ch in str(value))
+
+
+def show_section(data: dict[str, Any], what: str) -> str:
+    """One raw field of /api/show: license, modelfile, template or parameters."""
+    return _text(data.get(what) or "").rstrip("\n")
+
+
+def render_show(data: dict[str, Any], sections: tuple[str, ...] = ("Model", "Capabilities", "Parameters",
+                                                                   "License")) -> str:
+    """``ollama show``'s summary of an /api/show answer."""
+    info, details = data.get("model_info") or {}, data.get("details") or {}
+    arch = info.get("general.architecture", "")
+    model = [("architecture", arch), ("parameters", details.get("parameter_size")),
+             ("context length", info.get(f"{arch}.context_length")),
+             ("embedding length", info.get(f"{arch}.embedding_length")),
+             ("quantization", details.get("quantization_level"))]
+    license_lines = [line for line in _text(data.get("license") or "").splitlines() if line.strip()]
+    body = {
+        "Model": [f"{k:<20}{_printable(v, 80)}" for k, v in model if v not in (None, "")],
+        "Capabilities": [_printable(c) for c in data.get("capabilities") or []],
+        "Parameters": [_printable(line, 120) for line in str(data.get("parameters") or "").splitlines()],
+        "License": [_printable(line, 120) for line in license_lines[:4]] + (["..."] if len(license_lines) > 4 else []),
+    }
+    out = []
+    for title in sections:
+        if body[title]:
+            out += [f"  {title}", *(f"    {line}" for line in body[title]), ""]
+    return "\n".join(out)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    data = call(args, "POST", "/api/show", {"model": args.model})
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif args.field:
+        print(show_section(data, args.field))
+    else:
+        print(render_show(data))
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    call(args, "POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    print(f"copied {_printable(args.source)!r} to {_printable(args.destination)!r}")
+    return 0
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     result = call(args, "DELETE", "/api/delete", {"model": args.name})
+    if result.get("remaining"):
+        print(f"removed the name {args.name}; model {str(result['id'])[:12]} stays as "
+              f"{', '.join(_printable(n) for n in result['remaining'])}")
+        return 0
     if result.get("last_copy_pieces"):
         print(f"warning: this node held the only copy of {result['last_copy_pieces']} pieces of "
               f"{args.name}; they are gone from the cluster", file=sys.stderr)
@@ -179,7 +233,21 @@ def add_model_commands(sub: Any, client: Any) -> None:
     client(s)
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("rm", help="remove a model's pieces from this node")
+    s = sub.add_parser("show", help="a model's architecture, parameters, template and license")
+    client(s)
+    s.add_argument("model", help="the model's name or id")
+    field = s.add_mutually_exclusive_group()
+    for what in ("license", "modelfile", "template", "parameters"):
+        field.add_argument(f"--{what}", dest="field", action="store_const", const=what, help=f"print only the {what}")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("cp", help="give a model another name")
+    client(s)
+    s.add_argument("source", help="the model's name or id")
+    s.add_argument("destination", help="the new name (name[:tag])")
+    s.set_defaults(func=cmd_cp, timeout=120.0)
+
+    s = sub.add_parser("rm", help="remove a model's pieces from this node (or only a name, if it has others)")
     client(s)
     s.add_argument("name", help="the model's name or id")
     s.set_defaults(func=cmd_rm)

@@ -2,7 +2,8 @@
 
 ``load`` plans a model over the cluster and loads every node's layers (progress per
 node); ``run MODEL PROMPT`` streams the answer to stdout (``--verbose``: tokens/s,
-time to first token and the nodes that served it, on stderr); ``ps`` lists loaded
+time to first token and the nodes that served it, on stderr) and ``run MODEL`` on a
+terminal chats (node/cli_chat.py); ``ps`` lists loaded
 models with each node's layers; ``stop`` unloads one.
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
+from node.cli_chat import THINK_VALUES, chat, run_once
 from node.client import CliError, call, stream
 from node.system.units import format_size
 
@@ -48,34 +49,11 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {"num_predict": args.num_predict}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
-    if args.seed is not None:
-        options["seed"] = args.seed
-    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}], "options": options}
-    t0 = time.monotonic()
-    first: float | None = None
-    final: dict[str, Any] = {}
-    for event in stream(args, "POST", "/api/chat", body):
-        if "error" in event:
-            raise CliError(str(event["error"]))
-        if event.get("done"):
-            final = event
-            break
-        text = event.get("message", {}).get("content", "")
-        if text and first is None:
-            first = time.monotonic() - t0
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if args.verbose and final:
-        evals, dur = final.get("eval_count", 0), final.get("eval_duration", 0) / 1e9
-        print(f"time to first token: {first or 0:.2f} s", file=sys.stderr)
-        print(f"prompt: {final.get('prompt_eval_count', 0)} tokens; eval: {evals} tokens, "
-              f"{evals / dur if dur else 0:.1f} tok/s", file=sys.stderr)
-        print(f"nodes: {', '.join(n[:12] for n in final.get('nodes', []))}", file=sys.stderr)
-    return 0
+    if args.prompt is not None:
+        return run_once(args, args.prompt)
+    if sys.stdin.isatty():
+        return chat(args)
+    return run_once(args, sys.stdin.read())
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -110,14 +88,20 @@ def add_run_commands(sub: Any, client: Any) -> None:
                         "(default: the daemon's engine.weights)")
     s.set_defaults(func=cmd_load, timeout=3600.0)
 
-    s = sub.add_parser("run", help="answer a prompt with a model (loading it if needed)")
+    s = sub.add_parser("run", help="answer a prompt, or chat on a terminal, with a model (loading it if needed)")
     client(s)
     s.add_argument("model")
-    s.add_argument("prompt")
+    s.add_argument("prompt", nargs="?", help="answer this and exit (default: stdin, or a chat on a terminal)")
     s.add_argument("--verbose", action="store_true", help="timings and nodes on stderr")
     s.add_argument("--temperature", type=float)
     s.add_argument("--seed", type=int)
-    s.add_argument("--num-predict", type=int, default=256, help="most tokens to generate (default 256)")
+    s.add_argument("--num-predict", type=int, help="most tokens to generate (default 256 for a prompt, "
+                   "the daemon's for a chat)")
+    s.add_argument("--think", nargs="?", const="true", choices=THINK_VALUES,
+                   help="ask a reasoning model to think and print its thinking (or low/medium/high)")
+    s.add_argument("--hidethinking", action="store_true", help="let the model think but print only the answer")
+    s.add_argument("--format", help='ask for this output format ("json")')
+    s.add_argument("--keepalive", metavar="DURATION", help='how long the model stays loaded idle ("5m", "1h")')
     s.set_defaults(func=cmd_run, timeout=3600.0)
 
     s = sub.add_parser("ps", help="the models loaded in the cluster and their plans")

@@ -13,7 +13,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +114,14 @@ def _open(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """One request, one JSON answer."""
+    """One request, one JSON answer ({} for an empty body, as /api/copy answers)."""
     with _open(args, method, path, body) as resp:
-        return json.loads(resp.read())
+        data = resp.read()
+    return json.loads(data) if data.strip() else {}
 
 
-def stream(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+def stream(args: argparse.Namespace, method: str, path: str,
+           body: Any = None) -> Generator[dict[str, Any], None, None]:
     """One request, an NDJSON answer: each line as it comes."""
     with _open(args, method, path, body) as resp:
         for line in resp:

@@ -14,10 +14,12 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from node import __version__
+from node.api.console import add_console_routes
 from node.api.generate import add_generate_routes
 from node.api.guard import RequestGuard, error_response
 from node.api.models import add_model_routes
 from node.api.openai import add_openai_routes
+from node.api.show import add_show_routes
 from node.cluster.ping import PeerNotFound, PeerUnreachable
 from node.pipeline.driver import Driver
 from node.swarm.service import ModelService
@@ -74,8 +76,10 @@ def build_app(
     app.router.add_get("/api/cluster/status", status)
     app.router.add_post("/api/cluster/ping/{node_id}", ping)
     app.router.add_get("/metrics", metrics)
+    add_console_routes(app, node, models=models, driver=driver)
     if models is not None:
         add_model_routes(app, models, models.dht.node_id)
+        add_show_routes(app, models, driver)
     if driver is not None:
         add_generate_routes(app, driver)
         add_openai_routes(app, driver)

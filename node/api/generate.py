@@ -8,6 +8,18 @@ HTTP error with a JSON body (404 unknown model, 400 bad request or a prompt long
 than the context, 503 when the queue is full); after it, an ``{"error": ...}`` line.
 ``POST /api/load`` {model} plans and loads (NDJSON progress per node), ``GET /api/ps``
 lists loaded models with their plan, ``POST /api/unload`` {model} unloads.
+
+Also as Ollama: an empty prompt (or no messages) only loads the model (``done_reason``
+"load"; with ``keep_alive`` 0 it unloads instead), ``keep_alive`` (seconds or "5m",
+"1h"; negative: forever) sets how long the model stays loaded idle, ``raw`` skips the
+chat template, ``system`` gives /api/generate a system message, unknown options are
+ignored (Ollama warns and ignores them too) while known ones with a wrong type are
+400; ``logprobs`` gives each token's log-probability (``top_logprobs`` is refused). ``think`` (true, or "low"/"medium"/"high") sends a reasoning model's
+``<think>`` block to ``thinking`` (``message.thinking`` in chat) and the answer to
+``content``; ``think: false`` asks the template not to think and drops any reasoning.
+``/api/embed`` (and the older ``/api/embeddings``) answer 501: no embeddings yet.
+Refused with a clear 400 because enjambre cannot do them yet: ``format`` (JSON
+output), ``images``, ``template`` overrides, ``suffix``, ``context`` and ``tools``.
 """
 
 from __future__ import annotations
@@ -15,14 +27,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from node.api.guard import error_response
+from node.api.thinking import ThinkSplitter, opens_thinking
 from node.config_schema import WEIGHT_FORMATS
 from node.pipeline.driver import (
     Driver,
@@ -34,7 +49,7 @@ from node.pipeline.driver import (
 )
 from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
 
-__all__ = ["add_generate_routes", "parse_options"]
+__all__ = ["add_generate_routes", "parse_keep_alive", "parse_options"]
 
 # Ollama's defaults.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
@@ -84,6 +99,81 @@ def parse_options(options: Any) -> tuple[SamplingSpec, int, int | None, list[str
     return sampling, num_predict, num_ctx, stop
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+EMBEDDINGS_REFUSED = ("embeddings are not supported yet: enjambre serves generation only "
+                      "(use an embedding server beside it)")
+NOT_SUPPORTED = {
+    "format": "format (JSON output) is not supported yet: enjambre cannot constrain the output; "
+              "ask for JSON in the prompt instead",
+    "images": "images are not supported: enjambre serves text-only models",
+    "template": "template overrides are not supported: the model's own chat template is used "
+                "(send raw: true with a prompt you formatted yourself)",
+    "suffix": "suffix (fill-in-the-middle) is not supported",
+    "context": "context (the deprecated token list of /api/generate) is not supported; "
+               "send the conversation to /api/chat as messages",
+    "tools": "tools (function calling) are not supported yet",
+}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive -> seconds idle before unloading (inf: never; None: not given).
+    A number is seconds; a string is a Go duration ("5m", "1h30m", "300ms") or a number;
+    negative means forever."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BadRequest('keep_alive must be a duration like "5m", or seconds')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and len(value) <= 64:
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise BadRequest(f'keep_alive {value!r} is not a duration like "5m", "1h" or "-1"') from None
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    else:
+        raise BadRequest('keep_alive must be a duration like "5m", or seconds')
+    if math.isnan(seconds):
+        raise BadRequest("keep_alive must be a number")
+    return math.inf if seconds < 0 else seconds
+
+
+def parse_think(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if value in ("low", "medium", "high"):
+        return True
+    raise BadRequest('think must be true, false, "low", "medium" or "high"')
+
+
+def _logprobs_wanted(body: dict[str, Any]) -> bool:
+    logprobs, top = body.get("logprobs", False), body.get("top_logprobs")
+    if not isinstance(logprobs, bool):
+        raise BadRequest("logprobs must be true or false")
+    if top not in (None, 0):
+        raise BadRequest("top_logprobs is not supported (logprobs: true gives the chosen tokens')")
+    return logprobs
+
+
+def _logprob_entry(m: Model, token: Any) -> dict[str, Any]:
+    text = m.tokenizer.decode([token.id], skip_special_tokens=False)
+    return {"token": text, "logprob": float(token.logprob), "bytes": list(text.encode())}
+
+
+def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """A clear 400 for the request fields enjambre cannot honour (never silently ignored)."""
+    fields = ("format", "template", "tools") if chat else ("format", "images", "template", "suffix", "context")
+    for key in fields:
+        if body.get(key) not in (None, "", [], {}):
+            raise BadRequest(NOT_SUPPORTED[key])
+
+
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value or len(value) > 4096:
         raise BadRequest("messages must be a non-empty list of {role, content}")
@@ -93,28 +183,35 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise BadRequest("every message needs a string role and content")
         if m["role"] not in ("system", "user", "assistant", "tool"):
             raise BadRequest(f"unknown message role {m['role'][:32]!r}")
+        if m.get("images") not in (None, []):
+            raise BadRequest(NOT_SUPPORTED["images"])
         out.append({"role": m["role"], "content": m["content"]})
     if sum(len(m["content"]) for m in out) > MAX_PROMPT_CHARS:
         raise BadRequest("the messages are too long")
     return out
 
 
-def _prompt_ids(m: Model, body: dict[str, Any], chat: bool) -> list[int]:
+def _prompt_ids(m: Model, body: dict[str, Any], chat: bool, think: bool | None = None) -> tuple[list[int], str]:
+    """(token ids, the prompt's text) of a request; ``think`` reaches the chat template
+    as ``enable_thinking`` (Qwen3's and DeepSeek-R1's name for it)."""
     from node.engine.tokenizer import TokenizerError  # loaded with the model, never at start-up
 
     try:
-        return _encode(m, body, chat)
+        text, special = _render(m, body, chat, think)
+        return m.tokenizer.encode(text, add_special_tokens=special), text
     except TokenizerError as exc:
         raise BadRequest(str(exc)) from None
 
 
-def _encode(m: Model, body: dict[str, Any], chat: bool) -> list[int]:
+def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None) -> tuple[str, bool]:
+    """(prompt text, whether the tokenizer adds its special tokens: only for plain text)."""
     tok = m.tokenizer
+    extra = {} if think is None else {"enable_thinking": think}
     if chat:
         messages = _messages(body.get("messages"))
         if tok.chat_template is None:
-            return tok.encode("\n".join(x["content"] for x in messages))
-        return tok.encode_chat(messages)
+            return "\n".join(x["content"] for x in messages), True
+        return tok.apply_chat_template(messages, **extra), False
     prompt, system = body.get("prompt", ""), body.get("system")
     if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
         raise BadRequest("prompt must be a string")
@@ -124,9 +221,9 @@ def _encode(m: Model, body: dict[str, Any], chat: bool) -> list[int]:
     if not isinstance(raw, bool):
         raise BadRequest("raw must be true or false")
     if raw or tok.chat_template is None:
-        return tok.encode(prompt)
+        return prompt, True
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tok.encode_chat(messages)
+    return tok.apply_chat_template(messages, **extra), False
 
 
 def add_generate_routes(app: web.Application, driver: Driver) -> None:
@@ -149,10 +246,19 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             stream = body.get("stream", True)
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
+            think, keep_alive = parse_think(body.get("think")), parse_keep_alive(body.get("keep_alive"))
+            want_logprobs = _logprobs_wanted(body)
+            refuse_unsupported(body, chat)
             was_loaded = await driver.resolve(body["model"]) in driver.models
-            m = await driver.model(body["model"])
+            empty = not (body.get("messages") if chat else body.get("prompt"))
+            if empty and keep_alive == 0 and not was_loaded:
+                return load_only(body["model"], chat, "unload", 0)
+            m = await driver.model(body["model"], keep_alive=keep_alive)
             load_ns = 0 if was_loaded else int((time.monotonic() - t_start) * 1e9)
-            prompt = _prompt_ids(m, body, chat)
+            if empty:
+                unloaded = keep_alive == 0 and await unload_if_idle(m)
+                return load_only(body["model"], chat, "unload" if unloaded else "load", load_ns)
+            prompt, prompt_text = _prompt_ids(m, body, chat, think)
             context = min(m.max_context, num_ctx or m.max_context)
             if len(prompt) + 1 > context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {context}")
@@ -170,36 +276,63 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             return error_response(500 if isinstance(exc, GenerationError) else 503, str(exc))
         t_first = time.monotonic()
         name = body["model"]
+        splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if think is not None else None
 
-        def line(text: str) -> dict[str, Any]:
-            piece = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
-            return {"model": name, "created_at": _now(), **piece, "done": False}
+        seen: list[Any] = []
+        sent = 0
 
-        pieces = _texts(m, first, tokens, stop, limit)
+        def line(text: str, thinking: str = "") -> dict[str, Any]:
+            nonlocal sent
+            extra: dict[str, Any] = {}
+            if want_logprobs:
+                extra["logprobs"] = [_logprob_entry(m, t) for t in seen[sent:]]
+                sent = len(seen)
+            if chat:
+                message = {"role": "assistant", "content": text}
+                if thinking:
+                    message["thinking"] = thinking
+                piece: dict[str, Any] = {"message": message}
+            else:
+                piece = {"response": text, **({"thinking": thinking} if thinking else {})}
+            return {"model": name, "created_at": _now(), **piece, **extra, "done": False}
+
+        def split(text: str, last: bool = False) -> tuple[str, str]:
+            """(answer, reasoning) of a piece; without ``think`` the text as generated."""
+            if splitter is None:
+                return text, ""
+            thinking, content = splitter.push(text)
+            if last:
+                more_thinking, more = splitter.flush()
+                thinking, content = thinking + more_thinking, content + more
+            return content, thinking if think else ""
+
+        pieces = _texts(m, first, tokens, stop, limit, seen)
+        reason, count = "stop", 0
         if not stream:
-            text, reason, count, error = "", "stop", 0, None
+            text, reasoning = "", ""
             try:
                 async for piece in pieces:
                     chunk, count, reason = piece
                     text += chunk
             except DriverError as exc:
-                error = str(exc)
-            if error is not None:
-                return error_response(500, error)
-            final = {**line(text), "done": True}
+                return error_response(500, str(exc))
+            text, reasoning = split(text, last=True)
+            final = {**line(text, reasoning), "done": True}
         else:
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
-            reason, count = "stop", 0
             try:
                 async for piece in pieces:
                     chunk, count, reason = piece
-                    await response.write(json.dumps(line(chunk)).encode() + b"\n")
+                    await response.write(json.dumps(line(*split(chunk))).encode() + b"\n")
             except DriverError as exc:
                 await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
                 await response.write_eof()
                 return response
-            final = {**line(""), "done": True}
+            except ConnectionError:  # the client went away: free the session on every node, quietly
+                await pieces.aclose()
+                return response
+            final = {**line(*split("", last=True)), "done": True}
         t_end = time.monotonic()
         final.update({
             "done_reason": reason, "total_duration": int((t_end - t_start) * 1e9), "load_duration": load_ns,
@@ -207,11 +340,24 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             "eval_count": count, "eval_duration": int((t_end - t_first) * 1e9),
             "nodes": [s.node_id for s in m.plan.stages],
         })
+        if keep_alive == 0:
+            await unload_if_idle(m)
         if not stream:
             return web.json_response(final)
         await response.write(json.dumps(final).encode() + b"\n")
         await response.write_eof()
         return response
+
+    async def unload_if_idle(m: Model) -> bool:
+        if m.sessions or driver.models.get(m.model_id) is not m:
+            return False
+        return await driver.unload(m.model_id)
+
+    def load_only(name: str, chat: bool, reason: str, load_ns: int) -> web.Response:
+        """Ollama's answer to an empty prompt: the model loaded, or unloaded (keep_alive 0)."""
+        piece = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+        return web.json_response({"model": name, "created_at": _now(), **piece, "done": True,
+                                  "done_reason": reason, "load_duration": load_ns})
 
     async def generate(request: web.Request) -> web.StreamResponse:
         return await run(request, chat=False)
@@ -249,14 +395,14 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             while (event := await events.get()) is not None:  # each node's progress as it comes
                 await response.write(json.dumps(event).encode() + b"\n")
             m = await task
-            await response.write(json.dumps({"status": "success", **_ps_entry(m, driver.engine.keep_alive)}).encode() + b"\n")
+            await response.write(json.dumps({"status": "success", **_ps_entry(m, driver.keep_alive_of(m))}).encode() + b"\n")
         except DriverError as exc:
             await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         await response.write_eof()
         return response
 
     async def ps(_: web.Request) -> web.Response:
-        return web.json_response({"models": [_ps_entry(m, driver.engine.keep_alive) for m in driver.models.values()]})
+        return web.json_response({"models": [_ps_entry(m, driver.keep_alive_of(m)) for m in driver.models.values()]})
 
     async def unload(request: web.Request) -> web.Response:
         try:
@@ -270,7 +416,12 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             return error_response(404, f"model {body['model']!r} is not loaded")
         return web.json_response({"status": "success"})
 
+    async def embed(_: web.Request) -> web.Response:
+        return error_response(501, EMBEDDINGS_REFUSED)
+
     app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embed)
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/load", load)
     app.router.add_get("/api/ps", ps)
@@ -279,7 +430,7 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
 
 def _ps_entry(m: Model, keep_alive: float) -> dict[str, Any]:
     size = sum(s.memory for s in m.plan.stages)
-    expires = time.time() + max(0.0, m.used_at + keep_alive - time.monotonic())
+    expires = time.time() + max(0.0, m.used_at + min(keep_alive, 1e10) - time.monotonic())  # forever: year 2300
     return {
         "name": m.name, "model": m.name, "digest": m.model_id, "size": size, "size_vram": 0,
         "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
@@ -292,7 +443,7 @@ def _ps_entry(m: Model, keep_alive: float) -> dict[str, Any]:
 
 
 async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[str], limit: int,
-                 seen: list[Any] | None = None) -> AsyncIterator[tuple[str, int, str]]:
+                 seen: list[Any] | None = None) -> AsyncGenerator[tuple[str, int, str], None]:
     """(text, tokens so far, done_reason) as tokens arrive; a stop string ends it early
     (text is held back until it cannot be the start of one). ``seen`` collects every
     token (id, logprob) as it arrives (OpenAI's logprobs)."""

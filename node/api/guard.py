@@ -13,14 +13,17 @@ Three rules keep it out (Ollama had exactly this hole, CVE-2024-28224):
 * **Body type.** A cross-site form or ``fetch`` with ``text/plain`` needs no
   preflight, so every POST must say ``Content-Type: application/json``; 415 else.
 
-Then the bearer token, when one is configured (every path but ``/healthz``).
-Errors are JSON objects like Ollama's, never HTML; an unexpected exception gives
-a generic 500 and its detail goes to the log only.
+Then the bearer token, when one is configured: every path but ``/healthz`` and the web
+console's page and files (``/``, ``/console/<name>``), which carry no data; the page asks
+for the token and sends it on its data requests (node/api/console.py).
+Errors are JSON objects like Ollama's (OpenAI's shape under ``/v1/``), never HTML; an
+unexpected exception gives a generic 500 and its detail goes to the log only.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -30,17 +33,33 @@ from aiohttp.typedefs import Middleware
 
 from node.net.addresses import is_ip
 
-__all__ = ["RequestGuard", "error_response"]
+__all__ = ["RequestGuard", "error_response", "refusal"]
 
 log = structlog.get_logger("enjambre.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_UNGUARDED = frozenset({"/healthz"})
+_UNGUARDED = frozenset({"/healthz", "/"})
+# One plain file name under /console/ (the console's static files): no data behind it.
+_UNGUARDED_ASSET = re.compile(r"/console/[a-z]+\.[a-z]+")
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def refusal(request: web.Request, status: int, message: str, headers: dict[str, str] | None = None
+            ) -> web.Response:
+    """An error in the shape of the API the request is for: OpenAI's under /v1/, else Ollama's."""
+    if request.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                                 status=status, headers=headers)
+    return error_response(status, message, headers)
+
+
+def _unguarded(path: str) -> bool:
+    return path in _UNGUARDED or _UNGUARDED_ASSET.fullmatch(path) is not None
 
 
 def _host_name(header: str) -> str:
@@ -90,23 +109,23 @@ class RequestGuard:
         host = request.headers.get("Host", "")
         if not self.host_ok(host):
             log.warning("api_host_refused", host=host[:100], path=request.path[:100])
-            return error_response(403, "this API answers only to its own address (Host header refused)")
+            return refusal(request, 403, "this API answers only to its own address (Host header refused)")
         origin = request.headers.get("Origin")
         if origin is not None and not self.origin_ok(origin, host):
             log.warning("api_origin_refused", origin=origin[:100], path=request.path[:100])
-            return error_response(
-                403, "requests from other web pages are refused; list the page's origin in "
+            return refusal(
+                request, 403, "requests from other web pages are refused; list the page's origin in "
                 "api.allowed_origins to allow it"
             )
         if request.method == "OPTIONS":
-            return None if origin is not None else error_response(405, "OPTIONS is for CORS preflights")
+            return None if origin is not None else refusal(request, 405, "OPTIONS is for CORS preflights")
         if request.method in _BODY_METHODS and request.content_type != "application/json":
-            return error_response(415, "send the request body as JSON (Content-Type: application/json)")
-        if self.token is not None and request.path not in _UNGUARDED:
+            return refusal(request, 415, "send the request body as JSON (Content-Type: application/json)")
+        if self.token is not None and not _unguarded(request.path):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                return error_response(
-                    401, "missing or wrong bearer token (set ENJAMBRE_TOKEN or the config's api.token_file)",
+                return refusal(
+                    request, 401, "missing or wrong bearer token (set ENJAMBRE_TOKEN or the config's api.token_file)",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return None
@@ -127,8 +146,8 @@ class RequestGuard:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status >= 400:
-                return error_response(exc.status, exc.reason or "request failed")
+                return refusal(request, exc.status, exc.reason or "request failed")
             raise
         except Exception:  # never an HTML traceback, nor our internals, to an API client
             log.exception("api handler failed", path=request.path)
-            return error_response(500, "internal error (the node's log has the details)")
+            return refusal(request, 500, "internal error (the node's log has the details)")

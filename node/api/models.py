@@ -7,6 +7,8 @@ may be a local directory (imported), ``hf:org/repo`` or a name or id in the
 cluster; ``name``, ``piece_size`` and ``in_place`` are enjambre's additions.
 ``GET /api/models/{name}/files/{path}`` streams one of a model's files, verified
 piece by piece, which is how ``nodectl pull --export`` writes the originals.
+``DELETE /api/delete`` of a name the model shares with others (a copy) removes only
+that name (ModelService.remove).
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ from node.store.pieces import StoreError
 from node.swarm.service import ModelService
 from protocol.manifest import ManifestError
 
-__all__ = ["add_model_routes", "tags_view"]
+__all__ = ["add_model_routes", "model_details", "ollama_time", "tags_view"]
 
 _MIN_PIECE, _MAX_PIECE = 16 * 1024, 64 * 2**20
 
 
-def _ollama_time(seconds: float) -> str:
+def ollama_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def model_details(summary: dict[str, Any]) -> dict[str, Any]:
+    """Ollama's ``details`` object from a manifest summary (/api/tags and /api/show)."""
+    family = summary.get("model_type")
+    return {
+        "format": summary.get("format", "safetensors"), "family": family or "",
+        "families": [family] if family else None, "parameter_size": _params(summary.get("parameters")),
+        "quantization_level": str(summary.get("quantization") or summary.get("torch_dtype") or ""),
+    }
 
 
 def tags_view(catalog: dict[str, dict[str, Any]], self_id: str) -> dict[str, Any]:
@@ -43,13 +55,8 @@ def tags_view(catalog: dict[str, dict[str, Any]], self_id: str) -> dict[str, Any
         params = summary.get("parameters")
         for name in entry["names"] or [model_id[:12]]:
             models.append({
-                "name": name, "model": name, "modified_at": _ollama_time(time.time()), "size": entry["size"],
-                "digest": model_id,
-                "details": {
-                    "format": summary.get("format", "safetensors"), "family": summary.get("model_type") or "",
-                    "families": [summary["model_type"]] if summary.get("model_type") else None,
-                    "parameter_size": _params(params), "quantization_level": str(summary.get("quantization") or summary.get("torch_dtype") or ""),
-                },
+                "name": name, "model": name, "modified_at": ollama_time(time.time()), "size": entry["size"],
+                "digest": model_id, "details": model_details(summary),
                 "architecture": summary.get("architecture"), "parameters": params,
                 "copies": sum(1 for n in holders.values() if pieces and n >= pieces),
                 "holders": len(holders), "local_share": (holders.get(self_id, 0) / pieces) if pieces else 0.0,

@@ -6,8 +6,12 @@ final ``data: [DONE]``; ``stream: false`` one object with ``usage``. Sampling fo
 OpenAI's defaults (temperature 1, top_p 1, no top_k, no repeat penalty), with
 ``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop``, ``logprobs`` (the
 chosen token's) and ``stream_options.include_usage``. ``n`` other than 1 and
-``top_logprobs`` above 0 are refused, saying so; unknown fields are ignored, as
-OpenAI's own server ignores ones it does not use. Errors have OpenAI's shape
+``top_logprobs`` above 0 are refused, saying so, as are ``response_format`` other
+than text and ``tools``; unknown fields are ignored, as OpenAI's own server ignores
+ones it does not use. A reasoning model's ``<think>`` block goes to
+``reasoning_content`` beside ``content``, as DeepSeek's API does; ``reasoning_effort``
+(or vLLM's ``chat_template_kwargs.enable_thinking``) turns the template's thinking on
+or off where it has the switch. Errors have OpenAI's shape
 ``{"error": {"message", "type", "code"}}``. The request guard (Host, Origin, token)
 covers these routes like every other.
 """
@@ -21,7 +25,15 @@ from typing import Any
 
 from aiohttp import web
 
-from node.api.generate import MAX_STOP, BadRequest, _prompt_ids, _texts
+from node.api.generate import (
+    EMBEDDINGS_REFUSED,
+    MAX_STOP,
+    NOT_SUPPORTED,
+    BadRequest,
+    _prompt_ids,
+    _texts,
+)
+from node.api.thinking import ThinkSplitter, opens_thinking
 from node.pipeline.driver import (
     Driver,
     DriverError,
@@ -92,6 +104,27 @@ def _request(body: dict[str, Any]) -> tuple[SamplingSpec, int | None, list[str],
     return sampling, limit, stop, logprobs, bool(options.get("include_usage", False))
 
 
+def _think(body: dict[str, Any]) -> bool | None:
+    """Whether to ask the chat template to think (None: the template's default); refuses
+    what cannot be honoured."""
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise BadRequest("response_format other than text: " + NOT_SUPPORTED["format"])
+    if body.get("tools") not in (None, []):
+        raise BadRequest(NOT_SUPPORTED["tools"])
+    effort = body.get("reasoning_effort")
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("enable_thinking", False), bool):
+        raise BadRequest("chat_template_kwargs must be an object; enable_thinking true or false")
+    if "enable_thinking" in kwargs:
+        return bool(kwargs["enable_thinking"])
+    if effort is None:
+        return None
+    if effort not in ("none", "minimal", "low", "medium", "high"):
+        raise BadRequest('reasoning_effort must be "none", "minimal", "low", "medium" or "high"')
+    return effort != "none"
+
+
 def _model_entry(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "enjambre"}
 
@@ -110,11 +143,12 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
             if not chat and not isinstance(body.get("prompt"), str):
                 raise BadRequest("prompt must be a string (lists of prompts are not supported)")
             sampling, limit, stop, want_logprobs, include_usage = _request(body)
+            think = _think(body) if chat else None
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
             m = await driver.model(body["model"])
-            prompt = _prompt_ids(m, {**body, "raw": True} if not chat else body, chat)
+            prompt, prompt_text = _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, think)
             if len(prompt) + 1 > m.max_context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context holds {m.max_context}")
             room = m.max_context - len(prompt)
@@ -134,12 +168,26 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
         seen: list[Any] = []
         pieces = _texts(m, first, tokens, stop, limit, seen)
         kind = "chat.completion" if chat else "text_completion"
+        splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if chat else None
 
-        def choice(text: str, reason: str | None, tokens_now: list[Any], delta: bool) -> dict[str, Any]:
+        def split(text: str, last: bool = False) -> tuple[str, str]:
+            """(content, reasoning) of a piece of chat text."""
+            if splitter is None:
+                return text, ""
+            reasoning, content = splitter.push(text)
+            if last:
+                more_reasoning, more = splitter.flush()
+                reasoning, content = reasoning + more_reasoning, content + more
+            return content, reasoning
+
+        def choice(text: str, reason: str | None, tokens_now: list[Any], delta: bool,
+                   reasoning: str = "") -> dict[str, Any]:
             out: dict[str, Any] = {"index": 0, "finish_reason": reason}
             if chat:
-                out["delta" if delta else "message"] = {"role": "assistant", "content": text} if not delta or text \
-                    else {}
+                message: dict[str, Any] = {"role": "assistant", "content": text} if not delta or text else {}
+                if reasoning:
+                    message["reasoning_content"] = reasoning
+                out["delta" if delta else "message"] = message
             else:
                 out["text"] = text
             out["logprobs"] = _logprobs(m, tokens_now, chat) if want_logprobs else None
@@ -156,8 +204,9 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
                     text += chunk
             except DriverError as exc:
                 return _error(500, str(exc), "server_error")
+            text, reasoning = split(text, last=True)
             return web.json_response({"id": ident, "object": kind, "created": created, "model": name,
-                                      "choices": [choice(text, _FINISH[reason], seen, False)],
+                                      "choices": [choice(text, _FINISH[reason], seen, False, reasoning)],
                                       "usage": usage(count)})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -174,14 +223,21 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
                                                  "finish_reason": None, "logprobs": None}]})
             async for piece in pieces:
                 chunk, count, reason = piece
-                if chunk or (want_logprobs and len(seen) > sent):
-                    await send({**base, "choices": [choice(chunk, None, seen[sent:], True)]})
+                content, reasoning = split(chunk)
+                if content or reasoning or (want_logprobs and len(seen) > sent):
+                    await send({**base, "choices": [choice(content, None, seen[sent:], True, reasoning)]})
                     sent = len(seen)
+            content, reasoning = split("", last=True)
+            if content or reasoning:
+                await send({**base, "choices": [choice(content, None, [], True, reasoning)]})
             await send({**base, "choices": [choice("", _FINISH[reason], [], True)]})
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(count)})
         except DriverError as exc:
             await send({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+        except ConnectionError:  # the client went away: free the session on every node, quietly
+            await pieces.aclose()
+            return response
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -206,7 +262,11 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
             return _error(404, str(exc), code="model_not_found")
         return web.json_response(_model_entry(name, int(time.time())))
 
+    async def embeddings(_: web.Request) -> web.Response:
+        return _error(501, EMBEDDINGS_REFUSED, code="unsupported")
+
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{name:.+}", model)

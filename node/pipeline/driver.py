@@ -98,6 +98,7 @@ class Model:
     failed: set[str] = field(default_factory=set)
     used_at: float = field(default_factory=time.monotonic)
     expires_at: float = 0.0
+    keep_alive: float | None = None  # seconds idle before unloading (inf: never); None: engine.keep_alive
     sessions: set[str] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gate: asyncio.Semaphore = field(init=False)  # one permit per session slot
@@ -136,33 +137,42 @@ class Driver:
         return model_id
 
     async def model(self, name: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
-                    weights: str | None = None) -> Model:
+                    weights: str | None = None, keep_alive: float | None = None) -> Model:
         """The loaded model, loading it (plan, fetch, compile on every stage) if needed.
         ``weights`` ("native" | "int8", default engine.weights): a model loaded otherwise is
-        unloaded and loaded again that way."""
+        unloaded and loaded again that way. ``keep_alive`` (seconds, inf: forever) replaces
+        the model's idle time before it unloads, as Ollama's per-request keep_alive does."""
         model_id = await self.resolve(name)
         m = self.models.get(model_id)
         if m is not None and weights is not None and m.weights != weights and not m.sessions:
             await self.unload(model_id)
             m = None
         if m is not None:
+            if keep_alive is not None:
+                m.keep_alive = keep_alive
             return m
         task = self._loading.get(model_id)
         if task is None:
             task = asyncio.ensure_future(self._load(model_id, name, progress or (lambda _: None),
-                                                    weights or self.engine.weights))
+                                                    weights or self.engine.weights, keep_alive))
             self._loading[model_id] = task
             task.add_done_callback(lambda _t: self._loading.pop(model_id, None))
         return await asyncio.shield(task)
 
-    async def _offers(self, exclude: set[str]) -> list[NodeOffer]:
+    async def _offers(self, exclude: set[str], model_id: str = "") -> list[NodeOffer]:
+        """The ready members, each offering what it lends less what its other models' layers
+        hold (a second model is planned around the first, not onto a full node)."""
         records = await self.members()
-        return [NodeOffer(pid, str(r.get("name", pid[:12])), int(r.get("memory_allowed", 0)),
+
+        def held(r: dict[str, Any]) -> int:
+            return sum(int(e.get("memory", 0)) for e in r.get("serving") or [] if e.get("model") != model_id)
+
+        return [NodeOffer(pid, str(r.get("name", pid[:12])), max(0, int(r.get("memory_allowed", 0)) - held(r)),
                           float(r.get("tflops", 0.0)), dict(r.get("rtt_ms") or {}))
                 for pid, r in records.items() if r.get("state") == "ready" and pid not in exclude]
 
     async def _load(self, model_id: str, name: str, progress: Callable[[dict[str, Any]], None],
-                    weights: str = "native") -> Model:
+                    weights: str = "native", keep_alive: float | None = None) -> Model:
         t0 = time.monotonic()
         try:
             manifest = await self.service.manifest(model_id)
@@ -183,7 +193,7 @@ class Driver:
         context = min(eng.max_context, config.max_position_embeddings or eng.max_context)
         dtype = "float32" if eng.compute_dtype in ("auto", "float32") else eng.compute_dtype
         m = Model(model_id, name, Plan(()), 0, config, tokenizer, context, eng.max_sessions, dtype, 0.0,
-                  weights=weights)
+                  weights=weights, keep_alive=keep_alive)
         if not await self._adopt(m, progress):
             await self._place(m, progress)
         m.load_s = time.monotonic() - t0
@@ -198,7 +208,7 @@ class Driver:
             m.cost = await model_cost(self.worker.executor, m.config, m.dtype, m.max_context, m.slots,
                                       eng.prefill_chunk, weights=m.weights)
         cost = m.cost
-        offers = await self._offers(m.failed)
+        offers = await self._offers(m.failed, m.model_id)
         try:
             plan = make_plan(cost, offers, max_rtt_ms=eng.max_rtt_ms)
         except PlanError as exc:
@@ -210,7 +220,7 @@ class Driver:
                               "layers": [s.start, s.end]} for s in plan.stages]})
         body = {"model": m.model_id, "name": m.name, "epoch": epoch, "plan": plan.to_dict(), "max_context": m.max_context,
                 "slots": m.slots, "dtype": m.dtype, "weights": m.weights, "prefill_chunk": eng.prefill_chunk,
-                "keep_alive": eng.keep_alive, "step_timeout": eng.step_timeout}
+                "keep_alive": self._stage_keep_alive(m), "step_timeout": eng.step_timeout}
 
         async def load_stage(i: int) -> dict[str, Any]:
             node = plan.stages[i].node_id
@@ -289,10 +299,18 @@ class Driver:
         with contextlib.suppress(Exception):
             await self.peers.request(node, method, body, timeout=10.0)
 
+    def keep_alive_of(self, m: Model) -> float:
+        return self.engine.keep_alive if m.keep_alive is None else m.keep_alive
+
+    def _stage_keep_alive(self, m: Model) -> float:
+        """A stage outlives the driver's own idle timer (the driver unloads it first, when it
+        can); a model kept forever keeps its stages ~30 years."""
+        return min(1e9, max(self.engine.keep_alive, self.keep_alive_of(m)))
+
     async def expire_idle(self) -> None:
         now = time.monotonic()
         for m in list(self.models.values()):
-            if not m.sessions and now - m.used_at > self.engine.keep_alive:
+            if not m.sessions and now - m.used_at > self.keep_alive_of(m):
                 log.info("model_unloaded_idle", model=m.name)
                 await self.unload(m.model_id)
 

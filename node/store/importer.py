@@ -31,6 +31,7 @@ __all__ = ["ImportError_", "hash_file", "import_directory", "model_files"]
 # What a model directory may carry besides its weights; other weight formats
 # (.bin, .pt, .gguf, ...) and subdirectories are left out.
 _SMALL_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".md")
+_SMALL_NAMES = ("LICENSE",)  # without a suffix in most Hugging Face repos; /api/show reads it
 _SMALL_LIMIT = 64 * 2**20
 Progress = Callable[[str, int, int], None]  # (file, bytes done in it, its size)
 
@@ -62,7 +63,7 @@ def model_files(root: Path) -> tuple[list[str], list[str]]:
     others = sorted(
         p.name for p in root.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in weights
-        and p.suffix in _SMALL_SUFFIXES and p.stat().st_size <= _SMALL_LIMIT
+        and (p.suffix in _SMALL_SUFFIXES or p.name in _SMALL_NAMES) and p.stat().st_size <= _SMALL_LIMIT
     )
     for name in (*weights, *others):
         try:

@@ -115,6 +115,13 @@ class ModelStore:
     def names_of(self, model_id: str) -> list[str]:
         return sorted(n for n, m in self.names().items() if m == model_id)
 
+    def added_at(self, model_id: str) -> float | None:
+        """When the manifest was recorded here (seconds since the epoch), None if it is not."""
+        try:
+            return (self.root / f"{model_id}.json").stat().st_mtime if _ID.match(model_id) else None
+        except OSError:
+            return None
+
     # ------------------------------------------------------------------ pieces
 
     def _in_place(self, model_id: str) -> dict[str, Any] | None:

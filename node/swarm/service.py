@@ -30,14 +30,21 @@ from node.store.gguf_import import import_gguf, is_gguf
 from node.store.importer import import_directory
 from node.store.models import ModelStore, normalize_name
 from node.store.pieces import StoreError
-from node.swarm.catalog import model_key, publish_holdings, read_catalog, read_holders, resolve_name
+from node.swarm.catalog import (
+    model_key,
+    name_key,
+    publish_holdings,
+    read_catalog,
+    read_holders,
+    resolve_name,
+)
 from node.swarm.fetcher import FetchError, FetchProgress, PieceFetcher
 from node.swarm.layers import pieces_for_layers
 from node.swarm.server import PieceServer, UploadLimiter
 from node.system.counters import Counters
 from protocol.manifest import Manifest, ManifestError, parse_manifest
 
-__all__ = ["ModelService", "PullError"]
+__all__ = ["BadModelName", "ModelService", "ModelUnknown", "PullError"]
 
 log = structlog.get_logger("enjambre.models")
 
@@ -47,6 +54,14 @@ Members = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
 
 class PullError(StoreError):
     """A pull that cannot be done (the message says why and what to do)."""
+
+
+class ModelUnknown(PullError):
+    """No model of that name or id on this node or in the cluster."""
+
+
+class BadModelName(PullError):
+    """A name that is not valid, or is already taken."""
 
 
 class ModelService:
@@ -189,7 +204,7 @@ class ModelService:
 
             return str(snapshot_download(
                 repo_id, revision=revision or None,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"],
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md", "LICENSE"],
             ))
 
         try:
@@ -328,11 +343,49 @@ class ModelService:
                 entry["holders"][self.dht.node_id] = len(self.store.held(manifest))
         return catalog
 
+    async def find(self, name: str) -> str | None:
+        """The model id ``name`` (a name, an id or an id prefix) stands for, here or in the cluster."""
+        return self.store.resolve(name) or await self.resolve_in_cluster(name)
+
+    async def copy(self, source: str, destination: str) -> Event:
+        """Give a model another name (Ollama's copy). The name lives in this node's names.json and
+        is published with its others (``name/...`` and the catalog shards), so every node lists
+        and resolves it; this node fetches the model's small files first if it held no piece,
+        since a node advertises only what it holds."""
+        try:
+            new = normalize_name(destination)
+        except ValueError as exc:
+            raise BadModelName(str(exc)) from None
+        model_id = await self.find(source)
+        if model_id is None:
+            raise ModelUnknown(f"model {source!r} not found")
+        if new in self.store.names() or await resolve_name(self.dht, new) is not None:
+            raise BadModelName(f"a model called {new!r} already exists; choose another name "
+                            "(or remove that one with `nodectl rm`)")
+        manifest = await self.manifest(model_id)
+        await self.ensure(manifest, pieces_for_layers(manifest, 0, 0, has_embedding=False, has_head=False))
+        self.store.add(manifest, name=new)
+        await self.publish()
+        return {"id": model_id, "name": new}
+
     async def remove(self, name: str) -> Event:
-        """Drop this node's copy of a model; says when it held the last copy of some piece."""
+        """Drop this node's copy of a model; says when it held the last copy of some piece.
+        A name of a model that has other names here (a copy) only loses that name, as
+        Ollama's delete of a copy keeps the blobs the other names use."""
         model_id = self.store.resolve(name)
         if model_id is None:
             raise PullError(f"no model {name!r} on this node (see `nodectl list`)")
+        alias = _name_or_none(name)
+        others = [n for n in self.store.names_of(model_id) if n != alias]
+        if alias in self.store.names() and others:
+            self.store.remove(model_id, name=alias)
+            with contextlib.suppress(Exception):
+                await self.dht.delete(name_key(alias))
+            await self.publish()
+            return {"id": model_id, "names": [alias], "remaining": others, "last_copy_pieces": 0}
+        return await self._remove_model(model_id)
+
+    async def _remove_model(self, model_id: str) -> Event:
         manifest = self.store.manifest(model_id)
         held = self.store.held(manifest)
         others = await read_holders(self.dht, manifest)
@@ -341,9 +394,16 @@ class ModelService:
         last = sorted(held - elsewhere)
         removed = self.store.remove(model_id)
         with contextlib.suppress(Exception):
-            await self.dht.delete(model_key(model_id))
+            await asyncio.gather(self.dht.delete(model_key(model_id)), *(self.dht.delete(name_key(n)) for n in removed))
         await self.publish()
         return {"id": model_id, "names": removed, "last_copy_pieces": len(last)}
+
+
+def _name_or_none(text: str) -> str | None:
+    try:
+        return normalize_name(text)
+    except ValueError:
+        return None
 
 
 def _looks_like_id(text: str) -> bool:
