@@ -30,6 +30,7 @@ from node.config import (
     LOG_LEVELS,
     default_config_path,
 )
+from node.demo import add_demo_command
 from node.net.addresses import format_hostport, parse_hostport
 
 # ---------------------------------------------------------------------------- init / secret
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub, client)
     add_run_commands(sub, client)
+    add_demo_command(sub)
 
     s = sub.add_parser("service", help="install the systemd unit or launchd agent")
     service = s.add_subparsers(dest="service_command", required=True, metavar="ACTION")
@@ -351,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"nodectl: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the daemon: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
