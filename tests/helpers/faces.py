@@ -77,12 +77,16 @@ class Faces:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
-    def reference(self, prompt_ids: list[int], n: int, penalty: float = 1.0) -> list[int]:
-        """The single-process engine's greedy tokens (whole model) for the same prompt."""
-        cfg = load_config(self.model_dir)
-        chain = load_chain(WeightSource.from_dir(self.model_dir), cfg, [PartitionSpec.whole(cfg)],
+    def reference(self, prompt_ids: list[int], n: int, penalty: float = 1.0, model_dir: Path | None = None
+                  ) -> list[int]:
+        """The single-process engine's greedy tokens (whole model) for the same prompt
+        (of faces-model, or of the model in ``model_dir``)."""
+        model_dir = model_dir or self.model_dir
+        cfg = load_config(model_dir)
+        chain = load_chain(WeightSource.from_dir(model_dir), cfg, [PartitionSpec.whole(cfg)],
                            dtype="float32", max_context=CONTEXT, prefill_chunk=CHUNK)
-        sampling = SamplingParams(repetition_penalty=penalty, stop_token_ids=self.tokenizer.stop_token_ids)
+        stop = Tokenizer.from_model_dir(model_dir).stop_token_ids
+        sampling = SamplingParams(repetition_penalty=penalty, stop_token_ids=stop)
         return [t for t, _ in generate(chain, prompt_ids, sampling, n, block=0)]
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from node.testing.localcluster import LocalCluster
-from tests.helpers.faces import Faces, start_faces
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +25,3 @@ def cluster(tmp_path: Path, shared_cache: Path) -> Iterator[LocalCluster]:
     finally:
         c.close()
 
-
-@pytest.fixture(scope="session")
-def faces(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iterator[Faces]:
-    """Three daemons serving a tiny model split over all three (tests/helpers/faces.py)."""
-    f = start_faces(tmp_path_factory.mktemp("faces"), {"XDG_CACHE_HOME": str(shared_cache),
-                                                       "PYTHONUNBUFFERED": "1", "ENJAMBRE_BENCH_SECONDS": "0.2"})
-    try:
-        yield f
-    finally:
-        f.cluster.close()

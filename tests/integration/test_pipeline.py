@@ -1,6 +1,7 @@
 """Distributed generation between real daemons: a model split over nodes answers exactly
-as the engine in one process does, a model that fits runs on one node, a node killed
-mid-generation is replaced without breaking the stream, bad requests get clear errors."""
+as the engine in one process does, a node killed mid-generation is replaced without
+breaking the stream, bad requests get clear errors. (A model that fits on one node runs
+there: tests/integration/faces/test_ollama_api.py.)"""
 
 from __future__ import annotations
 
@@ -274,18 +275,3 @@ def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: Loc
     new_plan = json.loads(nodectl(driver, "ps", "--json").stdout)["models"][0]["plan"]
     assert middle.node_id not in {s["node_id"] for s in new_plan}
     assert sum(s["end"] - s["start"] for s in new_plan) == 6
-
-
-def test_model_that_fits_runs_on_one_node(tmp_path: Path, tiny: Path) -> None:
-    with LocalCluster(tmp_path / "fits", env=ENV) as c:
-        for _ in range(2):
-            c.start(c.add_node(config={"engine": ENGINE}))
-        c.wait_converged(timeout=60)
-        nodectl(c.nodes[0], "pull", str(tiny), "--piece-size", "16KiB")
-        out = nodectl(c.nodes[1], "run", "pipe-model", "hola", "--verbose", "--temperature", "0",
-                      "--num-predict", "8")
-        tok = Tokenizer.from_model_dir(tiny)
-        assert out.stdout.strip() == tok.decode(reference(tiny, chat_tokens(tok, "hola"), 8)).strip()
-        assert "tok/s" in out.stderr
-        (entry,) = json.loads(nodectl(c.nodes[1], "ps", "--json").stdout)["models"]
-        assert len(entry["plan"]) == 1

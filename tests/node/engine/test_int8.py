@@ -245,10 +245,9 @@ def test_int8_top_tokens_follow_float32_on_sensitive_models(varied: TinyModel) -
     assert np.mean(cosines) > 0.98
 
 
-@pytest.mark.parametrize("parts", [2, 3])
-def test_int8_split_equals_whole_exactly(tiny: TinyModel, parts: int) -> None:
+def test_int8_split_equals_whole_exactly(tiny: TinyModel) -> None:
     whole = _chain(tiny, weights="int8")
-    split = _chain(tiny, split_layers(tiny.config.num_layers, parts), weights="int8")
+    split = _chain(tiny, split_layers(tiny.config.num_layers, 3), weights="int8")  # a middle and both ends
     _, a = whole.prefill(whole.new_caches(1), PROMPT, all_logits=True)
     _, b = split.prefill(split.new_caches(1), PROMPT, all_logits=True)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -57,7 +57,7 @@ def _continue(
     return tokens, seen
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("parts", [1, 3])  # 2 adds nothing 3 does not cover
 def test_replay_on_another_cache_continues_exactly(varied: TinyModel, parts: int) -> None:
     chain = varied.chain(split_layers(varied.config.num_layers, parts))
     want, want_logits = _undisturbed(chain)

@@ -76,12 +76,12 @@ def test_int8_weights_keep_answers_sensible_and_perplexity_within_3_percent(smol
     for weights in ("native", "int8"):
         chain = load_chain(WeightSource.from_gguf(path), config, [PartitionSpec.whole(config)], dtype="float32",
                            max_context=512, prefill_chunk=64, weights=weights)
-        answer = [t for t, _ in generate(chain, tok.encode_chat(QUESTION),
-                                         SamplingParams(stop_token_ids=tok.stop_token_ids), 32, block=0)]
         # The prefill path (all logits at once) and the decode path (one step a token).
-        results[weights] = (perplexity(chain, ids), perplexity(chain, ids[:96], stepwise=True),
-                            tok.decode(answer))
-    (ppl32, step32, _), (ppl8, step8, text8) = results["native"], results["int8"]
+        results[weights] = (perplexity(chain, ids), perplexity(chain, ids[:48], stepwise=True))
+    answer = [t for t, _ in generate(chain, tok.encode_chat(QUESTION),
+                                     SamplingParams(stop_token_ids=tok.stop_token_ids), 32, block=0)]
+    text8 = tok.decode(answer)
+    (ppl32, step32), (ppl8, step8) = results["native"], results["int8"]
     assert 1.0 < ppl32 < 100.0  # a real model reads plain English well
     assert ppl8 / ppl32 - 1 < 0.03, (ppl32, ppl8)
     assert step8 / step32 - 1 < 0.03, (step32, step8)

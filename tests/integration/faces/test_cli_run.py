@@ -24,7 +24,7 @@ from tests.helpers.faces import MODEL, Faces
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROMPT = b">>> "
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

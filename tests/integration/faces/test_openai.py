@@ -5,10 +5,12 @@ bad requests get 4xx in OpenAI's error shape."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from typing import Any
 
 import pytest
 
+from tests.helpers.attacker import metric
 from tests.helpers.faces import MODEL, Faces
 
 openai = pytest.importorskip("openai")
@@ -80,3 +82,18 @@ def test_bad_requests_get_openai_errors(faces: Faces, body: Any, status: int, ne
     assert got == status
     error = json.loads(data)["error"]
     assert needle in error["message"] and error["type"]
+
+
+def test_a_client_leaving_mid_stream_frees_the_session_on_every_node(faces: Faces) -> None:
+    req = urllib.request.Request(faces.url("/v1/chat/completions"), method="POST",
+                                 headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "adios"}],
+                                                  "temperature": 0, "max_tokens": 200, "stream": True}).encode())
+    resp = urllib.request.urlopen(req, timeout=120)
+    for _ in range(3):
+        assert resp.readline().startswith(b"data: {")
+        resp.readline()
+    assert sum(metric(n, "enjambre_pipeline_sessions") for n in faces.nodes) == 3  # one per stage
+    resp.close()
+    faces.cluster.wait_until(lambda: all(metric(n, "enjambre_pipeline_sessions") == 0 for n in faces.nodes), 30,
+                             "every stage freeing the session")

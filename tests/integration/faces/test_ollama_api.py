@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from node.engine.tokenizer import Tokenizer
 from node.testing.tinymodel import make_tiny_model
 from tests.helpers.faces import MODEL, Faces
 
@@ -108,8 +109,13 @@ def test_keep_alive_and_empty_prompts_load_and_unload(faces: Faces, tmp_path: Pa
     assert c.generate("small-model", keep_alive=0).done_reason == "unload"  # not loaded: stays so
     assert "small-model" not in [m.name for m in c.ps().models]
     assert c.generate("small-model").done_reason == "load"
-    assert "small-model" in [m.name for m in c.ps().models]
-    assert c.chat("small-model", messages=HOLA, options={"num_predict": 2}, keep_alive=0).done
+    _, ps = faces.request("GET", "/api/ps")
+    (plan,) = [m["plan"] for m in json.loads(ps)["models"] if m["name"] == "small-model"]
+    assert len(plan) == 1  # a model that fits on one node runs there, beside the first
+    tok = Tokenizer.from_model_dir(small)
+    want = tok.decode(faces.reference(tok.encode_chat(HOLA), 6, penalty=1.1, model_dir=small))
+    done = c.chat("small-model", messages=HOLA, options=GREEDY | {"num_predict": 6}, keep_alive=0)
+    assert done.message.content == want
     assert "small-model" not in [m.name for m in c.ps().models]
     assert MODEL in [m.name for m in c.ps().models]
 
