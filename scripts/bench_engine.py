@@ -45,6 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+
+def proc_status(key: str) -> int:
+    """A byte count from /proc/self/status (VmRSS:, VmHWM: the peak since clear_refs)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen0.5b": {
         "architectures": ["Qwen2ForCausalLM"],
@@ -190,6 +199,19 @@ def tail_tok_s(
     return slots * new / (time.perf_counter() - t0)
 
 
+def _alternating_rounds(steps: Any, runs: list[dict[str, Any]], new: int, rounds: int) -> tuple[int, list[float]]:
+    """(steps per run, seconds per run): every run warmed, then `rounds` turns of new/rounds
+    steps each, the runs taking turns (see paired_tail_tok_s)."""
+    for run in runs:
+        steps(run, 2)  # compile and warm
+    per_round = max(1, new // rounds)
+    spent = [0.0] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            spent[i] += steps(run, per_round)
+    return per_round * rounds, spent
+
+
 def paired_tail_tok_s(
     part: Any, prompt: int, new: int, samplings: list[dict[str, Any] | None], rounds: int = 4
 ) -> list[float]:
@@ -217,14 +239,8 @@ def paired_tail_tok_s(
             run["tok"], run["pos"] = int(out.tokens[0]), run["pos"] + 1
         return time.perf_counter() - t0
 
-    for run in runs:
-        steps(run, 2)  # compile and warm
-    per_round = max(1, new // rounds)
-    spent = [0.0] * len(runs)
-    for _ in range(rounds):
-        for i, run in enumerate(runs):
-            spent[i] += steps(run, per_round)
-    return [per_round * rounds / t for t in spent]
+    steps_done, spent = _alternating_rounds(steps, runs, new, rounds)
+    return [steps_done / t for t in spent]
 
 
 def paired_partitions_tok_s(
@@ -253,14 +269,8 @@ def paired_partitions_tok_s(
             run["toks"], run["pos"] = out.tokens.tolist(), run["pos"] + 1
         return time.perf_counter() - t0
 
-    for run in runs:
-        steps(run, 2)  # compile and warm
-    per_round = max(1, new // rounds)
-    spent = [0.0] * len(runs)
-    for _ in range(rounds):
-        for i, run in enumerate(runs):
-            spent[i] += steps(run, per_round)
-    return [slots * per_round * rounds / t for t in spent]
+    steps_done, spent = _alternating_rounds(steps, runs, new, rounds)
+    return [slots * steps_done / t for t in spent]
 
 
 def int8_comparison(native: Any, int8: Any, prompt: int, new: int) -> dict[str, float]:
@@ -395,13 +405,7 @@ def measure_memory(model_dir: Path, cache_dir: Path) -> int:
     cfg = load_config(model_dir)
     jax.numpy.zeros(1).block_until_ready()
 
-    def status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {key} in /proc/self/status")
-
-    base = status("VmRSS:")
+    base = proc_status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     part = load_partition(
         WeightSource.from_dir(model_dir),
@@ -418,7 +422,7 @@ def measure_memory(model_dir: Path, cache_dir: Path) -> int:
     for step in range(2):
         cache, out = part.tail_step(cache, [1] * MEM_SLOTS, ids, [CHUNK + step] * MEM_SLOTS, states)
     np.asarray(out.tokens)
-    return status("VmHWM:") - base
+    return proc_status("VmHWM:") - base
 
 
 # -- the references -----------------------------------------------------------------------

@@ -80,19 +80,15 @@ def _measure_memory(weights: str) -> int:
     path, side = _smollm2()
     jax.numpy.zeros(1).block_until_ready()
 
-    def status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {key} in /proc/self/status")
+    from bench_engine import proc_status
 
-    base = status("VmRSS:")
+    base = proc_status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
     part = _load(WeightSource.from_gguf(path), side, weights)
     from bench_engine import tail_tok_s
 
     tail_tok_s(part, 1, PROMPT, 4, None)
-    return status("VmHWM:") - base
+    return proc_status("VmHWM:") - base
 
 
 def smollm2(args: argparse.Namespace) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from node.api.guard import error_response
-from node.api.thinking import ThinkSplitter, opens_thinking
+from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
 from node.config_schema import WEIGHT_FORMATS
 from node.pipeline.driver import (
     Driver,
@@ -49,7 +49,7 @@ from node.pipeline.driver import (
 )
 from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
 
-__all__ = ["add_generate_routes", "parse_keep_alive", "parse_options"]
+__all__ = ["add_generate_routes", "parse_keep_alive", "parse_options", "read_body", "read_json"]
 
 # Ollama's defaults.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
@@ -226,22 +226,30 @@ def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None) -> t
     return tok.apply_chat_template(messages, **extra), False
 
 
-def add_generate_routes(app: web.Application, driver: Driver) -> None:
-    async def body_of(request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise BadRequest("the body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        if not isinstance(body.get("model"), str) or not body["model"].strip():
-            raise BadRequest('say which model: {"model": "name"}')
-        return body
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """A request's body as a JSON object (BadRequest when it is not one)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
 
+
+async def read_body(request: web.Request, no_model: str = 'say which model: {"model": "name"}') -> dict[str, Any]:
+    """A request's JSON object, which names a model (BadRequest saying what is wrong)."""
+    body = await read_json(request)
+    if not isinstance(body.get("model"), str) or not body["model"].strip():
+        raise BadRequest(no_model)
+    return body
+
+
+def add_generate_routes(app: web.Application, driver: Driver) -> None:
     async def run(request: web.Request, chat: bool) -> web.StreamResponse:
         t_start = time.monotonic()
         try:
-            body = await body_of(request)
+            body = await read_body(request)
             sampling, num_predict, num_ctx, stop = parse_options(body.get("options"))
             stream = body.get("stream", True)
             if not isinstance(stream, bool):
@@ -297,13 +305,8 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             return {"model": name, "created_at": _now(), **piece, **extra, "done": False}
 
         def split(text: str, last: bool = False) -> tuple[str, str]:
-            """(answer, reasoning) of a piece; without ``think`` the text as generated."""
-            if splitter is None:
-                return text, ""
-            thinking, content = splitter.push(text)
-            if last:
-                more_thinking, more = splitter.flush()
-                thinking, content = thinking + more_thinking, content + more
+            """(answer, reasoning) of a piece; ``think: false`` drops the reasoning."""
+            content, thinking = split_piece(splitter, text, last)
             return content, thinking if think else ""
 
         pieces = _texts(m, first, tokens, stop, limit, seen)
@@ -367,7 +370,7 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
 
     async def load(request: web.Request) -> web.StreamResponse:
         try:
-            body = await body_of(request)
+            body = await read_body(request)
             weights = body.get("weights")
             if weights is not None and weights not in WEIGHT_FORMATS:
                 raise BadRequest(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
@@ -406,7 +409,7 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
 
     async def unload(request: web.Request) -> web.Response:
         try:
-            body = await body_of(request)
+            body = await read_body(request)
             done = await driver.unload(body["model"])
         except BadRequest as exc:
             return error_response(400, str(exc))

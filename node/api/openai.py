@@ -32,8 +32,9 @@ from node.api.generate import (
     BadRequest,
     _prompt_ids,
     _texts,
+    read_body,
 )
-from node.api.thinking import ThinkSplitter, opens_thinking
+from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
 from node.pipeline.driver import (
     Driver,
     DriverError,
@@ -132,14 +133,7 @@ def _model_entry(name: str, created: int) -> dict[str, Any]:
 def add_openai_routes(app: web.Application, driver: Driver) -> None:
     async def completion(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise BadRequest("the body must be a JSON object") from None
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object")
-            if not isinstance(body.get("model"), str) or not body["model"].strip():
-                raise BadRequest("model is required")
+            body = await read_body(request, "model is required")
             if not chat and not isinstance(body.get("prompt"), str):
                 raise BadRequest("prompt must be a string (lists of prompts are not supported)")
             sampling, limit, stop, want_logprobs, include_usage = _request(body)
@@ -171,14 +165,7 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
         splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if chat else None
 
         def split(text: str, last: bool = False) -> tuple[str, str]:
-            """(content, reasoning) of a piece of chat text."""
-            if splitter is None:
-                return text, ""
-            reasoning, content = splitter.push(text)
-            if last:
-                more_reasoning, more = splitter.flush()
-                reasoning, content = reasoning + more_reasoning, content + more
-            return content, reasoning
+            return split_piece(splitter, text, last)
 
         def choice(text: str, reason: str | None, tokens_now: list[Any], delta: bool,
                    reasoning: str = "") -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.api.generate import BadRequest, read_json
 from node.api.guard import error_response
 from node.api.models import model_details, ollama_time
 from node.pipeline.driver import Driver
@@ -181,16 +182,6 @@ async def read_small_files(service: ModelService, manifest: Manifest) -> dict[st
     return {p: await asyncio.to_thread(service.store.read_range, manifest, p, 0, n) for p, n in wanted.items()}
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(reason="the body must be a JSON object")
-    return body
-
-
 def _loaded_stops(driver: Driver | None, model_id: str) -> list[str] | None:
     """The loaded tokenizer's stop tokens: exactly what this daemon stops on."""
     m = driver.models.get(model_id) if driver is not None else None
@@ -202,9 +193,9 @@ def _loaded_stops(driver: Driver | None, model_id: str) -> list[str] | None:
 def add_show_routes(app: web.Application, service: ModelService, driver: Driver | None) -> None:
     async def show(request: web.Request) -> web.Response:
         try:
-            body = await _json_body(request)
-        except web.HTTPBadRequest as exc:
-            return error_response(400, str(exc.reason))
+            body = await read_json(request)
+        except BadRequest as exc:
+            return error_response(400, str(exc))
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name.strip():
             return error_response(400, 'say which model: {"model": "name"}')
@@ -227,9 +218,9 @@ def add_show_routes(app: web.Application, service: ModelService, driver: Driver 
 
     async def copy(request: web.Request) -> web.Response:
         try:
-            body = await _json_body(request)
-        except web.HTTPBadRequest as exc:
-            return error_response(400, str(exc.reason))
+            body = await read_json(request)
+        except BadRequest as exc:
+            return error_response(400, str(exc))
         source, destination = body.get("source"), body.get("destination")
         if not isinstance(source, str) or not source.strip() or not isinstance(destination, str):
             return error_response(400, 'say what to copy where: {"source": "name", "destination": "new-name"}')

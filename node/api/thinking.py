@@ -11,7 +11,7 @@ later in the text is just text.
 
 from __future__ import annotations
 
-__all__ = ["CLOSE", "OPEN", "ThinkSplitter", "opens_thinking"]
+__all__ = ["CLOSE", "OPEN", "ThinkSplitter", "opens_thinking", "split_piece"]
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -80,3 +80,15 @@ class ThinkSplitter:
         if self._state == "thinking":
             return held, ""
         return "", "" if self._state == "after" else held
+
+
+def split_piece(splitter: ThinkSplitter | None, text: str, last: bool = False) -> tuple[str, str]:
+    """(content, reasoning) of one streamed piece (``last``: and what was held back);
+    without a splitter, the text as generated."""
+    if splitter is None:
+        return text, ""
+    reasoning, content = splitter.push(text)
+    if last:
+        more_reasoning, more = splitter.flush()
+        reasoning, content = reasoning + more_reasoning, content + more
+    return content, reasoning

@@ -20,6 +20,7 @@ import pytest
 
 from node.api.app import build_app
 from tests.helpers.faces import Faces
+from tests.helpers.nodeview import OneNode
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
@@ -127,31 +128,14 @@ def test_console_draws_the_cluster_and_chats(faces: Faces, browser: Any, tmp_pat
     _wait(browser, 30, "the pull's error", lambda d: "pull failed" in d.find_element(By.ID, "pull-text").text)
 
 
-class HostileNode:
-    """A node whose only peer names itself with markup."""
-
-    async def cluster_status(self) -> dict[str, Any]:
-        return {"self": "ab" * 32, "cluster": "cd" * 8, "nodes": [{
-            "id": "ab" * 32, "name": HOSTILE, "device": HOSTILE, "state": "ready", "self": True,
-            "memory_allowed": 2**30, "memory_used": 2**28, "memory_total": 2**33, "tflops": 1.5}]}
-
-    async def ping_peer(self, node_id: str) -> dict[str, Any]:
-        return {"id": node_id}
-
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
-
-    def metrics_text(self) -> bytes:
-        return b""
-
-
 @pytest.fixture
 def token_node() -> Iterator[str]:
     """A node API (token "s3cret") on a loopback port in a thread of its own; yields its URL."""
     from aiohttp import web
 
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(build_app(HostileNode(), token="s3cret"))
+    runner = web.AppRunner(build_app(OneNode(name=HOSTILE, device=HOSTILE, memory_allowed=2**30, memory_used=2**28,
+                                         memory_total=2**33, tflops=1.5), token="s3cret"))
     loop.run_until_complete(runner.setup())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -16,33 +16,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from node.api.app import build_app
 from node.api.console import MAX_STREAMS, STATIC_DIR, load_assets
+from tests.helpers.nodeview import OneNode
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
 
-class FakeNode:
-    """A one-node cluster whose node names itself with markup."""
-
-    async def cluster_status(self) -> dict[str, Any]:
-        return {"self": "ab" * 32, "cluster": "cd" * 8,
-                "nodes": [{"id": "ab" * 32, "name": "<script>alert(1)</script>", "state": "ready", "self": True}]}
-
-    async def ping_peer(self, node_id: str) -> dict[str, Any]:
-        return {"id": node_id}
-
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
-
-    def metrics_text(self) -> bytes:
-        return b""
-
-
 @pytest.fixture
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[TestClient[Any, Any]]:
     token = getattr(request, "param", None)
-    c = TestClient(TestServer(build_app(FakeNode(), token=token), host="127.0.0.1"))
+    c = TestClient(TestServer(build_app(OneNode(name="<script>alert(1)</script>"), token=token), host="127.0.0.1"))
     await c.start_server()
     try:
         yield c
@@ -169,7 +153,7 @@ async def test_open_streams_end_when_the_node_stops(client: TestClient[Any, Any]
     assert resp.content.at_eof()
 
 
-class BrokenNode(FakeNode):
+class BrokenNode(OneNode):
     async def cluster_status(self) -> dict[str, Any]:
         raise RuntimeError("the directory is unreachable")
 
