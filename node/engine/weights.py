@@ -261,6 +261,10 @@ class WeightSource:
     read_into: ReadInto | None = None
     # Each file's size; needed for GGUF files (their header has no length up front).
     sizes: dict[str, int] = field(default_factory=dict)
+    # Where each weight file's header ends (its tensor data begins), when known: the
+    # header parser never reads past it. A node that fetched only its layers' pieces
+    # holds the header and nothing after it but its own tensors.
+    headers: dict[str, int] = field(default_factory=dict)
     # GGUF rows to restore (tensor name -> heads), see node/engine/gguf.py.
     permuted: dict[str, int] = field(default_factory=dict)
 
@@ -271,11 +275,24 @@ class WeightSource:
                     size = self.sizes.get(file_name)
                     if size is None:
                         raise WeightsError(f"{file_name} is a GGUF file: its size must be given")
-                    found: GGUFWeights = gguf_index(self.read_range, file_name, size)
+                    found: GGUFWeights = gguf_index(self._header_reader(), file_name, size)
                     self.index.update(found.index)
                     self.permuted.update(found.permuted)
                 else:
                     self.index.update(parse_header(self.read_range, file_name))
+
+    def _header_reader(self) -> ReadRange:
+        """``read_range``, cut at each file's header end where it is known."""
+
+        def read(file_name: str, offset: int, length: int) -> bytes:
+            end = self.headers.get(file_name)
+            if end is not None:
+                length = max(0, min(length, end - offset))
+                if length == 0:
+                    return b""
+            return self.read_range(file_name, offset, length)
+
+        return read
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike[str]) -> WeightSource:

@@ -202,7 +202,8 @@ class StageWorker:
             files = [f.path for f in manifest.files if f.data_start is not None]
             reader = self.service.store.range_reader(manifest)
             source = WeightSource(reader, files, read_into=reader.read_into,
-                                  sizes={f.path: f.size for f in manifest.files})
+                                  sizes={f.path: f.size for f in manifest.files},
+                                  headers={f.path: f.data_start for f in manifest.files if f.data_start is not None})
             part = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: load_partition(source, config, spec, dtype=dtype, max_context=context,
                                                       prefill_chunk=chunk, weights=weights))

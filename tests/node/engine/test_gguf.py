@@ -155,3 +155,31 @@ def test_truncated_gguf_is_refused(tiny: Path, tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(WeightsError, match="past the end"):
         WeightSource.from_gguf(path)
+
+
+def test_a_middle_partition_reads_only_its_header_and_its_own_tensors(tiny: Path, tmp_path: Path) -> None:
+    """A node serving middle layers holds the header's pieces and its own tensors' pieces, and
+    nothing else: the header parser must not read ahead past the header's end (it once read
+    1 MiB chunks that ran into the embedding table's first piece)."""
+    from node.engine.weights import local_read_into, local_reader
+
+    path = write_gguf(tiny, tmp_path / "m.gguf", qtype="Q8_0")
+    header = read_header(path)
+    config = _gguf_config(path)
+    spec = PartitionSpec(1, 2, False, False)
+    own = [(t.offset, t.offset + t.length) for t in header.tensors if ".1." in t.name]
+    allowed = [(0, header.data_start), *own]
+    read = local_reader(path.parent, [path.name])
+
+    def guarded(file_name: str, offset: int, length: int) -> bytes:
+        if not any(a <= offset and offset + length <= b for a, b in allowed):
+            raise AssertionError(f"read of [{offset}, {offset + length}) outside what the node holds")
+        return read(file_name, offset, length)
+
+    size = path.stat().st_size
+    with pytest.raises(AssertionError, match="outside what the node holds"):  # the old way: no header bound
+        WeightSource(guarded, [path.name], sizes={path.name: size})
+    source = WeightSource(guarded, [path.name], sizes={path.name: size}, headers={path.name: header.data_start},
+                          read_into=local_read_into(path.parent, [path.name]))
+    load_partition(source, config, spec, max_context=64, prefill_chunk=16)
+    assert source.tensors_read and all(".layers.1." in n for n in source.tensors_read)
