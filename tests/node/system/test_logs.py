@@ -10,7 +10,13 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from node.system.logs import REDACTED, configure_logging, is_secret_key, redact_secrets
+from node.system.logs import (
+    LIBRARY_LOGGERS,
+    REDACTED,
+    configure_logging,
+    is_secret_key,
+    redact_secrets,
+)
 
 
 class FakeTty(io.StringIO):
@@ -22,7 +28,7 @@ class FakeTty(io.StringIO):
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    library_levels = {n: logging.getLogger(n).level for n in ("kademlia", "rpcudp", "aiohttp")}
+    library_levels = {n: logging.getLogger(n).level for n in LIBRARY_LOGGERS}
     try:
         yield
     finally:
@@ -85,10 +91,31 @@ def test_stdlib_loggers_use_same_format_and_level() -> None:
     configure_logging("info", "json", out)
     logging.getLogger("kademlia.network").warning("bootstrap %s failed", "10.0.0.2")
     logging.getLogger("kademlia.network").debug("noise")
-    logging.getLogger("rpcudp.protocol").info("datagram")
+    logging.getLogger("rpcudp.protocol").error("datagram")
+    logging.getLogger("node.other").info("ours")  # a stdlib logger of our own keeps the configured level
     lines = json_lines(out)
-    assert [line["event"] for line in lines] == ["bootstrap 10.0.0.2 failed", "datagram"]
+    assert [line["event"] for line in lines] == ["bootstrap 10.0.0.2 failed", "datagram", "ours"]
     assert lines[0]["logger"] == "kademlia.network" and lines[0]["level"] == "warning"
+
+
+@pytest.mark.parametrize("level", ["info", "warning", "debug"])
+def test_library_chatter_only_at_debug(level: str) -> None:
+    # kademlia's per-datagram info lines once made 33 MB of log per node in 37 minutes.
+    out = io.StringIO()
+    configure_logging(level, "json", out)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(f"{name}.protocol").info("got successful response from %s", "10.0.0.2")
+        logging.getLogger(f"{name}.protocol").warning("%s is unhappy", name)
+    structlog.get_logger("node.dht").info("our info")
+    events = [line["event"] for line in json_lines(out)]
+    chatter = ["got successful response from 10.0.0.2"] * len(LIBRARY_LOGGERS)
+    warnings = [f"{name} is unhappy" for name in LIBRARY_LOGGERS]
+    if level == "debug":
+        assert events == [e for pair in zip(chatter, warnings, strict=True) for e in pair] + ["our info"]
+    elif level == "info":
+        assert events == [*warnings, "our info"]
+    else:
+        assert events == warnings
 
 
 def test_level_filters_structlog_and_stdlib() -> None:
