@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,18 @@ def _gib(n: Any) -> str:
     return f"{float(n) / 2**30:.1f}" if isinstance(n, int | float) else "?"
 
 
+def _layers_memory(node: Mapping[str, Any]) -> int:
+    # "used" is what the node's loaded layers hold, comparable with what it lends; the
+    # process's resident memory (jax, the runtime) is the record's "rss".
+    serving = node.get("serving")
+    entries = serving if isinstance(serving, list) else []
+    return sum(e["memory"] for e in entries if isinstance(e, dict) and isinstance(e.get("memory"), int))
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.0f} ms" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+
+
 def _ago(seconds: Any) -> str:
     if not isinstance(seconds, int | float):
         return "?"
@@ -197,7 +209,8 @@ def _printable(value: Any, limit: int = 64) -> str:
 
 def render_status(data: dict[str, Any]) -> str:
     nodes = data.get("nodes", [])
-    header = ["", "NAME", "ID", "ADDRESS", "STATE", "DEVICE", "MEMORY GiB used/allowed/total", "TFLOPS", "SEEN"]
+    header = ["", "NAME", "ID", "ADDRESS", "STATE", "DEVICE", "MEMORY GiB used/allowed/total", "TFLOPS", "LAG",
+              "SEEN"]
     rows = [header]
     for n in nodes:
         addr = (n.get("addresses") or ["?"])[0]
@@ -208,8 +221,9 @@ def render_status(data: dict[str, Any]) -> str:
             _printable(format_hostport(str(addr), n.get("peer_port", "?"))),
             _printable(n.get("state", "?")),
             _printable(n.get("device", "?"), 32),
-            f"{_gib(n.get('memory_used'))} / {_gib(n.get('memory_allowed'))} / {_gib(n.get('memory_total'))}",
+            f"{_gib(_layers_memory(n))} / {_gib(n.get('memory_allowed'))} / {_gib(n.get('memory_total'))}",
             f"{float(n.get('tflops', 0.0)):.2f}",
+            _ms(n.get("loop_lag_ms")),
             _ago(n.get("last_seen_s")),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

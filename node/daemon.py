@@ -51,7 +51,7 @@ from node.system import sdnotify
 from node.system.clock import ClockOffsets
 from node.system.counters import Counters
 from node.system.datadir import DataDirLock, LockedError, remove_runtime, write_runtime
-from node.system.looplag import watch_loop_lag
+from node.system.looplag import LoopLag, watch_loop_lag
 from node.system.metrics import CountersCollector, GaugesCollector, new_registry, render
 from protocol.messages import PROTOCOL_VERSION
 
@@ -134,6 +134,7 @@ class Daemon:
         self.driver: Driver | None = None
         self._publishing: set[asyncio.Task[None]] = set()
         self.rtts = RttTable()
+        self.loop_lag = LoopLag()  # record() answers node.info before the watcher starts
         self._clock_warned_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
@@ -210,7 +211,7 @@ class Daemon:
         self.state = "ready"
         await self._publish()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
-        self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics), name="loop-lag"))
+        self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics, lag=self.loop_lag), name="loop-lag"))
         self._tasks.append(asyncio.create_task(self._idle_models_loop(), name="keep-alive"))
         sdnotify.notify(f"READY=1\nSTATUS=serving as {cfg.node.name}")
         log.info("ready", peer_port=self.transport.port, dht_port=self.dht.port, api_port=self.api_port)
@@ -299,10 +300,10 @@ class Daemon:
             caps.to_dict(), node_id=self.key.node_id, name=self.config.node.name, version=__version__,
             protocol=PROTOCOL_VERSION, address=self.config.network.listen,
             peer_port=self.transport.port or 0, dht_port=self.dht.port, state=self.state,
-            memory_free=caps.memory_free, memory_used=psutil.Process().memory_info().rss,
+            memory_free=caps.memory_free, rss=psutil.Process().memory_info().rss,
             started_at=self.started_at, clock_offset_s=self._clock_offset(),
             serving=self.worker.serving() if self.worker is not None else [],
-            rtt_ms=self.rtts.medians(),
+            rtt_ms=self.rtts.lowest(), loop_lag_ms=self.loop_lag.p50_ms(time.monotonic()),
         )
 
     def _clock_offset(self) -> float | None:

@@ -2,7 +2,10 @@
 
 A node publishes its record under ``members/<first hex digit of its id>``: a record
 may be at most ~7.5 KB (one datagram), so the directory is sharded, and reading it
-means looking up the 16 shards at once. ``member_record`` builds this node's record,
+means looking up the 16 shards at once. ``member_record`` builds this node's record
+(``memory_used``: what its loaded layers hold, comparable with ``memory_allowed``;
+``rss``: the daemon process's resident memory; ``loop_lag_ms``: how late its event
+loop runs, the median of the last 10 s),
 ``member_problem`` checks one read from the DHT (any member with the secret can
 publish anything, so a record of the wrong shape is skipped and counted rather
 than trusted), and ``status_view`` turns the valid records into what ``nodectl
@@ -68,15 +71,17 @@ def member_record(
     dht_port: int,
     state: str,
     memory_free: int,
-    memory_used: int,
     started_at: float,
+    rss: int | None = None,
     clock_offset_s: float | None = None,
     serving: list[dict[str, Any]] | None = None,
     rtt_ms: Mapping[str, float] | None = None,
+    loop_lag_ms: float | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """This node's capability record as published in the directory."""
     now = time.time() if now is None else now
+    serving = list(serving or [])[:MAX_SERVING]
     return {
         **capabilities,
         "id": node_id,
@@ -88,22 +93,25 @@ def member_record(
         "dht_port": dht_port,
         "state": state,
         "memory_free": memory_free,
-        "memory_used": memory_used,
+        "memory_used": sum(int(entry.get("memory", 0)) for entry in serving),
+        "rss": rss,
         "uptime_s": round(now - started_at, 1),
         "clock_offset_s": None if clock_offset_s is None else round(clock_offset_s, 1),
-        "serving": list(serving or [])[:MAX_SERVING],
+        "serving": serving,
         "rtt_ms": dict(rtt_ms or {}),
+        "loop_lag_ms": None if loop_lag_ms is None else round(loop_lag_ms, 1),
         "ts": now,
     }
 
 
 STATES = frozenset({"joining", "ready", "busy", "leaving"})
 MAX_SERVING = 16  # models whose layers one node serves, as its record lists them
+MAX_LOOP_LAG_MS = 60_000.0
 _TEXT = {"name": 64, "device": 128, "version": 32, "os": 32, "platform": 256, "arch": 32,
          "cpu_model": 128, "device_kind": 16, "jax_version": 32}
 _COUNTS = ("peer_port", "dht_port", "protocol", "cpu_count", "device_count", "memory_total",
            "memory_available", "memory_allowed", "memory_free", "memory_used", "tflops_matmul_size")
-_OPTIONAL_COUNTS = ("device_memory_total", "device_memory_available")
+_OPTIONAL_COUNTS = ("device_memory_total", "device_memory_available", "rss")  # rss: absent from older records
 _NUMBERS = ("ts", "tflops", "uptime_s")
 
 
@@ -145,6 +153,9 @@ def member_problem(publisher: str, value: Any) -> str | None:
     offset = value.get("clock_offset_s")
     if offset is not None and not _number(offset):
         return "bad_clock_offset_s"
+    lag = value.get("loop_lag_ms")  # absent from records of older versions
+    if lag is not None and (not _number(lag) or not 0 <= lag <= MAX_LOOP_LAG_MS):
+        return "bad_loop_lag_ms"
     return _serving_problem(value.get("serving")) or rtt_problem(value.get("rtt_ms"))
 
 

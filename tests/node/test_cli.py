@@ -113,8 +113,12 @@ def test_render_status_table() -> None:
         "self": "a" * 64, "cluster": "c0ffee",
         "nodes": [
             {"id": "a" * 64, "name": "kitchen", "addresses": ["10.0.0.2"], "peer_port": 7420, "state": "ready",
-             "device": "cpu", "memory_used": 2**30, "memory_allowed": 8 * 2**30, "memory_total": 16 * 2**30,
-             "tflops": 0.5, "last_seen_s": 0.2},
+             "device": "cpu", "memory_used": 3 * 2**29, "rss": 5 * 2**30, "memory_allowed": 8 * 2**30,
+             "memory_total": 16 * 2**30, "tflops": 0.5, "last_seen_s": 0.2, "loop_lag_ms": 3.2,
+             "serving": [{"model": "c" * 64, "name": "m", "start": 0, "end": 4, "epoch": 1, "sessions": 0,
+                          "memory": 2**30},
+                         {"model": "d" * 64, "name": "n", "start": 0, "end": 2, "epoch": 1, "sessions": 0,
+                          "memory": 2**29}]},
             {"id": "b" * 64, "name": "garage", "addresses": ["10.0.0.3"], "peer_port": 7420, "state": "joining",
              "device": "NVIDIA H100", "memory_used": 0, "memory_allowed": 64 * 2**30, "memory_total": 80 * 2**30,
              "tflops": 400.0, "last_seen_s": 4.0},
@@ -124,6 +128,9 @@ def test_render_status_table() -> None:
     lines = text.splitlines()
     assert lines[1].startswith("*") and "kitchen" in lines[1] and "aaaaaaaaaaaa" in lines[1]
     assert "garage" in lines[2] and "4s ago" in lines[2] and "NVIDIA H100" in lines[2]
+    assert "LAG" in lines[0] and "3 ms" in lines[1] and "?" in lines[2]  # garage's record is of an older build
+    # used is what the loaded layers hold (1.5 GiB, under the 8 lent), not the process's 5 GiB
+    assert "1.5 / 8.0 / 16.0" in lines[1] and "0.0 / 64.0 / 80.0" in lines[2]
     assert "2 nodes" in text and "72.0 GiB allowed of 96.0 GiB" in text and "400.50 TFLOPS" in text
     assert "clock" not in text
 

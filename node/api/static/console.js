@@ -200,7 +200,7 @@ function renderNodes(nodes, loaded) {
       el("div", { class: "node-device", title: n.cpu_model || "", text: [n.device_kind, n.device].filter(Boolean).join(" · ") || "?" }),
       bar(lent ? used / lent : 0, colorOf(n.id)),
       el("div", { class: "node-mem" }, el("b", { text: bytes(used) }), " of ", el("b", { text: bytes(lent) }), " lent in use"),
-      el("div", { class: "node-mem muted", text: `process ${bytes(n.memory_used)} · ${bytes(n.memory_total)} total` }),
+      el("div", { class: "node-mem muted", text: [n.rss != null ? `process ${bytes(n.rss)}` : "", `${bytes(n.memory_total)} total`].filter(Boolean).join(" · ") }),
       el("div", { class: "node-stats" },
         el("span", { title: "measured matmul TFLOPS" }, el("b", { text: (Number(n.tflops) || 0).toFixed(2) }), " TFLOPS"),
         el("span", { class: "muted", text: `seen ${Number(n.last_seen_s || 0).toFixed(0)} s ago` })),

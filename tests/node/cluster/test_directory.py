@@ -14,11 +14,23 @@ def test_member_record_carries_capabilities_and_identity() -> None:
     record = member_record(
         {"tflops": 1.5, "device": "cpu"}, node_id="ab" * 32, name="kitchen", version="0.1",
         protocol=1, address="10.0.0.2", peer_port=7420, dht_port=7421, state="ready",
-        memory_free=100, memory_used=10, started_at=1000.0, now=1012.34,
+        memory_free=100, rss=800 * 2**20, started_at=1000.0, now=1012.34, loop_lag_ms=3.14159,
+        serving=[{"model": "c" * 64, "name": "m", "start": 0, "end": 4, "epoch": 1, "sessions": 0, "memory": 200},
+                 {"model": "d" * 64, "name": "n", "start": 4, "end": 8, "epoch": 1, "sessions": 2, "memory": 100}],
     )
     assert record["tflops"] == 1.5 and record["addresses"] == ["10.0.0.2"]
     assert record["uptime_s"] == 12.3 and record["ts"] == 1012.34
     assert record["id"] == "ab" * 32 and record["state"] == "ready"
+    # used: what the loaded layers hold (comparable with memory_allowed); the process's RSS apart
+    assert record["memory_used"] == 300 and record["rss"] == 800 * 2**20
+    assert record["loop_lag_ms"] == 3.1
+
+
+def test_member_record_of_a_node_serving_nothing() -> None:
+    record = member_record({}, node_id="ab" * 32, name="n", version="0.1", protocol=1, address="10.0.0.2",
+                           peer_port=7420, dht_port=7421, state="joining", memory_free=1, started_at=0.0, now=1.0)
+    assert record["memory_used"] == 0 and record["rss"] is None and record["loop_lag_ms"] is None
+    assert record["serving"] == [] and record["rtt_ms"] == {}
 
 
 def test_status_view_orders_and_hides_leavers() -> None:
@@ -42,7 +54,7 @@ def _good(node_id: str) -> dict[str, object]:
          "device_kind": "cpu", "device_count": 1, "device_memory_total": None,
          "device_memory_available": None, "tflops": 0.2, "tflops_matmul_size": 512, "jax_version": "0.10"},
         node_id=node_id, name="n", version="0.1", protocol=1, address="10.0.0.2", peer_port=7420,
-        dht_port=7421, state="ready", memory_free=5, memory_used=1, started_at=0.0, now=10.0,
+        dht_port=7421, state="ready", memory_free=5, rss=3, started_at=0.0, now=10.0, loop_lag_ms=0.4,
     )
 
 
@@ -63,6 +75,17 @@ def test_member_problem_accepts_a_real_record_and_names_what_is_wrong() -> None:
         ({"tflops": True}, "bad_tflops"),
         ({"clock_offset_s": "soon"}, "bad_clock_offset_s"),
         ({"serving": "all"}, "bad_serving"),
+        ({"memory_used": None}, "bad_memory_used"),
+        ({"rss": -1}, "bad_rss"),
+        ({"rss": 1.5}, "bad_rss"),
+        ({"rss": True}, "bad_rss"),
+        ({"loop_lag_ms": float("nan")}, "bad_loop_lag_ms"),
+        ({"loop_lag_ms": float("inf")}, "bad_loop_lag_ms"),
+        ({"loop_lag_ms": -0.1}, "bad_loop_lag_ms"),
+        ({"loop_lag_ms": 60_000.1}, "bad_loop_lag_ms"),
+        ({"loop_lag_ms": 1e308}, "bad_loop_lag_ms"),
+        ({"loop_lag_ms": True}, "bad_loop_lag_ms"),
+        ({"loop_lag_ms": "3 ms"}, "bad_loop_lag_ms"),
         ({"rtt_ms": [1.0]}, "bad_rtt_ms"),
         ({"rtt_ms": {"ab": 1.0}}, "bad_rtt_ms"),
         ({"rtt_ms": {"a" * 64: -1}}, "bad_rtt_ms"),
@@ -85,6 +108,11 @@ def test_member_problem_accepts_a_real_record_and_names_what_is_wrong() -> None:
         record = {**_good(pid), **change}
         assert member_problem(pid, record) == reason, change
     assert member_problem(pid, "a string") == "not_a_map"
+    for change in ({"loop_lag_ms": 0}, {"loop_lag_ms": 0.0}, {"loop_lag_ms": 60_000}, {"loop_lag_ms": 12.5},
+                   {"loop_lag_ms": None}, {"rss": None}, {"rss": 0}):
+        assert member_problem(pid, {**_good(pid), **change}) is None, change
+    older = {k: v for k, v in _good(pid).items() if k not in ("loop_lag_ms", "rss")}  # a record of an older build
+    assert member_problem(pid, older) is None
     # and a valid record always renders
     view = status_view({pid: _good(pid)}, self_id=pid, cluster_id="c", now=20.0)
     assert view["nodes"][0]["last_seen_s"] == 10.0
