@@ -163,13 +163,21 @@ def show_section(data: dict[str, Any], what: str) -> str:
     return _text(data.get(what) or "").rstrip("\n")
 
 
+def _context(data: dict[str, Any], most: Any) -> Any:
+    """The context the model is loaded with, when it is loaded, beside what it allows."""
+    loaded = data.get("context_length")
+    if not isinstance(loaded, int) or isinstance(loaded, bool) or loaded == most:
+        return most
+    return f"{loaded} (loaded; the model allows {most})" if most else loaded
+
+
 def render_show(data: dict[str, Any], sections: tuple[str, ...] = ("Model", "Capabilities", "Parameters",
                                                                    "License")) -> str:
     """``ollama show``'s summary of an /api/show answer."""
     info, details = data.get("model_info") or {}, data.get("details") or {}
     arch = info.get("general.architecture", "")
     model = [("architecture", arch), ("parameters", details.get("parameter_size")),
-             ("context length", info.get(f"{arch}.context_length")),
+             ("context length", _context(data, info.get(f"{arch}.context_length"))),
              ("embedding length", info.get(f"{arch}.embedding_length")),
              ("quantization", details.get("quantization_level"))]
     license_lines = [line for line in _text(data.get("license") or "").splitlines() if line.strip()]

@@ -422,6 +422,15 @@ class EngineSection:
             default=50.0,
         )
     )
+    compile_cache: Path | None = field(
+        metadata=key(
+            v.path,
+            "Directory of XLA's persistent compilation cache. Daemons on one machine may "
+            "share one (a node taking over a range another compiled loads it in a fraction "
+            "of a second). Default: xla-cache in the data dir.",
+            example="/var/cache/enjambre/xla",
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)

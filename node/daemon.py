@@ -43,7 +43,8 @@ from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
 from node.net.errors import TransportError
 from node.net.transport import Transport
-from node.pipeline.driver import Driver
+from node.pipeline.models import LEASE_TTL, LoadedModels
+from node.pipeline.session import Sessions
 from node.pipeline.worker import StageWorker
 from node.store.models import ModelStore
 from node.swarm.service import ModelService
@@ -61,6 +62,12 @@ SEQ_FILE = "dht.seq"
 COMPILE_CACHE_DIR = "xla-cache"  # JAX's persistent compilation cache, in the data dir
 # An offset from the peers' clocks this large gets a warning in this node's log.
 CLOCK_WARNING_S = 10.0
+
+
+def _warm_up() -> None:
+    from node.engine.warmup import warm_up  # JAX: off the loop, after start-up
+
+    warm_up()
 
 
 def _raise_open_files_limit() -> None:
@@ -104,7 +111,7 @@ def _prepare_engine(cfg: Config) -> None:
             raise DaemonError(str(exc)) from None
         if setup.gpu_total is not None:
             log.info("gpu_memory", fraction=setup.fraction, gpu_total=setup.gpu_total)
-    backend.enable_compilation_cache(cfg.node.data_dir / COMPILE_CACHE_DIR)
+    backend.enable_compilation_cache(cfg.engine.compile_cache or cfg.node.data_dir / COMPILE_CACHE_DIR)
 
 
 class Daemon:
@@ -131,7 +138,8 @@ class Daemon:
         self.models: ModelService | None = None
         self.peers: Peers | None = None
         self.worker: StageWorker | None = None
-        self.driver: Driver | None = None
+        self.loaded: LoadedModels | None = None  # the models this node drives
+        self.sessions: Sessions | None = None
         self._publishing: set[asyncio.Task[None]] = set()
         self.rtts = RttTable()
         self.loop_lag = LoopLag()  # record() answers node.info before the watcher starts
@@ -200,8 +208,11 @@ class Daemon:
                                   memory_allowed=self.caps.memory_allowed, step_timeout=cfg.engine.step_timeout,
                                   on_change=self._publish_soon)
         self.worker.register(self.transport)
-        self.driver = Driver(self.key.node_id, self.models, self.peers, self.worker, members=self._members,
-                             engine=cfg.engine, data_dir=cfg.node.data_dir, record_ttl=cfg.dht.record_ttl)
+        self.loaded = LoadedModels(self.key.node_id, self.models, self.peers, members=self._members,
+                                   engine=cfg.engine, data_dir=cfg.node.data_dir,
+                                   record_ttl=cfg.dht.record_ttl)
+        self.sessions = Sessions(self.loaded, self.peers, step_timeout=cfg.engine.step_timeout,
+                                 queue=cfg.engine.queue)
         await self._start_api()
         self._register_metrics()
         self._write_runtime()
@@ -212,7 +223,8 @@ class Daemon:
         await self._publish()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
         self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics, lag=self.loop_lag), name="loop-lag"))
-        self._tasks.append(asyncio.create_task(self._idle_models_loop(), name="keep-alive"))
+        self._tasks.append(asyncio.create_task(self._leases_loop(), name="leases"))
+        self._tasks.append(asyncio.create_task(self._warm_engine(), name="warm-engine"))
         sdnotify.notify(f"READY=1\nSTATUS=serving as {cfg.node.name}")
         log.info("ready", peer_port=self.transport.port, dht_port=self.dht.port, api_port=self.api_port)
 
@@ -229,7 +241,7 @@ class Daemon:
 
     async def _start_api(self) -> None:
         cfg = self.config.api
-        app = build_app(self, models=self.models, driver=self.driver, token=_read_token(cfg.token_file), api_host=cfg.host,
+        app = build_app(self, models=self.models, loaded=self.loaded, sessions=self.sessions, token=_read_token(cfg.token_file), api_host=cfg.host,
                         allowed_origins=cfg.allowed_origins)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -261,6 +273,8 @@ class Daemon:
             await self.beacon.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.loaded is not None:
+            await self.loaded.shutdown()
         if self.worker is not None:
             await self.worker.shutdown()
         if self.dht is not None:
@@ -333,14 +347,24 @@ class Daemon:
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _idle_models_loop(self) -> None:
+    async def _warm_engine(self) -> None:
+        """Import the engine and start JAX in the background after start-up: seconds a node
+        would otherwise spend when it first loads layers, which may be while it takes over
+        from a node that died mid-answer."""
+        try:
+            await asyncio.to_thread(_warm_up)
+        except Exception as exc:  # the first load will say what is wrong, with its cause
+            log.info("engine_warmup_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _leases_loop(self) -> None:
+        """Renew this driver's leases on its models' stages, let go of idle ones."""
         while True:
-            await asyncio.sleep(min(10.0, self.config.engine.keep_alive / 2))
-            if self.driver is not None:
+            await asyncio.sleep(min(LEASE_TTL / 4, self.config.engine.keep_alive / 2))
+            if self.loaded is not None:
                 try:
-                    await self.driver.expire_idle()
-                except Exception as exc:  # unloading is best effort; the stages expire on their own
-                    log.warning("keep_alive unload failed", error=str(exc))
+                    await self.loaded.maintain()
+                except Exception as exc:  # best effort: stages let go on their own when leases lapse
+                    log.warning("lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -407,7 +431,7 @@ class Daemon:
             self.metrics.register(CountersCollector("beacon", beacon.counters))
 
     def _driven_sessions(self) -> int:
-        return sum(len(m.sessions) for m in self.driver.models.values()) if self.driver is not None else 0
+        return sum(len(m.sessions) for m in self.loaded.table.values()) if self.loaded is not None else 0
 
     def metrics_text(self) -> bytes:
         return render(self.metrics)

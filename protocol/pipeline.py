@@ -2,8 +2,11 @@
 
 A session's driver sends ``pipe.step`` to the first stage of a plan; each stage runs
 its layers and forwards the step, with its hidden states in place of the token ids,
-to the next; the last stage samples and its answer (the token) travels back along
-the chain. Every body is a msgpack map; the checks here turn a body into a typed
+to the next; the last stage samples and its answer (``StepReply``: the token) travels
+back along the chain, as the reply to each hop's request: one way back, no second
+connection from the tail to the driver. ``pipe.close``, ``pipe.release``,
+``pipe.unload`` and ``pipe.lease`` name a model (and a session, an epoch, a lease
+time): ``ModelRef``. Every body is a msgpack map; the checks here turn a body into a typed
 step or raise ``PipelineMessageError`` with a message the sender can act on, and
 bound everything a peer controls (token counts, tensor shapes, ids, sampling
 values) before a stage allocates anything for it. Pure: no I/O.
@@ -20,11 +23,15 @@ import numpy as np
 
 __all__ = [
     "MAX_STEP_TOKENS",
+    "ModelRef",
     "PipelineMessageError",
     "SamplingSpec",
     "Step",
+    "StepReply",
+    "parse_model_ref",
     "parse_sampling",
     "parse_step",
+    "parse_step_reply",
     "session_id_ok",
 ]
 
@@ -197,3 +204,72 @@ def parse_step(body: Any, *, first: bool, hidden_size: int, vocab_size: int, max
     return Step(
         model_id, epoch, session, step, kind, start, inputs, last, sampling, resume_step, seen, timeout
     )
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """The answer to a step: the tail's token and its log-probability (None: no token, as
+    after a forced step or a resumed prefill)."""
+
+    token: int | None
+    logprob: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob}
+
+
+def parse_step_reply(body: Any, *, vocab_size: int) -> StepReply:
+    """Check a step's answer as the driver (or a stage forwarding it) receives it."""
+    if not isinstance(body, dict):
+        raise PipelineMessageError("a step's answer must be a map")
+    token, logprob = body.get("token"), body.get("logprob")
+    if token is None and logprob is None:
+        return StepReply(None, None)
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+        raise PipelineMessageError(f"the answer's token must be an id in [0, {vocab_size})")
+    if isinstance(logprob, bool) or not isinstance(logprob, int | float):
+        raise PipelineMessageError("the answer's logprob must be a number")
+    logprob = float(logprob)
+    if not (math.isfinite(logprob) or logprob == -math.inf) or logprob > 1e-3:
+        raise PipelineMessageError("the answer's logprob must be a log-probability (<= 0)")
+    return StepReply(token, logprob)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``pipe.close`` {model, session}, ``pipe.release`` / ``pipe.unload`` {model},
+    ``pipe.lease`` {model, epoch, ttl, until}."""
+
+    model_id: str
+    session: str | None = None
+    epoch: int | None = None
+    ttl: float | None = None
+    until: float | None = None  # unix time the sender's keep_alive of the model runs out
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model_id}
+        if self.session is not None:
+            out["session"] = self.session
+        if self.epoch is not None:
+            out["epoch"] = self.epoch
+        if self.ttl is not None:
+            out["ttl"] = self.ttl
+        if self.until is not None:
+            out["until"] = self.until
+        return out
+
+
+def parse_model_ref(body: Any, *, session: bool = False, lease: bool = False) -> ModelRef:
+    if not isinstance(body, dict):
+        raise PipelineMessageError("the body must be a map naming a model")
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or _MODEL_ID.match(model_id) is None:
+        raise PipelineMessageError("model must be a model id (64 hex digits)")
+    sid = body.get("session")
+    if session and not session_id_ok(sid):
+        raise PipelineMessageError("session must be 8 to 64 lowercase hex digits")
+    if not lease:
+        return ModelRef(model_id, sid if session else None)
+    epoch = _int(body, "epoch", 0, (1 << 62) - 1) if body.get("epoch") is not None else None
+    until = _float(body, "until", 0.0, 0.0, 1e11) if body.get("until") is not None else None
+    return ModelRef(model_id, None, epoch, _float(body, "ttl", 30.0, 1.0, 3600.0), until)

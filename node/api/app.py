@@ -21,7 +21,8 @@ from node.api.models import add_model_routes
 from node.api.openai import add_openai_routes
 from node.api.show import add_show_routes
 from node.cluster.ping import PeerNotFound, PeerUnreachable
-from node.pipeline.driver import Driver
+from node.pipeline.models import LoadedModels
+from node.pipeline.session import Sessions
 from node.swarm.service import ModelService
 from node.system.metrics import CONTENT_TYPE
 
@@ -41,7 +42,8 @@ class NodeView(Protocol):
 
 
 def build_app(
-    node: NodeView, *, models: ModelService | None = None, driver: Driver | None = None,
+    node: NodeView, *, models: ModelService | None = None, loaded: LoadedModels | None = None,
+    sessions: Sessions | None = None,
     token: str | None = None,
     api_host: str = "127.0.0.1", allowed_origins: Iterable[str] = (),
 ) -> web.Application:
@@ -76,11 +78,11 @@ def build_app(
     app.router.add_get("/api/cluster/status", status)
     app.router.add_post("/api/cluster/ping/{node_id}", ping)
     app.router.add_get("/metrics", metrics)
-    add_console_routes(app, node, models=models, driver=driver)
+    add_console_routes(app, node, models=models, loaded=loaded)
     if models is not None:
         add_model_routes(app, models, models.dht.node_id)
-        add_show_routes(app, models, driver)
-    if driver is not None:
-        add_generate_routes(app, driver)
-        add_openai_routes(app, driver)
+        add_show_routes(app, models, loaded)
+    if models is not None and loaded is not None and sessions is not None:
+        add_generate_routes(app, loaded, sessions)
+        add_openai_routes(app, loaded, sessions, models)
     return app

@@ -29,10 +29,10 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from node.api.generate import _ps_entry
 from node.api.guard import error_response
 from node.api.models import tags_view
-from node.pipeline.driver import Driver
+from node.pipeline.models import LoadedModels
+from node.pipeline.views import ps_entries
 from node.swarm.service import ModelService
 
 __all__ = ["MAX_STREAMS", "STATIC_DIR", "add_console_routes"]
@@ -76,9 +76,9 @@ def wants_html(accept: str) -> bool:
 class Snapshots:
     """The console's snapshot, computed at most once per ``interval`` whoever asks."""
 
-    def __init__(self, node: StatusSource, models: ModelService | None, driver: Driver | None,
+    def __init__(self, node: StatusSource, models: ModelService | None, loaded: LoadedModels | None,
                  interval: float) -> None:
-        self.node, self.models, self.driver, self.interval = node, models, driver, interval
+        self.node, self.models, self.loaded, self.interval = node, models, loaded, interval
         self._lock = asyncio.Lock()
         self._at = -float("inf")
         self._data = b""
@@ -95,10 +95,7 @@ class Snapshots:
             return self._data
 
     async def _build(self) -> dict[str, Any]:
-        loaded = []
-        if self.driver is not None:
-            driver = self.driver
-            loaded = [_ps_entry(m, driver.keep_alive_of(m)) for m in list(driver.models.values())]
+        loaded = await ps_entries(self.loaded) if self.loaded is not None else []
         tags: list[dict[str, Any]] = []
         if self.models is not None:
             tags = tags_view(await self.models.catalog(), self.models.dht.node_id)["models"]
@@ -106,10 +103,10 @@ class Snapshots:
 
 
 def add_console_routes(app: web.Application, node: StatusSource, *, models: ModelService | None = None,
-                       driver: Driver | None = None, interval: float = 1.0,
+                       loaded: LoadedModels | None = None, interval: float = 1.0,
                        max_streams: int = MAX_STREAMS) -> None:
     assets = load_assets()
-    snapshots = Snapshots(node, models, driver, interval)
+    snapshots = Snapshots(node, models, loaded, interval)
     stopping = asyncio.Event()  # set when the app shuts down: open streams end, never stall it
     open_streams = 0
 

@@ -31,7 +31,6 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -39,17 +38,20 @@ from aiohttp import web
 from node.api.guard import error_response
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
 from node.config_schema import WEIGHT_FORMATS
-from node.pipeline.driver import (
-    Driver,
+from node.pipeline.models import (
     DriverError,
     GenerationError,
+    LoadedModels,
     Model,
     ModelNotFound,
     QueueFull,
 )
+from node.pipeline.planner import Pin
+from node.pipeline.session import Request, Sessions
+from node.pipeline.views import ps_entries
 from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
 
-__all__ = ["add_generate_routes", "parse_keep_alive", "parse_options", "read_body", "read_json"]
+__all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_options", "read_body", "read_json"]
 
 # Ollama's defaults.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
@@ -245,7 +247,16 @@ async def read_body(request: web.Request, no_model: str = 'say which model: {"mo
     return body
 
 
-def add_generate_routes(app: web.Application, driver: Driver) -> None:
+def error_for(exc: DriverError) -> tuple[int, str]:
+    """The HTTP status of a driver error: 404 unknown model, 503 busy or not ready, 500 broken."""
+    if isinstance(exc, ModelNotFound):
+        return 404, str(exc)
+    if isinstance(exc, GenerationError):
+        return 500, str(exc)
+    return 503, str(exc)
+
+
+def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Sessions) -> None:
     async def run(request: web.Request, chat: bool) -> web.StreamResponse:
         t_start = time.monotonic()
         try:
@@ -257,44 +268,40 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             think, keep_alive = parse_think(body.get("think")), parse_keep_alive(body.get("keep_alive"))
             want_logprobs = _logprobs_wanted(body)
             refuse_unsupported(body, chat)
-            was_loaded = await driver.resolve(body["model"]) in driver.models
+            was_loaded = await loaded.resolve(body["model"]) in loaded.table
             empty = not (body.get("messages") if chat else body.get("prompt"))
             if empty and keep_alive == 0 and not was_loaded:
                 return load_only(body["model"], chat, "unload", 0)
-            m = await driver.model(body["model"], keep_alive=keep_alive)
+            m = await loaded.get(body["model"], keep_alive=keep_alive)
             load_ns = 0 if was_loaded else int((time.monotonic() - t_start) * 1e9)
             if empty:
-                unloaded = keep_alive == 0 and await unload_if_idle(m)
+                unloaded = keep_alive == 0 and await release_if_idle(m)
                 return load_only(body["model"], chat, "unload" if unloaded else "load", load_ns)
             prompt, prompt_text = _prompt_ids(m, body, chat, think)
             context = min(m.max_context, num_ctx or m.max_context)
             if len(prompt) + 1 > context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {context}")
             limit = context - len(prompt) if num_predict < 0 else min(num_predict, context - len(prompt))
-            tokens = driver.generate(m, prompt, sampling, limit, m.tokenizer.stop_token_ids)
+            gen = sessions.open(m, Request(tuple(prompt), sampling, limit, tuple(stop)))
             t_prompt = time.monotonic()
-            first = await anext(tokens, None)  # errors before any output are HTTP errors
+            await gen.start()  # errors before any output are HTTP errors
         except BadRequest as exc:
             return error_response(400, str(exc))
-        except ModelNotFound as exc:
-            return error_response(404, str(exc))
         except QueueFull as exc:
             return error_response(503, str(exc))
         except DriverError as exc:
-            return error_response(500 if isinstance(exc, GenerationError) else 503, str(exc))
+            return error_response(*error_for(exc))
         t_first = time.monotonic()
         name = body["model"]
         splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if think is not None else None
-
-        seen: list[Any] = []
         sent = 0
 
         def line(text: str, thinking: str = "") -> dict[str, Any]:
             nonlocal sent
             extra: dict[str, Any] = {}
             if want_logprobs:
-                extra["logprobs"] = [_logprob_entry(m, t) for t in seen[sent:]]
-                sent = len(seen)
+                extra["logprobs"] = [_logprob_entry(m, t) for t in gen.tokens[sent:]]
+                sent = len(gen.tokens)
             if chat:
                 message = {"role": "assistant", "content": text}
                 if thinking:
@@ -309,31 +316,29 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             content, thinking = split_piece(splitter, text, last)
             return content, thinking if think else ""
 
-        pieces = _texts(m, first, tokens, stop, limit, seen)
         reason, count = "stop", 0
         if not stream:
-            text, reasoning = "", ""
+            text = ""
             try:
-                async for piece in pieces:
-                    chunk, count, reason = piece
-                    text += chunk
+                async for piece in gen.pieces():
+                    text += piece.text
+                    count, reason = piece.count, piece.reason
             except DriverError as exc:
                 return error_response(500, str(exc))
-            text, reasoning = split(text, last=True)
-            final = {**line(text, reasoning), "done": True}
+            final = {**line(*split(text, last=True)), "done": True}
         else:
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
             try:
-                async for piece in pieces:
-                    chunk, count, reason = piece
-                    await response.write(json.dumps(line(*split(chunk))).encode() + b"\n")
+                async for piece in gen.pieces():
+                    count, reason = piece.count, piece.reason
+                    await response.write(json.dumps(line(*split(piece.text))).encode() + b"\n")
             except DriverError as exc:
                 await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
                 await response.write_eof()
                 return response
             except ConnectionError:  # the client went away: free the session on every node, quietly
-                await pieces.aclose()
+                await gen.aclose()
                 return response
             final = {**line(*split("", last=True)), "done": True}
         t_end = time.monotonic()
@@ -344,17 +349,19 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             "nodes": [s.node_id for s in m.plan.stages],
         })
         if keep_alive == 0:
-            await unload_if_idle(m)
+            await release_if_idle(m)
         if not stream:
             return web.json_response(final)
         await response.write(json.dumps(final).encode() + b"\n")
         await response.write_eof()
         return response
 
-    async def unload_if_idle(m: Model) -> bool:
-        if m.sessions or driver.models.get(m.model_id) is not m:
+    async def release_if_idle(m: Model) -> bool:
+        """keep_alive 0: this node lets go of the model (other entry nodes keep theirs)."""
+        if m.sessions or loaded.table.get(m.model_id) is not m:
             return False
-        return await driver.unload(m.model_id)
+        await loaded.release(m)
+        return True
 
     def load_only(name: str, chat: bool, reason: str, load_ns: int) -> web.Response:
         """Ollama's answer to an empty prompt: the model loaded, or unloaded (keep_alive 0)."""
@@ -374,7 +381,8 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             weights = body.get("weights")
             if weights is not None and weights not in WEIGHT_FORMATS:
                 raise BadRequest(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
-            await driver.resolve(body["model"])
+            pins = await _pins(body.get("pins"), loaded)
+            await loaded.resolve(body["model"])
         except BadRequest as exc:
             return error_response(400, str(exc))
         except ModelNotFound as exc:
@@ -389,7 +397,7 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
 
         async def load_it() -> Model:
             try:
-                return await driver.model(body["model"], progress=progress, weights=weights)
+                return await loaded.get(body["model"], progress=progress, weights=weights, pins=pins)
             finally:
                 await events.put(None)
 
@@ -398,19 +406,21 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
             while (event := await events.get()) is not None:  # each node's progress as it comes
                 await response.write(json.dumps(event).encode() + b"\n")
             m = await task
-            await response.write(json.dumps({"status": "success", **_ps_entry(m, driver.keep_alive_of(m))}).encode() + b"\n")
+            entry = next((e for e in await ps_entries(loaded) if e["digest"] == m.model_id), None)
+            await response.write(json.dumps({**(entry or {"name": m.name, "plan": []}), "status": "success"}).encode()
+                                 + b"\n")
         except DriverError as exc:
             await response.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         await response.write_eof()
         return response
 
     async def ps(_: web.Request) -> web.Response:
-        return web.json_response({"models": [_ps_entry(m, driver.keep_alive_of(m)) for m in driver.models.values()]})
+        return web.json_response({"models": await ps_entries(loaded)})
 
     async def unload(request: web.Request) -> web.Response:
         try:
             body = await read_body(request)
-            done = await driver.unload(body["model"])
+            done = await loaded.stop(body["model"])
         except BadRequest as exc:
             return error_response(400, str(exc))
         except ModelNotFound as exc:
@@ -431,52 +441,29 @@ def add_generate_routes(app: web.Application, driver: Driver) -> None:
     app.router.add_post("/api/unload", unload)
 
 
-def _ps_entry(m: Model, keep_alive: float) -> dict[str, Any]:
-    size = sum(s.memory for s in m.plan.stages)
-    expires = time.time() + max(0.0, m.used_at + min(keep_alive, 1e10) - time.monotonic())  # forever: year 2300
-    return {
-        "name": m.name, "model": m.name, "digest": m.model_id, "size": size, "size_vram": 0,
-        "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
-        "details": {"family": m.config.architecture, "parameter_size": "",
-                    "quantization_level": "int8" if m.weights == "int8" else m.dtype},
-        "context_length": m.max_context, "weights": m.weights, "sessions": len(m.sessions), "epoch": m.epoch,
-        "plan": [{"node_id": s.node_id, "start": s.start, "end": s.end, "memory": s.memory}
-                 for s in m.plan.stages],
-    }
-
-
-async def _texts(m: Model, first: Any, tokens: AsyncIterator[Any], stop: list[str], limit: int,
-                 seen: list[Any] | None = None) -> AsyncGenerator[tuple[str, int, str], None]:
-    """(text, tokens so far, done_reason) as tokens arrive; a stop string ends it early
-    (text is held back until it cannot be the start of one). ``seen`` collects every
-    token (id, logprob) as it arrives (OpenAI's logprobs)."""
-    from node.engine.tokenizer import TokenizerError
-
-    decoder = m.tokenizer.incremental_decoder()
-    held, count = "", 0
-    hold = max((len(s) for s in stop), default=1) - 1
-    try:
-        tok = first
-        while tok is not None:
-            count += 1
-            if seen is not None:
-                seen.append(tok)
-            try:
-                held += decoder.push(tok.id)
-            except TokenizerError:
-                # A model's vocabulary may be padded past its tokenizer's (Qwen2.5: 151936
-                # rows, 151665 tokens): such an id has no text.
-                decoder = m.tokenizer.incremental_decoder()
-            for s in stop:
-                at = held.find(s)
-                if at >= 0:
-                    yield held[:at], count, "stop"
-                    return
-            cut = max(0, len(held) - hold)
-            yield held[:cut], count, "stop"  # one line per token, as Ollama streams (text may be "")
-            held = held[cut:]
-            tok = await anext(tokens, None)
-        held += decoder.flush()
-        yield held, count, "length" if count >= limit else "stop"
-    finally:
-        await tokens.aclose()  # type: ignore[attr-defined]
+async def _pins(value: Any, loaded: LoadedModels) -> tuple[Pin, ...]:
+    """``pins`` of /api/load: [{"node": name or id, "layers": [start, end]}] (layers optional)
+    places a model by hand, as the planner's pins: a pinned node always serves, a pinned
+    range is served exactly there."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > 64:
+        raise BadRequest('pins must be a list of {"node": NAME, "layers": [START, END]}')
+    members = await loaded.members()
+    by_name = {str(r.get("name")): nid for nid, r in members.items()}
+    out = []
+    for pin in value:
+        if not isinstance(pin, dict) or not isinstance(pin.get("node"), str):
+            raise BadRequest('each pin needs "node": a node name or id')
+        node = by_name.get(pin["node"]) or next((n for n in members if n.startswith(pin["node"].lower())), None)
+        if node is None:
+            raise BadRequest(f"pins: no node called {pin['node'][:64]!r} in the cluster (see nodectl status)")
+        layers = pin.get("layers")
+        if layers is None:
+            out.append(Pin(node))
+            continue
+        if (not isinstance(layers, list) or len(layers) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)):
+            raise BadRequest("a pin's layers must be [start, end]")
+        out.append(Pin(node, layers[0], layers[1]))
+    return tuple(out)

@@ -31,18 +31,13 @@ from node.api.generate import (
     NOT_SUPPORTED,
     BadRequest,
     _prompt_ids,
-    _texts,
+    error_for,
     read_body,
 )
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
-from node.pipeline.driver import (
-    Driver,
-    DriverError,
-    GenerationError,
-    Model,
-    ModelNotFound,
-    QueueFull,
-)
+from node.pipeline.models import DriverError, LoadedModels, Model, ModelNotFound, QueueFull
+from node.pipeline.session import Request, Sessions, Token
+from node.swarm.service import ModelService
 from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
 
 __all__ = ["add_openai_routes"]
@@ -130,7 +125,8 @@ def _model_entry(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "enjambre"}
 
 
-def add_openai_routes(app: web.Application, driver: Driver) -> None:
+def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sessions,
+                      service: ModelService) -> None:
     async def completion(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             body = await read_body(request, "model is required")
@@ -141,14 +137,14 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
-            m = await driver.model(body["model"])
+            m = await loaded.get(body["model"])
             prompt, prompt_text = _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, think)
             if len(prompt) + 1 > m.max_context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context holds {m.max_context}")
             room = m.max_context - len(prompt)
             limit = room if limit is None else min(limit, room)
-            tokens = driver.generate(m, prompt, sampling, limit, m.tokenizer.stop_token_ids)
-            first = await anext(tokens, None)
+            gen = sessions.open(m, Request(tuple(prompt), sampling, limit, tuple(stop)))
+            await gen.start()
         except BadRequest as exc:
             return _error(400, str(exc))
         except ModelNotFound as exc:
@@ -156,11 +152,10 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
         except QueueFull as exc:
             return _error(503, str(exc), "server_error", "overloaded")
         except DriverError as exc:
-            return _error(500 if isinstance(exc, GenerationError) else 503, str(exc), "server_error")
+            return _error(error_for(exc)[0], str(exc), "server_error")
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created, name = int(time.time()), body["model"]
-        seen: list[Any] = []
-        pieces = _texts(m, first, tokens, stop, limit, seen)
+        seen = gen.tokens
         kind = "chat.completion" if chat else "text_completion"
         splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if chat else None
 
@@ -186,9 +181,9 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
         if not stream:
             text, reason, count = "", "stop", 0
             try:
-                async for piece in pieces:
-                    chunk, count, reason = piece
-                    text += chunk
+                async for piece in gen.pieces():
+                    text += piece.text
+                    count, reason = piece.count, piece.reason
             except DriverError as exc:
                 return _error(500, str(exc), "server_error")
             text, reasoning = split(text, last=True)
@@ -208,9 +203,9 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
             if chat:
                 await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None, "logprobs": None}]})
-            async for piece in pieces:
-                chunk, count, reason = piece
-                content, reasoning = split(chunk)
+            async for piece in gen.pieces():
+                count, reason = piece.count, piece.reason
+                content, reasoning = split(piece.text)
                 if content or reasoning or (want_logprobs and len(seen) > sent):
                     await send({**base, "choices": [choice(content, None, seen[sent:], True, reasoning)]})
                     sent = len(seen)
@@ -223,7 +218,7 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
         except DriverError as exc:
             await send({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
         except ConnectionError:  # the client went away: free the session on every node, quietly
-            await pieces.aclose()
+            await gen.aclose()
             return response
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -236,7 +231,7 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
         return await completion(request, False)
 
     async def models(_: web.Request) -> web.Response:
-        catalog = await driver.service.catalog()
+        catalog = await service.catalog()
         now = int(time.time())
         names = sorted({n for entry in catalog.values() for n in entry.get("names") or []})
         return web.json_response({"object": "list", "data": [_model_entry(n, now) for n in names]})
@@ -244,7 +239,7 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
     async def model(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         try:
-            await driver.resolve(name)
+            await loaded.resolve(name)
         except ModelNotFound as exc:
             return _error(404, str(exc), code="model_not_found")
         return web.json_response(_model_entry(name, int(time.time())))
@@ -259,7 +254,7 @@ def add_openai_routes(app: web.Application, driver: Driver) -> None:
     app.router.add_get("/v1/models/{name:.+}", model)
 
 
-def _logprobs(m: Model, tokens: list[Any], chat: bool) -> dict[str, Any]:
+def _logprobs(m: Model, tokens: list[Token], chat: bool) -> dict[str, Any]:
     texts = [m.tokenizer.decode([t.id], skip_special_tokens=False) for t in tokens]
     if chat:
         return {"content": [{"token": text, "logprob": float(t.logprob), "bytes": list(text.encode()),

@@ -30,7 +30,8 @@ from aiohttp import web
 from node.api.generate import BadRequest, read_json
 from node.api.guard import error_response
 from node.api.models import model_details, ollama_time
-from node.pipeline.driver import Driver
+from node.pipeline.models import LoadedModels
+from node.pipeline.views import ps_entries
 from node.store.models import normalize_name
 from node.store.pieces import StoreError
 from node.swarm.service import BadModelName, ModelService, ModelUnknown
@@ -121,8 +122,9 @@ def model_info(config: dict[str, Any], summary: Mapping[str, Any]) -> dict[str, 
     return info
 
 
-def _parameters_text(stops: list[str]) -> str:
-    return "\n".join(f"{'stop':<30} {json.dumps(s)}" for s in stops)
+def _parameters_text(stops: list[str], num_ctx: int | None = None) -> str:
+    lines = [f"{'num_ctx':<30} {num_ctx}"] if num_ctx else []
+    return "\n".join(lines + [f"{'stop':<30} {json.dumps(s)}" for s in stops])
 
 
 def _modelfile(name: str, template: str, stops: list[str], license_text: str | None) -> str:
@@ -146,9 +148,11 @@ def license_path(manifest: Manifest) -> str | None:
 
 
 def show_view(name: str, manifest: Manifest, files: Mapping[str, bytes], *, modified: float,
-              stops: list[str] | None = None) -> dict[str, Any]:
+              stops: list[str] | None = None, loaded_context: int | None = None) -> dict[str, Any]:
     """Ollama's /api/show answer. ``files``: path -> bytes of the small files read;
-    ``stops``: the loaded tokenizer's stop texts, when the model is loaded here."""
+    ``stops``: the loaded tokenizer's stop texts, when the model is loaded here;
+    ``loaded_context``: the context it is loaded with, when it is loaded in the cluster
+    (``num_ctx`` in the parameters, and ``context_length`` beside model_info's maximum)."""
     template = chat_template(files)
     stops = stop_strings(files) if stops is None else stops
     path = license_path(manifest)
@@ -156,7 +160,7 @@ def show_view(name: str, manifest: Manifest, files: Mapping[str, bytes], *, modi
     capabilities = ["completion"] + (["thinking"] if "<think>" in template else [])
     view: dict[str, Any] = {
         "modelfile": _modelfile(name, template, stops, license_text),
-        "parameters": _parameters_text(stops),
+        "parameters": _parameters_text(stops, loaded_context),
         "template": template,
         "details": {"parent_model": "", **model_details(dict(manifest.summary))},
         "model_info": model_info(_json_object(files.get("config.json")), manifest.summary),
@@ -165,6 +169,8 @@ def show_view(name: str, manifest: Manifest, files: Mapping[str, bytes], *, modi
     }
     if license_text is not None:
         view["license"] = license_text
+    if loaded_context:
+        view["context_length"] = loaded_context
     return view
 
 
@@ -182,15 +188,15 @@ async def read_small_files(service: ModelService, manifest: Manifest) -> dict[st
     return {p: await asyncio.to_thread(service.store.read_range, manifest, p, 0, n) for p, n in wanted.items()}
 
 
-def _loaded_stops(driver: Driver | None, model_id: str) -> list[str] | None:
+def _loaded_stops(loaded: LoadedModels | None, model_id: str) -> list[str] | None:
     """The loaded tokenizer's stop tokens: exactly what this daemon stops on."""
-    m = driver.models.get(model_id) if driver is not None else None
+    m = loaded.table.get(model_id) if loaded is not None else None
     if m is None:
         return None
     return [m.tokenizer.decode([i], skip_special_tokens=False) for i in sorted(m.tokenizer.stop_token_ids)]
 
 
-def add_show_routes(app: web.Application, service: ModelService, driver: Driver | None) -> None:
+def add_show_routes(app: web.Application, service: ModelService, loaded: LoadedModels | None) -> None:
     async def show(request: web.Request) -> web.Response:
         try:
             body = await read_json(request)
@@ -213,8 +219,13 @@ def add_show_routes(app: web.Application, service: ModelService, driver: Driver 
             return error_response(503, f"cannot read the files of model {name[:200]!r}: {exc}")
         shown = _shown_name(service, name, model_id)
         modified = service.store.added_at(model_id) or time.time()
+        context = None
+        if loaded is not None:
+            with contextlib.suppress(Exception):  # the directory unreadable: show the model's own figures
+                context = next((e["context_length"] for e in await ps_entries(loaded) if e["digest"] == model_id),
+                               None)
         return web.json_response(show_view(shown, manifest, files, modified=modified,
-                                           stops=_loaded_stops(driver, model_id)))
+                                           stops=_loaded_stops(loaded, model_id), loaded_context=context))
 
     async def copy(request: web.Request) -> web.Response:
         try:

@@ -13,7 +13,7 @@ from node.net.transport import Transport
 __all__ = ["PeerUnknown", "Peers"]
 
 Members = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
-LocalHandler = Callable[[Any], Awaitable[Any]]
+LocalHandler = Callable[[str, Any], Awaitable[Any]]  # (the sender's node id: ours, body)
 # Reading the directory is 16 DHT lookups: once every few seconds, not once a step.
 ADDRESS_TTL = 5.0
 
@@ -45,7 +45,7 @@ class Peers:
 
     async def request(self, node_id: str, method: str, body: Any, *, timeout: float) -> Any:  # noqa: ASYNC109
         if node_id == self.self_id and method in self.local:
-            return await self.local[method](body)
+            return await self.local[method](self.self_id, body)
         host, port = await self.address(node_id)
         conn = await self.transport.connect(host, port, expect_node_id=node_id)
         return await conn.request(method, body, timeout=timeout)

@@ -110,6 +110,9 @@ def configure_memory(max_bytes: int | None, *, gpu_total: int | None = None) -> 
     return MemorySetup(fraction, False, total)
 
 
+CACHE_MAX_BYTES = 4 * 2**30
+
+
 def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
     """Persist XLA compilations in `directory` so later processes skip recompiling.
 
@@ -118,9 +121,12 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
     jax.config.
     """
     os.makedirs(directory, exist_ok=True)
+    # A size limit turns on JAX's file lock around reads and writes, so daemons of one
+    # machine can share the directory without reading a half-written entry.
     settings = {
         "jax_compilation_cache_dir": os.fspath(directory),
         "jax_persistent_cache_min_compile_time_secs": "0.5",
+        "jax_compilation_cache_max_size": str(CACHE_MAX_BYTES),
     }
     if "jax" not in sys.modules:
         os.environ.update({name.upper(): value for name, value in settings.items()})
@@ -129,3 +135,5 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
 
     jax.config.update("jax_compilation_cache_dir", settings["jax_compilation_cache_dir"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+

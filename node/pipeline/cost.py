@@ -16,7 +16,7 @@ from typing import Any
 
 from node.pipeline.planner import ModelCost
 
-__all__ = ["model_cost"]
+__all__ = ["cost_from_lines", "model_cost"]
 
 
 async def model_cost(executor: Executor, config: Any, dtype: str, context: int, slots: int,
@@ -54,9 +54,17 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
         return out
 
     table = await asyncio.get_running_loop().run_in_executor(executor, lines)
+    return cost_from_lines(layers, tuple((e, h, base, per) for (e, h), (base, per) in table.items()))
+
+
+def cost_from_lines(num_layers: int, lines: tuple[tuple[bool, bool, int, int], ...]) -> ModelCost:
+    """The cost whose need() is ``base + per_layer * layers`` for each (embedding, head) case."""
+    table = {(bool(e), bool(h)): (int(base), int(per)) for e, h, base, per in lines}
+    if set(table) != {(False, False), (True, False), (False, True), (True, True)}:
+        raise ValueError("a cost needs a line for each of the four (embedding, head) cases")
 
     def need(start: int, end: int, has_embedding: bool, has_head: bool) -> int:
         base, per_layer = table[(has_embedding, has_head)]
         return base + per_layer * (end - start)
 
-    return ModelCost(layers, need)
+    return ModelCost(num_layers, need, tuple(lines))

@@ -1,7 +1,7 @@
 """The pipeline planner: which nodes serve which contiguous layers of one model.
 
-Owns ``make_plan`` (pure: node offers and the model's memory cost in, a ``Plan`` out)
-and the ``Plan`` wire form peers exchange (``to_dict`` / ``from_dict``). Decisions:
+Owns ``make_plan`` (pure: node offers and the model's memory cost in, a ``Plan`` out; the
+``Plan`` wire form peers exchange is protocol/plan.py's). Decisions:
 
 * Fewest nodes first: each hop costs a round trip per token. Nodes rank by tflops, then
   memory, then node_id; among sets of one size the set whose members rank best wins
@@ -33,10 +33,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from node.system.units import format_size
+from protocol.plan import Plan, Stage
 
 __all__ = ["EXHAUSTIVE_MAX", "ModelCost", "NodeOffer", "Pin", "Plan", "PlanError", "Stage",
            "make_plan"]
@@ -62,6 +62,9 @@ class NodeOffer:
 class ModelCost:
     num_layers: int
     need: Callable[[int, int, bool, bool], int]  # bytes for [start, end), has_embedding, has_head
+    # (has_embedding, has_head, base, per_layer) when need is a line per end (cost.py's):
+    # published with the plan, so a driver that adopts it re-plans without compiling.
+    lines: tuple[tuple[bool, bool, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,52 +72,6 @@ class Pin:
     node_id: str
     start: int | None = None  # with end: the node serves exactly [start, end)
     end: int | None = None
-
-
-@dataclass(frozen=True)
-class Stage:
-    node_id: str
-    start: int
-    end: int
-    memory: int  # need(start, end, start == 0, end == num_layers)
-
-
-@dataclass(frozen=True)
-class Plan:
-    stages: tuple[Stage, ...]
-
-    def node_ids(self) -> list[str]:
-        return [s.node_id for s in self.stages]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stages": [asdict(s) for s in self.stages]}
-
-    @classmethod
-    def from_dict(cls, d: object) -> Plan:
-        """Parse a plan a peer sent; ``PlanError`` unless its stages tile [0, end) in order."""
-        raw = d.get("stages") if isinstance(d, Mapping) else None
-        if not isinstance(raw, list) or not raw:
-            raise PlanError(f"a plan must be a mapping with a non-empty 'stages' list: {d!r:.200}")
-        stages: list[Stage] = []
-        for i, s in enumerate(raw):
-            if not isinstance(s, Mapping) or not all(k in s for k in ("node_id", "start", "end", "memory")):
-                raise PlanError(f"plan stage {i} must have node_id, start, end and memory: {s!r:.200}")
-            node_id, start, end, memory = s["node_id"], s["start"], s["end"], s["memory"]
-            if not isinstance(node_id, str) or not node_id:
-                raise PlanError(f"plan stage {i}: node_id must be a non-empty string: {node_id!r:.100}")
-            for key, v in (("start", start), ("end", end), ("memory", memory)):
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise PlanError(f"plan stage {i}: {key} must be a non-negative int: {v!r:.100}")
-            expected = stages[-1].end if stages else 0
-            if start != expected:
-                what = "leaves a gap" if start > expected else "overlaps the stage before"
-                raise PlanError(f"plan stage {i} starts at layer {start}, {what}: expected {expected}")
-            if end <= start:
-                raise PlanError(f"plan stage {i} has no layers: [{start}, {end})")
-            if any(x.node_id == node_id for x in stages):
-                raise PlanError(f"plan stage {i}: node {node_id} already serves an earlier stage")
-            stages.append(Stage(node_id, start, end, memory))
-        return cls(tuple(stages))
 
 
 def make_plan(cost: ModelCost, nodes: Sequence[NodeOffer], *, max_rtt_ms: float | None = None,

@@ -1,18 +1,25 @@
-"""This node's side of every plan it is part of: load a layer range, run steps, forward.
+"""This node's side of every plan it is part of: load a layer range, run steps, forward, leases.
 
-Requests (over the authenticated transport; bodies checked by protocol/pipeline.py):
-- ``pipe.load`` {model, epoch, plan, index, max_context, slots, dtype, prefill_chunk,
-  keep_alive}: fetch the pieces of this node's range through the swarm, load the
-  partition in the engine thread, compile, answer when ready. A newer epoch replaces an
-  older one; a failure is reported, and the state says why.
+Requests (over the authenticated transport; every body is parsed by protocol/plan.py or
+protocol/pipeline.py before any work; ``peer`` is the sender's node id, taken from its
+certificate):
+- ``pipe.load`` (LoadRequest): fetch the pieces of this node's range through the swarm,
+  load the partition in the engine thread, compile, answer when ready (a StageView).
+  A newer epoch replaces an older one (an older one is refused ``stale_epoch``); a load
+  that a newer one overtook is dropped, never installed. The sender gets a lease.
+- ``pipe.lease`` {model, epoch, ttl}: renew the sender's lease on the model's stage; the
+  answer is the stage's view (state ``none`` when this node serves nothing of it), which
+  is how drivers check that a published plan still stands.
+- ``pipe.release`` {model}: the sender lets go of its lease (its keep_alive ran out).
+- ``pipe.unload`` {model}: a lease holder stops the model for everyone: leases are
+  dropped, no new session starts, and the stage unloads once its live sessions end.
 - ``pipe.step``: run one step of one session (stage.py) and forward the result to the
   next stage of the plan; the answer (the tail's token) travels back the same way.
   When the next stage cannot be reached the answer is ``stage_failed`` naming it, so
-  the driver knows which node to re-plan without.
-- ``pipe.close`` {model, session}: free a session's cache. ``pipe.unload`` {model}.
-- ``pipe.state``: what this node has loaded or is loading, per model.
-Stages unload after ``keep_alive`` seconds without a step; sessions without a step for
-twice the step timeout are freed (their driver died).
+  the driver knows which node to check.
+- ``pipe.close`` {model, session}: free a session's cache. ``pipe.state``: every stage.
+A stage stays loaded while any driver holds a lease on it or a session is live on it;
+sessions without a step for twice the step timeout are freed (their driver died).
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -31,23 +38,23 @@ import structlog
 from node.cluster.peers import Peers, PeerUnknown
 from node.engine.errors import EngineError
 from node.net.errors import RemoteError, RequestRefused, TransportError
-from node.pipeline.planner import Plan, PlanError
 from node.pipeline.stage_errors import StageError
 from node.store.pieces import StoreError
 from node.swarm.layers import pieces_for_layers
 from node.swarm.service import ModelService
 from protocol.manifest import Manifest
-from protocol.pipeline import PipelineMessageError, parse_step
+from protocol.pipeline import PipelineMessageError, parse_model_ref, parse_step, parse_step_reply
+from protocol.plan import LoadRequest, PlanFormError, StageView, parse_load
 
 if TYPE_CHECKING:
     from node.pipeline.stage import StageRunner
 
-__all__ = ["StageWorker", "config_of"]
+__all__ = ["Handler", "StageWorker", "config_of"]
 
 log = structlog.get_logger("node.pipeline")
 
-LOAD_DTYPES = ("float32", "bfloat16", "float16")
-LOAD_WEIGHTS = ("native", "int8")
+Handler = Callable[[str, Any], Awaitable[Any]]
+MAX_LEASES = 64  # drivers holding one stage
 
 
 def config_of(store: Any, manifest: Manifest) -> Any:
@@ -61,53 +68,72 @@ def config_of(store: Any, manifest: Manifest) -> Any:
 
 @dataclass
 class Loaded:
-    model_id: str
-    epoch: int
-    plan: Plan
-    index: int
+    request: LoadRequest
     state: str = "fetching"
-    error: str | None = None
+    error: str = ""
     runner: StageRunner | None = None
     memory: int = 0
     load_s: float = 0.0
     compile_s: float = 0.0
-    step_timeout: float = 60.0
-    keep_alive: float = 300.0
-    name: str = ""
-    dtype: str = ""
-    chunk: int = 0
-    weights: str = "native"
+    leases: dict[str, float] = field(default_factory=dict)  # driver id -> when its lease ends
+    until: dict[str, float] = field(default_factory=dict)  # driver id -> unix time its keep_alive ends
+    draining: bool = False
+
+    @property
+    def model_id(self) -> str:
+        return self.request.record.model_id
+
+    @property
+    def epoch(self) -> int:
+        return self.request.record.epoch
+
+    def lease(self, driver: str, ttl: float, now: float, until: float | None = None) -> None:
+        if driver in self.leases or len(self.leases) < MAX_LEASES:
+            self.leases[driver] = now + ttl
+            if until:
+                self.until[driver] = until
+
+    def live_leases(self, now: float) -> int:
+        for driver in [d for d, end in self.leases.items() if end <= now]:
+            del self.leases[driver]
+            self.until.pop(driver, None)
+        return len(self.leases)
+
+    def expires_at(self) -> float | None:
+        """When the last keep_alive of the drivers holding it runs out (unix time)."""
+        return max((self.until[d] for d in self.leases if d in self.until), default=None)
 
 
 class StageWorker:
     def __init__(self, node_id: str, service: ModelService, peers: Peers, *, memory_allowed: int,
-                 step_timeout: float, on_change: Callable[[], None] = lambda: None) -> None:
+                 step_timeout: float, on_change: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id = node_id
         self.on_change = on_change
         self.service = service
         self.peers = peers
         self.memory_allowed = memory_allowed
         self.step_timeout = step_timeout
+        self._clock = clock
         # One engine thread: JAX serialises work on a device anyway, and a donated
         # cache must never be used by two calls at once.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.stages: dict[str, Loaded] = {}  # serving (or failed after replacing one)
+        self.stages: dict[str, Loaded] = {}  # serving, by model
         self.loading: dict[str, Loaded] = {}  # loads in progress, by model
         self._loads: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        # The last epoch of each model this node served and let go: a plan at that epoch or
+        # older is known to be gone here, not still on its way.
+        self.retired: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        peers.local.update({"pipe.step": self.step, "pipe.load": self.load, "pipe.close": self.close,
-                            "pipe.unload": self.unload, "pipe.state": self.state})
+        self.handlers: dict[str, Handler] = {
+            "pipe.step": self.step, "pipe.load": self.load, "pipe.close": self.close, "pipe.lease": self.lease,
+            "pipe.release": self.release, "pipe.unload": self.unload, "pipe.state": self.state}
+        peers.local.update(self.handlers)
 
     def register(self, transport: Any) -> None:
-        for method, fn in self.peers.local.items():
-            transport.on_request(method, self._remote(fn))
+        for method, fn in self.handlers.items():
+            transport.on_request(method, _remote(fn))
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
-
-    @staticmethod
-    def _remote(fn: Any) -> Any:
-        async def handler(_conn: Any, body: Any) -> Any:
-            return await fn(body)
-        return handler
 
     async def shutdown(self) -> None:
         if self._sweeper is not None:
@@ -122,27 +148,35 @@ class StageWorker:
 
     # ------------------------------------------------------------------ load
 
-    async def load(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            raise RequestRefused("bad_request", "pipe.load needs {model, epoch, plan, index, ...}")
+    async def load(self, peer: str, body: Any) -> dict[str, Any]:
         try:
-            plan = Plan.from_dict(body.get("plan"))
-        except PlanError as exc:
+            req = parse_load(body)
+        except PlanFormError as exc:
             raise RequestRefused("bad_plan", str(exc)) from None
-        model_id, epoch, index = body["model"], body.get("epoch"), body.get("index")
-        if not isinstance(epoch, int) or not isinstance(index, int) or not 0 <= index < len(plan.stages):
-            raise RequestRefused("bad_request", "epoch and index must be integers inside the plan")
-        if plan.stages[index].node_id != self.node_id:
+        if req.stage.node_id != self.node_id:
             raise RequestRefused("bad_plan", "this node is not that stage of the plan")
+        model_id, epoch, now = req.record.model_id, req.record.epoch, self._clock()
         current, pending = self.stages.get(model_id), self.loading.get(model_id)
         newest = max((x.epoch for x in (current, pending) if x is not None), default=-1)
         if newest > epoch:
             raise RequestRefused("stale_epoch", f"this node serves epoch {newest} of the model")
         if pending is not None and pending.epoch == epoch and model_id in self._loads:
+            pending.lease(peer, req.lease_ttl, now, req.until)
             return await asyncio.shield(self._loads[model_id])
         if current is not None and current.epoch == epoch and current.state == "ready":
-            return self._view(current)
-        task = asyncio.ensure_future(self._load(model_id, epoch, plan, index, body))
+            current.lease(peer, req.lease_ttl, now, req.until)
+            current.draining = False
+            return self._view(current, peer).to_dict()
+        loaded = Loaded(req)
+        for old in (current, pending):  # a lease is on the model here, whatever the epoch
+            if old is not None:
+                loaded.leases.update(old.leases)
+                loaded.until.update(old.until)
+        loaded.lease(peer, req.lease_ttl, now, req.until)
+        # The stage being replaced keeps serving until this load passes its checks: a
+        # plan that cannot be loaded here (a lie, or too big) must not take it down.
+        self.loading[model_id] = loaded
+        task = asyncio.ensure_future(self._load(loaded, peer))
         self._loads[model_id] = task
         try:
             return await asyncio.shield(task)
@@ -150,28 +184,20 @@ class StageWorker:
             if task.done() and self._loads.get(model_id) is task:
                 del self._loads[model_id]
 
-    async def _load(self, model_id: str, epoch: int, plan: Plan, index: int, body: dict[str, Any]) -> dict[str, Any]:
-        stage = plan.stages[index]
-        first, last = stage.start == 0, index == len(plan.stages) - 1
-        slots, context = int(body.get("slots", 4)), int(body.get("max_context", 2048))
-        chunk = int(body.get("prefill_chunk", 256))
-        dtype, weights = body.get("dtype", "float32"), body.get("weights", "native")
-        if dtype not in LOAD_DTYPES or weights not in LOAD_WEIGHTS or not 1 <= slots <= 256 \
-                or not 16 <= context <= 1 << 20:
-            raise RequestRefused("bad_request", "dtype, weights, slots or max_context out of range")
-        loaded = Loaded(model_id, epoch, plan, index, step_timeout=float(body.get("step_timeout", self.step_timeout)),
-                        keep_alive=float(body.get("keep_alive", 300.0)), name=str(body.get("name", ""))[:128],
-                        weights=weights)
-        # The stage being replaced keeps serving until this load passes its checks: a
-        # plan that cannot be loaded here (a lie, or too big) must not take it down.
-        self.loading[model_id] = loaded
+    async def _load(self, loaded: Loaded, peer: str) -> dict[str, Any]:
+        req, model_id = loaded.request, loaded.model_id
+        stage, rec = req.stage, req.record
         t0 = time.monotonic()
         try:
             manifest = await self.service.manifest(model_id)
-            wanted = pieces_for_layers(manifest, stage.start, stage.end, has_embedding=first, has_head=last)
+            wanted = pieces_for_layers(manifest, stage.start, stage.end, has_embedding=req.first, has_head=req.last)
             await self.service.ensure(manifest, wanted)
+            self._still_wanted(loaded)
             loaded.state = "loading"
             config = config_of(self.service.store, manifest)
+            if config.num_layers != rec.plan.num_layers:
+                raise RequestRefused("bad_plan", f"the plan covers {rec.plan.num_layers} layers; "
+                                                 f"the model has {config.num_layers}")
             used = sum(s.memory for m, s in self.stages.items() if m != model_id)
             # The planner's figure (node/pipeline/cost.py), but never less than the weights
             # and cache themselves: a plan comes from a peer, which may lie.
@@ -181,102 +207,185 @@ class StageWorker:
             from node.engine.memory import resident_bytes
             from node.pipeline.stage import StageRunner
 
-            spec = PartitionSpec(stage.start, stage.end, first, last)
-            need = max(stage.memory, resident_bytes(config, spec, dtype, context, slots, prefill_chunk=chunk,
-                                                    weights=weights))
+            spec = PartitionSpec(stage.start, stage.end, req.first, req.last)
+            need = max(stage.memory, resident_bytes(config, spec, rec.dtype, rec.max_context, rec.slots,
+                                                    prefill_chunk=rec.prefill_chunk, weights=rec.weights))
             if need + used > self.memory_allowed:
                 raise RequestRefused("out_of_memory", (
                     f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
                     f"{self.memory_allowed / 2**20:.0f} MiB and {used / 2**20:.0f} MiB are in use"))
-            old = self.stages.pop(model_id, None)
-            if old is not None and old.runner is not None:
-                await old.runner.close()
+            idle = 2 * req.step_timeout
+            old = self.stages.get(model_id)
+            if old is not None and old.runner is not None and _same_shape(old.request, req):
+                # A re-plan that keeps this node's range (a recovery elsewhere in the chain):
+                # keep the weights and the compiled steps, start a fresh cache.
                 part = old.runner.partition
-                if (part.spec == spec and part.max_context == context
-                        and old.runner.slots == slots and old.dtype == dtype and old.chunk == chunk
-                        and old.weights == weights):
-                    # A re-plan that keeps this node's range (a recovery elsewhere in the
-                    # chain): keep the weights and the compiled steps, start a fresh cache.
-                    return self._ready(loaded, StageRunner(part, slots=slots, executor=self.executor,
-                                                           session_idle=2 * loaded.step_timeout), need, dtype, chunk)
+                self._still_wanted(loaded)
+                self.stages.pop(model_id, None)
+                await old.runner.close()
+                return self._ready(loaded, StageRunner(part, slots=rec.slots, executor=self.executor,
+                                                       session_idle=idle), need)
             files = [f.path for f in manifest.files if f.data_start is not None]
             reader = self.service.store.range_reader(manifest)
             source = WeightSource(reader, files, read_into=reader.read_into,
                                   sizes={f.path: f.size for f in manifest.files},
                                   headers={f.path: f.data_start for f in manifest.files if f.data_start is not None})
             part = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: load_partition(source, config, spec, dtype=dtype, max_context=context,
-                                                      prefill_chunk=chunk, weights=weights))
+                self.executor, lambda: load_partition(source, config, spec, dtype=rec.dtype,
+                                                      max_context=rec.max_context,
+                                                      prefill_chunk=rec.prefill_chunk, weights=rec.weights))
             loaded.load_s = time.monotonic() - t0
             loaded.state = "compiling"
-            runner = StageRunner(part, slots=slots, executor=self.executor, session_idle=2 * loaded.step_timeout)
+            runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=idle)
             t1 = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(self.executor, _warm, runner)
             loaded.compile_s = time.monotonic() - t1
-            return self._ready(loaded, runner, need, dtype, chunk)
+            self._still_wanted(loaded)
+            old = self.stages.pop(model_id, None)
+            if old is not None and old.runner is not None:
+                await old.runner.close()
+            return self._ready(loaded, runner, need)
         except RequestRefused as exc:
             loaded.state, loaded.error = "failed", exc.message
+            if exc.code != "stale_epoch":
+                log.warning("stage_load_failed", model=model_id[:12], name=rec.name, epoch=rec.epoch,
+                            layers=f"{stage.start}-{stage.end}", asked_by=peer[:12], code=exc.code, error=exc.message)
             raise
         except (StoreError, EngineError, OSError, ValueError) as exc:
-            loaded.state, loaded.error = "failed", str(exc)
-            raise RequestRefused("load_failed", f"{type(exc).__name__}: {exc}") from None
+            loaded.state, loaded.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.warning("stage_load_failed", model=model_id[:12], name=rec.name, epoch=rec.epoch,
+                        layers=f"{stage.start}-{stage.end}", asked_by=peer[:12], error=loaded.error)
+            raise RequestRefused("load_failed", loaded.error) from None
         finally:
             if self.loading.get(model_id) is loaded:
                 del self.loading[model_id]
 
-    def _ready(self, loaded: Loaded, runner: StageRunner, need: int, dtype: str, chunk: int) -> dict[str, Any]:
-        stage = loaded.plan.stages[loaded.index]
-        loaded.memory, loaded.runner, loaded.state, loaded.dtype, loaded.chunk = need, runner, "ready", dtype, chunk
+    def _retire(self, model_id: str, epoch: int) -> None:
+        self.retired[model_id] = max(epoch, self.retired.get(model_id, 0))
+        while len(self.retired) > 256:
+            del self.retired[next(iter(self.retired))]
+
+    def _still_wanted(self, loaded: Loaded) -> None:
+        """A load that a newer epoch's load overtook stops here (the newer one installs itself)."""
+        if self.loading.get(loaded.model_id) is not loaded:
+            raise RequestRefused("stale_epoch", "a newer plan of the model replaced this load")
+
+    def _ready(self, loaded: Loaded, runner: StageRunner, need: int) -> dict[str, Any]:
+        stage = loaded.request.stage
+        loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
         self.stages[loaded.model_id] = loaded
         runner.start()
         self.on_change()
-        log.info("stage_ready", model=loaded.model_id[:12], epoch=loaded.epoch, layers=f"{stage.start}-{stage.end}",
-                 load_s=round(loaded.load_s, 2), compile_s=round(loaded.compile_s, 2))
-        return self._view(loaded)
+        log.info("stage_ready", model=loaded.model_id[:12], name=loaded.request.record.name, epoch=loaded.epoch,
+                 layers=f"{stage.start}-{stage.end}", load_s=round(loaded.load_s, 2),
+                 compile_s=round(loaded.compile_s, 2))
+        return self._view(loaded, "").to_dict()
 
-    def _view(self, loaded: Loaded) -> dict[str, Any]:
-        stage = loaded.plan.stages[loaded.index]
+    def _view(self, loaded: Loaded, peer: str) -> StageView:
+        stage = loaded.request.stage
         runner = loaded.runner
-        return {"model": loaded.model_id, "epoch": loaded.epoch, "start": stage.start, "end": stage.end,
-                "state": loaded.state, "error": loaded.error, "memory": loaded.memory,
-                "sessions": len(runner.sessions) if runner else 0, "load_s": loaded.load_s,
-                "compile_s": loaded.compile_s, "weights": loaded.weights}
+        state = "draining" if loaded.draining and loaded.state == "ready" else loaded.state
+        return StageView(loaded.model_id, loaded.epoch, stage.start, stage.end, state, loaded.error[:500],
+                         loaded.memory, len(runner.sessions) if runner else 0, round(loaded.load_s, 3),
+                         round(loaded.compile_s, 3), loaded.request.record.weights, peer in loaded.leases)
 
     def serving(self) -> list[dict[str, Any]]:
         """What this node's record says it serves (node/cluster/directory.py checks it)."""
         out = []
         for m in self.stages.values():
-            if m.state == "ready" and m.runner is not None:
-                stage = m.plan.stages[m.index]
-                out.append({"model": m.model_id, "name": m.name[:128], "start": stage.start, "end": stage.end,
-                            "epoch": m.epoch, "sessions": len(m.runner.sessions), "memory": stage.memory})
+            if m.state == "ready" and m.runner is not None and not m.draining:
+                stage, rec = m.request.stage, m.request.record
+                entry = {"model": m.model_id, "name": rec.name[:128], "start": stage.start, "end": stage.end,
+                         "epoch": m.epoch, "sessions": len(m.runner.sessions), "memory": m.memory,
+                         "layers": rec.plan.num_layers, "context": rec.max_context, "weights": rec.weights,
+                         "family": str(m.runner.partition.config.architecture)[:32],
+                         "drivers": m.live_leases(self._clock())}
+                expires = m.expires_at()
+                if expires is not None:
+                    entry["expires_at"] = round(expires, 1)
+                out.append(entry)
         return out
+
+    def memory_in_use(self) -> int:
+        return sum(m.memory for m in self.stages.values())
 
     def sessions(self) -> int:
         return sum(len(m.runner.sessions) for m in self.stages.values() if m.runner is not None)
 
-    async def state(self, _body: Any = None) -> dict[str, Any]:
-        return {"models": [self._view(m) for m in (*self.stages.values(), *self.loading.values())]}
+    # ------------------------------------------------------------------ leases and control
 
-    async def unload(self, body: Any) -> dict[str, Any]:
-        model_id = body.get("model") if isinstance(body, dict) else None
-        loaded = self.stages.pop(model_id, None) if isinstance(model_id, str) else None
-        if loaded is not None and loaded.runner is not None:
-            await loaded.runner.close()
-        if loaded is not None:
-            self.on_change()
-        return {"unloaded": loaded is not None}
+    async def state(self, peer: str, _body: Any = None) -> dict[str, Any]:
+        return {"models": [self._view(m, peer).to_dict() for m in (*self.stages.values(), *self.loading.values())]}
 
-    async def close(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise RequestRefused("bad_request", "pipe.close needs {model, session}")
-        loaded = self.stages.get(body.get("model"))  # type: ignore[arg-type]
-        freed = bool(loaded and loaded.runner and loaded.runner.free(str(body.get("session"))))
+    async def lease(self, peer: str, body: Any) -> dict[str, Any]:
+        try:
+            ref = parse_model_ref(body, lease=True)
+        except PipelineMessageError as exc:
+            raise RequestRefused("bad_request", str(exc)) from None
+        loaded = self.loading.get(ref.model_id) or self.stages.get(ref.model_id)
+        if loaded is None:
+            return StageView(ref.model_id, self.retired.get(ref.model_id, 0), 0, 0, "none").to_dict()
+        if not loaded.draining and loaded.state != "failed":
+            loaded.lease(peer, ref.ttl or 30.0, self._clock(), ref.until)
+        return self._view(loaded, peer).to_dict()
+
+    async def release(self, peer: str, body: Any) -> dict[str, Any]:
+        try:
+            ref = parse_model_ref(body)
+        except PipelineMessageError as exc:
+            raise RequestRefused("bad_request", str(exc)) from None
+        released = False
+        for loaded in (self.stages.get(ref.model_id), self.loading.get(ref.model_id)):
+            if loaded is not None:
+                released = loaded.leases.pop(peer, None) is not None or released
+                loaded.until.pop(peer, None)
+        await self._unload_if_unused(ref.model_id)
+        return {"released": released}
+
+    async def unload(self, peer: str, body: Any) -> dict[str, Any]:
+        try:
+            ref = parse_model_ref(body)
+        except PipelineMessageError as exc:
+            raise RequestRefused("bad_request", str(exc)) from None
+        loaded = self.stages.get(ref.model_id)
+        if loaded is None:
+            return {"unloaded": False}
+        if peer != self.node_id and peer not in loaded.leases:
+            raise RequestRefused("not_a_driver", "only a node that drives this model here may stop it")
+        loaded.leases.clear()
+        loaded.draining = True
+        self.on_change()
+        log.info("stage_stopping", model=ref.model_id[:12], asked_by=peer[:12],
+                 sessions=len(loaded.runner.sessions) if loaded.runner else 0)
+        return {"unloaded": await self._unload_if_unused(ref.model_id)}
+
+    async def _unload_if_unused(self, model_id: str) -> bool:
+        loaded = self.stages.get(model_id)
+        if loaded is None or loaded.runner is None:
+            return False
+        if loaded.runner.sessions or (loaded.live_leases(self._clock()) and not loaded.draining):
+            return False
+        del self.stages[model_id]
+        self._retire(model_id, loaded.epoch)
+        await loaded.runner.close()
+        self.on_change()
+        log.info("stage_unloaded", model=model_id[:12], name=loaded.request.record.name, epoch=loaded.epoch)
+        return True
+
+    async def close(self, _peer: str, body: Any) -> dict[str, Any]:
+        try:
+            ref = parse_model_ref(body, session=True)
+        except PipelineMessageError as exc:
+            raise RequestRefused("bad_request", str(exc)) from None
+        loaded = self.stages.get(ref.model_id)
+        freed = bool(loaded and loaded.runner and ref.session and loaded.runner.free(ref.session))
+        if freed and loaded is not None and loaded.draining:
+            await self._unload_if_unused(ref.model_id)
         return {"freed": freed}
 
     # ------------------------------------------------------------------ steps
 
-    async def step(self, body: Any) -> dict[str, Any]:
+    async def step(self, _peer: str, body: Any) -> dict[str, Any]:
         model_id = body.get("model") if isinstance(body, dict) else None
         loaded = self.stages.get(model_id) if isinstance(model_id, str) else None
         if loaded is None or loaded.runner is None:
@@ -290,38 +399,58 @@ class StageWorker:
             raise RequestRefused("bad_step", str(exc)) from None
         if step.epoch != loaded.epoch:
             raise RequestRefused("stale_epoch", f"this node serves epoch {loaded.epoch} of the model")
+        if loaded.draining and step.session not in runner.sessions:
+            raise RequestRefused("not_loaded", "the model is being unloaded on this node")
         try:
             result = await runner.submit(step)
         except StageError as exc:
             raise RequestRefused(exc.code, str(exc)) from None
         if runner.is_last:
             return {"token": result.token, "logprob": result.logprob}
-        nxt = loaded.plan.stages[loaded.index + 1].node_id
+        plan = loaded.request.record.plan
+        nxt = plan.stages[loaded.request.index + 1].node_id
         forward = {**body, "inputs": result.hidden, "timeout": max(0.5, step.timeout - 1.0)}
         try:
             reply = await self.peers.request(nxt, "pipe.step", forward, timeout=step.timeout)
         except RemoteError as exc:
             raise RequestRefused(exc.code, exc.message) from None
+        except RequestRefused:
+            raise
         except (TransportError, PeerUnknown, OSError, TimeoutError) as exc:
+            log.warning("next_stage_failed", model=model_id[:12] if model_id else "", node=nxt[:12],
+                        error=f"{type(exc).__name__}: {exc}")
             raise RequestRefused("stage_failed", nxt) from exc
-        if not isinstance(reply, dict):
-            raise RequestRefused("stage_failed", nxt)
-        return reply
+        try:
+            return parse_step_reply(reply, vocab_size=cfg.vocab_size).to_dict()
+        except PipelineMessageError as exc:
+            log.warning("next_stage_bad_answer", model=model_id[:12] if model_id else "", node=nxt[:12], error=str(exc))
+            raise RequestRefused("stage_failed", nxt) from None
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(2.0)
-            now = time.monotonic()
+            await asyncio.sleep(1.0)
             for model_id, loaded in list(self.stages.items()):
                 runner = loaded.runner
                 if runner is None:
                     continue
                 for session in runner.sweep():
                     log.info("session_expired", model=model_id[:12], session=session[:12])
-                if not runner.sessions and now - runner.used_at > loaded.keep_alive:
-                    log.info("stage_unloaded_idle", model=model_id[:12], idle_s=round(now - runner.used_at))
+                if not runner.sessions and (loaded.draining or not loaded.live_leases(self._clock())):
                     with contextlib.suppress(Exception):
-                        await self.unload({"model": model_id})
+                        await self._unload_if_unused(model_id)
+
+
+def _remote(fn: Handler) -> Any:
+    async def handler(conn: Any, body: Any) -> Any:
+        return await fn(str(conn.node_id), body)
+    return handler
+
+
+def _same_shape(a: LoadRequest, b: LoadRequest) -> bool:
+    ra, rb = a.record, b.record
+    return (a.stage.start, a.stage.end, a.first, a.last) == (b.stage.start, b.stage.end, b.first, b.last) and (
+        ra.max_context, ra.slots, ra.dtype, ra.prefill_chunk, ra.weights) == (
+        rb.max_context, rb.slots, rb.dtype, rb.prefill_chunk, rb.weights)
 
 
 def _warm(runner: StageRunner) -> None:
@@ -331,4 +460,7 @@ def _warm(runner: StageRunner) -> None:
     part, cfg = runner.partition, runner.partition.config
     x: Any = np.zeros(1, np.int64) if runner.is_first else np.zeros((1, cfg.hidden_size), np.float32)
     runner.cache, _ = part.prefill(runner.cache, x, start_pos=0, slot=0)
-    runner.cache, _ = part.decode(runner.cache, x, [0], [1])
+    if runner.is_last:  # the tail decodes and samples in one call
+        runner.cache, _ = part.tail_step(runner.cache, x, [0], [1], [None])
+    else:
+        runner.cache, _ = part.decode(runner.cache, x, [0], [1])

@@ -5,8 +5,10 @@ the holders' bitfields in the DHT, and keeps up to ``per_peer`` requests in flig
 to each holder, choosing pieces with the pure ``picker.pick``. Each piece is
 verified against its hash as it is stored (the store refuses bytes that do not
 match): a peer that sends a wrong piece is banned for this download, and the piece
-is asked of someone else. A peer that fails (gone, timed out) rests for a while
-and is dropped after a few failures. Pieces already in the store are never
+is asked of someone else. A peer that fails (gone, timed out: a busy machine is
+slow, not lost) rests for a while, longer after each failure in a row, and is asked
+again; the fetch gives up only when nothing has arrived for ``idle_timeout``
+seconds, saying what it was waiting for. Pieces already in the store are never
 fetched again, so a fetch that was killed resumes where it stopped. Each stored
 piece is reported (``on_piece``) so the node can serve it and say so at once.
 """
@@ -64,9 +66,9 @@ class PieceFetcher:
         counters: Counters,
         on_piece: Callable[[int], None] | None = None,
         per_peer: int = 4,
-        rest: float = 2.0,
-        max_failures: int = 3,
-        idle_timeout: float = 30.0,
+        rest: float = 1.0,
+        max_rest: float = 15.0,
+        idle_timeout: float = 120.0,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -77,7 +79,7 @@ class PieceFetcher:
         self.on_piece = on_piece
         self.per_peer = per_peer
         self.rest = rest
-        self.max_failures = max_failures
+        self.max_rest = max_rest
         self.idle_timeout = idle_timeout
         self.rng = rng or random.Random()
         self.banned: set[str] = set()
@@ -156,6 +158,7 @@ class PieceFetcher:
         if piece not in missing:
             return False  # another holder's copy came first
         missing.discard(piece)
+        self._failures.pop(peer, None)
         self.counters.inc("pieces_fetched")
         self.counters.inc("bytes_fetched", self.manifest.pieces[piece].length)
         if self.on_piece is not None:
@@ -165,16 +168,14 @@ class PieceFetcher:
     def _failed(self, peer: str, exc: BaseException) -> None:
         self.counters.inc("fetch_failures")
         count = self._failures[peer] = self._failures.get(peer, 0) + 1
-        if count >= self.max_failures:
-            self.banned.add(peer)
-        else:
-            self._resting[peer] = time.monotonic() + self.rest * count
+        self._resting[peer] = time.monotonic() + min(self.max_rest, self.rest * 2 ** (count - 1))
         log.info("piece request failed", peer=peer[:12], failures=count, error=f"{type(exc).__name__}: {exc}")
 
     def _stuck(self, missing: set[int], holders: dict[str, set[int]]) -> str:
         reachable = [p for p in holders if p not in self.banned]
         return (
-            f"{len(missing)} pieces of model {self.manifest.model_id[:12]} are held by no reachable peer "
-            f"({len(holders)} holders known, {len(self.banned)} banned or gone, {len(reachable)} left); "
-            "start a node that holds the model, or import it again"
+            f"{len(missing)} pieces of model {self.manifest.model_id[:12]} could not be fetched for "
+            f"{self.idle_timeout:.0f} s ({len(holders)} holders known, {len(self.banned)} banned for wrong "
+            f"pieces, {len(reachable)} asked again and again); start a node that holds the model, "
+            "or import it again"
         )

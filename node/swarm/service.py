@@ -48,6 +48,8 @@ __all__ = ["BadModelName", "ModelService", "ModelUnknown", "PullError"]
 
 log = structlog.get_logger("enjambre.models")
 
+MANIFEST_DEADLINE = 60.0  # seconds a pull keeps asking for a model's manifest
+
 Event = dict[str, Any]
 Members = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
 
@@ -221,7 +223,7 @@ class ModelService:
                 "on a node that has its files (or use hf:org/repo)"
             )
         progress({"status": "pulling manifest"})
-        manifest = await self.manifest(model_id)
+        manifest = await self.manifest(model_id, progress=progress)
         try:
             local_name = normalize_name(name) if name else None if _looks_like_id(source) else normalize_name(source)
         except ValueError as exc:
@@ -255,25 +257,45 @@ class ModelService:
 
     # ------------------------------------------------------------------ manifests and pieces
 
-    async def manifest(self, model_id: str) -> Manifest:
-        """The manifest for ``model_id``: from the store, else from a holder, checked against the id."""
+    async def manifest(self, model_id: str, *, progress: Callable[[Event], None] = lambda _: None,
+                       deadline: float = MANIFEST_DEADLINE) -> Manifest:
+        """The manifest for ``model_id``: from the store, else from a holder, checked against
+        the id. Holders are asked in turn, again and again with a growing pause, until
+        ``deadline`` seconds have passed: right after an import the holder records may not
+        have spread yet, and on a busy machine one request may time out."""
         with contextlib.suppress(StoreError):
             return self.store.manifest(model_id)
-        records = await self.dht.get(model_key(model_id))
-        for holder in records:
-            try:
-                data = await self._ask(holder, "swarm.manifest", {"id": model_id})
-                manifest = parse_manifest(data, expected_id=model_id)
-                # Kept (without a name): this node can now serve the manifest and the
-                # pieces it fetches, and its bitfield is published with the others.
-                self.store.add(manifest)
-                return manifest
-            except ManifestError as exc:
-                self.counters.inc("bad_manifests")
-                log.warning("a holder sent a manifest that is not the model asked for", peer=holder[:12], error=str(exc))
-            except Exception as exc:  # gone, refused, timed out: try the next holder
-                log.info("manifest request failed", peer=holder[:12], error=f"{type(exc).__name__}: {exc}")
-        raise PullError(f"no reachable node holds model {model_id[:12]} (asked {len(records)})")
+        give_up = time.monotonic() + deadline
+        pause, asked, said = 0.25, 0, ""
+        while True:
+            records = await self.dht.get(model_key(model_id))
+            holders = [h for h in records if h != self.dht.node_id]
+            for holder in holders:
+                asked += 1
+                try:
+                    data = await self._ask(holder, "swarm.manifest", {"id": model_id})
+                    manifest = parse_manifest(data, expected_id=model_id)
+                    # Kept (without a name): this node can now serve the manifest and the
+                    # pieces it fetches, and its bitfield is published with the others.
+                    self.store.add(manifest)
+                    return manifest
+                except ManifestError as exc:
+                    self.counters.inc("bad_manifests")
+                    log.warning("a holder sent a manifest that is not the model asked for", peer=holder[:12],
+                                error=str(exc))
+                except Exception as exc:  # gone, refused, timed out: try the next holder
+                    log.info("manifest request failed", peer=holder[:12], error=f"{type(exc).__name__}: {exc}")
+            if time.monotonic() + pause > give_up:
+                raise PullError(f"no reachable node holds model {model_id[:12]} (asked {asked} times, "
+                                f"{len(holders)} holders known, for {deadline:.0f} s); is a node that holds it "
+                                "running?")
+            why = (f"waiting for a node that holds model {model_id[:12]}" if not holders else
+                   f"asking the {len(holders)} holders of model {model_id[:12]} again")
+            if why != said:
+                said = why
+                progress({"status": why})
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 4.0)
 
     async def ensure(
         self, manifest: Manifest, wanted: set[int], *, progress: Callable[[Event], None] = lambda _: None

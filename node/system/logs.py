@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["LEVELS", "LIBRARY_LOGGERS", "REDACTED", "configure_logging", "is_secret_key", "redact_secrets"]
+__all__ = ["LEVELS", "LIBRARY_LEVELS", "LIBRARY_LOGGERS", "REDACTED", "configure_logging", "is_secret_key", "redact_secrets"]
 
 LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
@@ -34,10 +34,15 @@ LEVELS: dict[str, int] = {
 FORMATS = ("auto", "json", "console")
 REDACTED = "[redacted]"
 
-# Loggers of libraries the daemon uses. Below debug they show warnings and errors only:
+# Loggers of libraries the daemon uses, and the least level they show below debug:
 # kademlia logs every datagram's answer and every crawl at info (161,000 lines, 33 MB
-# per node in 37 minutes), which would bury our own lines. At debug they show everything.
-LIBRARY_LOGGERS = ("kademlia", "rpcudp", "aiohttp", "asyncio")
+# per node in 37 minutes), and a warning per datagram to a peer that died ("no response
+# from ..., removing from router", twenty for one death): our own DHT and pipeline log a
+# departure once. jax announces each accelerator it does not find at info. At debug they
+# show everything.
+LIBRARY_LEVELS = {"kademlia": logging.ERROR, "rpcudp": logging.ERROR, "jax": logging.WARNING,
+                  "aiohttp": logging.WARNING, "asyncio": logging.WARNING}
+LIBRARY_LOGGERS = tuple(LIBRARY_LEVELS)
 
 # Word-ish matches on the key name: "cluster_secret", "api_token", "Authorization",
 # "private_key", "node_key", "psk" - but not "key_file", "public_key" or "ksize".
@@ -165,8 +170,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             old.close()
     root.addHandler(handler)
     root.setLevel(numeric)
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(numeric if numeric == logging.DEBUG else max(numeric, logging.WARNING))
+    for name, least in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(numeric if numeric == logging.DEBUG else max(numeric, least))
     logging.captureWarnings(True)
 
     structlog.configure(

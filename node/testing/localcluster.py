@@ -58,7 +58,10 @@ class LocalCluster:
     """Start, stop and query N daemons on 127.0.0.1 (always `close()` it)."""
 
     def __init__(self, root: Path, *, python: str = sys.executable, env: dict[str, str] | None = None,
-                 refresh_interval: float = 1.0, record_ttl: float = 6.0, name_prefix: str = "node") -> None:
+                 refresh_interval: float = 1.0, record_ttl: float = 6.0, name_prefix: str = "node",
+                 compile_cache: Path | None = None) -> None:
+        """``compile_cache``: XLA's persistent cache shared by the nodes (they run on one
+        machine, as daemons of one machine may share it); default: one under ``root``."""
         self.root = Path(root)
         self.python = python
         self.env = {**os.environ, **(env or {})}
@@ -67,6 +70,7 @@ class LocalCluster:
         self.name_prefix = name_prefix
         self.nodes: list[LocalNode] = []
         self.secret_file = self.root / "cluster.secret.txt"
+        self.compile_cache = Path(compile_cache) if compile_cache is not None else self.root / "xla-cache"
 
     # ------------------------------------------------------------------ setup
 
@@ -105,7 +109,8 @@ class LocalCluster:
             self.secret_file.chmod(0o600)
         # init wrote a [dht] section (all commented out), so set the keys in it, not after it.
         values: dict[str, dict[str, Any]] = {
-            "dht": {"republish_interval": self.refresh_interval, "record_ttl": self.record_ttl}
+            "dht": {"republish_interval": self.refresh_interval, "record_ttl": self.record_ttl},
+            "engine": {"compile_cache": str(self.compile_cache)},
         }
         for section, table in (config or {}).items():
             values.setdefault(section, {}).update(table)

@@ -232,7 +232,8 @@ def test_a_member_sending_bad_steps_or_lying_plans_is_refused(split: LocalCluste
             bodies = [
                 ("pipe.step", {"model": model_id, "session": "x"}),
                 ("pipe.step", {"model": "ab" * 32, "session": "00ff00ff00ff", "kind": "decode"}),
-                ("pipe.load", {"model": model_id, "epoch": 2**61, "plan": lying, "index": 0}),
+                ("pipe.load", {"model": model_id, "epoch": 2**61, "plan": lying, "index": 0, "max_context": CONTEXT,
+                               "slots": SLOTS, "prefill_chunk": CHUNK, "dtype": "float32"}),
                 ("pipe.load", {"model": model_id, "epoch": 1, "plan": {"stages": []}, "index": 0}),
             ]
             for method, body in bodies:

@@ -1,7 +1,9 @@
-"""The model service's checks on what peers send: a manifest must hash to the id asked for."""
+"""The model service's checks on what peers send (a manifest must hash to the id asked for),
+and its patience: a manifest is asked for again until a holder answers or a deadline passes."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -51,4 +53,31 @@ async def test_a_manifest_that_is_not_the_model_asked_for_is_rejected(tmp_path: 
                            _Transport(), lambda: None, counters, piece_size=16384, ttl=60)  # type: ignore[arg-type]
     service._ask = ask  # type: ignore[method-assign]
     with pytest.raises(PullError, match="no reachable node holds"):
-        await service.manifest(real.model_id)
+        await service.manifest(real.model_id, deadline=0.5)
+
+
+async def test_a_manifest_is_asked_for_until_a_holder_appears_and_answers(tmp_path: Path) -> None:
+    """Right after an import on another node no holder record has spread yet, and on a busy
+    machine the first answer may time out: neither ends the pull."""
+    model = make_tiny_model(tmp_path / "m", layers=1)
+    real = import_directory(ModelStore(tmp_path / "seed", reserve=0), model, name="m", piece_size=16384)
+    dht = _Dht([])
+    service = ModelService(ModelStore(tmp_path / "me", reserve=0), dht, _Transport(),  # type: ignore[arg-type]
+                           lambda: None, Counters(), piece_size=16384, ttl=60)  # type: ignore[arg-type]
+    calls = {"n": 0}
+
+    async def ask(peer: str, method: str, body: dict[str, object]) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TimeoutError("no answer within 60 s")
+        return real.encoded
+
+    service._ask = ask  # type: ignore[method-assign]
+    events: list[dict[str, Any]] = []
+    task = asyncio.ensure_future(service.manifest(real.model_id, progress=events.append, deadline=30))
+    await asyncio.sleep(0.6)
+    assert not task.done()
+    dht.holders = ["a" * 64]  # the importer's record arrives
+    got = await asyncio.wait_for(task, 20)
+    assert got.model_id == real.model_id and calls["n"] == 2
+    assert any("waiting for a node that holds" in e["status"] for e in events)

@@ -1,0 +1,564 @@
+"""The models this node drives: find the cluster's plan of a model or make one, load it, keep it.
+
+Any node is a door: the one a request reaches drives it. For a model it does not hold yet
+it reads the published plans (plans.py): it adopts the newest one whose stages all answer
+"ready" (leasing each), waits while they are still loading, and plans only when none is
+published or a stage of it is really gone. A plan is published *before* its stages load,
+so a second entry node waits for it instead of planning its own; two drivers that plan at
+once are ordered by epoch, and the loser adopts the winner's plan.
+
+Leases keep stages loaded: every ``LEASE_TTL / 3`` seconds the driver renews its lease on
+each stage of each model it holds, and lets go (``pipe.release``) when the model's
+keep_alive runs out; a stage unloads when no driver holds it and no session is live on it.
+A renewal that finds the plan changed or gone marks the model stale, and the next request
+finds the plan again.
+
+Recovery (``recover``): after a step failed, the stages of the plan are probed. If all
+answer ready the failure was passing (a busy machine, a timeout) and the session is just
+retried; if some are gone, they are marked failed (marks expire: failures.py) and the
+plan is repaired around them: the survivors are pinned to their ranges (they keep their
+weights and compiled steps) and only the missing ranges go to other nodes. When the marks
+leave no plan, planning is tried again with the marked nodes, and without the pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from node.cluster.peers import Peers, PeerUnknown
+from node.net.errors import RemoteError, RequestRefused, TransportError
+from node.pipeline.cost import cost_from_lines, model_cost
+from node.pipeline.failures import FailureMarks
+from node.pipeline.planner import ModelCost, NodeOffer, Pin, PlanError, make_plan
+from node.pipeline.plans import new_epoch, publish_plan, read_plans, withdraw_plan
+from node.pipeline.worker import config_of
+from node.store.pieces import StoreError
+from node.swarm.layers import pieces_for_layers
+from node.swarm.service import ModelService, PullError
+from protocol.plan import LoadRequest, Plan, PlanFormError, PlanRecord, StageView, parse_stage_view
+
+if TYPE_CHECKING:
+    from node.config_schema import EngineSection
+    from node.engine.tokenizer import Tokenizer
+
+__all__ = ["LEASE_TTL", "DriverError", "GenerationError", "LoadedModels", "Model", "ModelNotFound", "QueueFull"]
+
+log = structlog.get_logger("node.pipeline")
+
+LEASE_TTL = 30.0
+PROBE_TIMEOUT = 5.0
+LOAD_TIMEOUT = 1800.0
+RECOVERY_TIMEOUT = 300.0
+PENDING_GRACE = 10.0  # a stage that has not heard of a published plan yet is waited for this long
+MAX_PLACEMENTS = 4  # plans tried in a row when planned nodes turn out unreachable
+FOREVER = 1e10  # keep_alive -1: a date centuries ahead
+
+Progress = Callable[[dict[str, Any]], None]
+Members = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
+
+
+class DriverError(Exception):
+    """A request the driver cannot serve; the text is for the user."""
+
+
+class ModelNotFound(DriverError):
+    pass
+
+
+class QueueFull(DriverError):
+    pass
+
+
+class GenerationError(DriverError):
+    pass
+
+
+class _Overtaken(Exception):
+    """A stage serves a newer plan than the one being loaded: find the plan again."""
+
+
+class _Unreachable(Exception):
+    pass
+
+
+@dataclass
+class Model:
+    model_id: str
+    name: str
+    config: Any
+    tokenizer: Tokenizer
+    max_context: int
+    slots: int
+    dtype: str
+    prefill_chunk: int
+    weights: str = "native"
+    plan: Plan = field(default_factory=lambda: Plan(()))
+    epoch: int = 0
+    record: PlanRecord | None = None
+    load_s: float = 0.0
+    failed: FailureMarks = field(default_factory=FailureMarks)
+    used_at: float = field(default_factory=time.monotonic)
+    keep_alive: float | None = None  # seconds idle before letting go (inf: never); None: engine.keep_alive
+    sessions: set[str] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gate: asyncio.Semaphore = field(init=False)  # one permit per session slot
+    waiting: int = 0
+    cost: ModelCost | None = None
+    status: str = ""  # what is happening to it right now (loading, recovering), for ps and the CLI
+    stale: bool = False  # a lease renewal found the plan changed: find it again before the next request
+    published_at: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.gate = asyncio.Semaphore(self.slots)
+
+    def adopt_shape(self, record: PlanRecord) -> None:
+        """Take the shape every stage of ``record`` was loaded with (before any session)."""
+        if record.slots != self.slots and not self.sessions:
+            self.slots = record.slots
+            self.gate = asyncio.Semaphore(record.slots)
+        self.max_context, self.dtype, self.prefill_chunk = record.max_context, record.dtype, record.prefill_chunk
+
+    def use(self, record: PlanRecord) -> None:
+        self.record, self.plan, self.epoch, self.stale = record, record.plan, record.epoch, False
+
+
+class LoadedModels:
+    def __init__(self, node_id: str, service: ModelService, peers: Peers, *, members: Members,
+                 engine: EngineSection, data_dir: Path, record_ttl: float) -> None:
+        self.node_id = node_id
+        self.service = service
+        self.peers = peers
+        self.members = members
+        # Memory figures compile (XLA's memory analysis): on their own thread, never in the
+        # way of this node's stages on the engine thread.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan")
+        self.engine = engine
+        self.data_dir = Path(data_dir)
+        self.record_ttl = record_ttl
+        self.table: dict[str, Model] = {}
+        self._opening: dict[str, asyncio.Task[Model]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ finding a model
+
+    async def resolve(self, name: str) -> str:
+        model_id = self.service.store.resolve(name)
+        if model_id is None:
+            with contextlib.suppress(Exception):
+                model_id = await self.service.resolve_in_cluster(name)
+        if model_id is None:
+            raise ModelNotFound(f"model {name!r} not found; pull it first (nodectl pull)")
+        return model_id
+
+    def keep_alive_of(self, m: Model) -> float:
+        return self.engine.keep_alive if m.keep_alive is None else m.keep_alive
+
+    async def get(self, name: str, *, progress: Progress | None = None, weights: str | None = None,
+                  keep_alive: float | None = None, pins: tuple[Pin, ...] = ()) -> Model:
+        """The model, ready to serve: held here already, adopted from the cluster's plan, or
+        planned and loaded. ``weights`` ("native" | "int8", default engine.weights): a model
+        held otherwise is stopped and loaded again that way. ``keep_alive`` (seconds, inf:
+        forever) replaces the model's idle time, as Ollama's per-request keep_alive does."""
+        model_id = await self.resolve(name)
+        report = progress or (lambda _e: None)
+        m = self.table.get(model_id)
+        if m is not None and ((weights is not None and m.weights != weights) or pins) and not m.sessions:
+            await self.stop(model_id)
+            m = None
+        if m is not None:
+            if keep_alive is not None and keep_alive != m.keep_alive:
+                m.keep_alive = keep_alive
+                m.used_at = time.monotonic()
+                if m.record is not None:  # the stages publish the latest keep_alive: tell them now
+                    self._spawn(self._probe(m.record, m))
+            if m.stale:
+                async with m.lock:
+                    if m.stale:
+                        await self._establish(m, report, deadline=time.monotonic() + LOAD_TIMEOUT)
+            m.used_at = time.monotonic()
+            return m
+        task = self._opening.get(model_id)
+        if task is None:
+            task = asyncio.ensure_future(self._open(model_id, name, report, weights or self.engine.weights,
+                                                    keep_alive, pins))
+            self._opening[model_id] = task
+            task.add_done_callback(lambda _t: self._opening.pop(model_id, None))
+        return await asyncio.shield(task)
+
+    async def _open(self, model_id: str, name: str, progress: Progress, weights: str,
+                    keep_alive: float | None, pins: tuple[Pin, ...]) -> Model:
+        t0 = time.monotonic()
+        try:
+            manifest = await self.service.manifest(model_id, progress=progress)
+            small = pieces_for_layers(manifest, 0, 0, has_embedding=False, has_head=False)
+            await self.service.ensure(manifest, small)
+        except (PullError, StoreError) as exc:
+            log.warning("model_unreadable", model=model_id[:12], name=name, error=str(exc))
+            raise DriverError(f"cannot read model {name!r}: {exc}") from None
+        config = config_of(self.service.store, manifest)
+        tok_dir = self.data_dir / "tokenizers" / model_id
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for f in manifest.files:
+            if f.data_start is None and f.size <= 64 * 2**20:
+                (tok_dir / Path(f.path).name).write_bytes(self.service.store.read_range(manifest, f.path, 0, f.size))
+        from node.engine.tokenizer import Tokenizer
+
+        tokenizer = await asyncio.to_thread(Tokenizer.from_model_dir, tok_dir)
+        eng = self.engine
+        context = min(eng.max_context, config.max_position_embeddings or eng.max_context)
+        dtype = "float32" if eng.compute_dtype in ("auto", "float32") else eng.compute_dtype
+        m = Model(model_id, name, config, tokenizer, context, eng.max_sessions, dtype, eng.prefill_chunk,
+                  weights=weights, keep_alive=keep_alive)
+        await self._establish(m, progress, deadline=time.monotonic() + LOAD_TIMEOUT, pins=pins)
+        m.load_s = time.monotonic() - t0
+        m.used_at = time.monotonic()
+        self.table[model_id] = m
+        return m
+
+    async def _cost(self, m: Model) -> ModelCost:
+        """What layer ranges of ``m`` cost in memory: from the adopted plan's record when it
+        carries the line (no compiling), else computed (seconds: XLA's memory analysis)."""
+        if m.cost is None and m.record is not None and m.record.cost:
+            with contextlib.suppress(ValueError):
+                m.cost = cost_from_lines(m.config.num_layers, m.record.cost)
+        if m.cost is None:
+            m.cost = await model_cost(self.executor, m.config, m.dtype, m.max_context, m.slots, m.prefill_chunk,
+                                      weights=m.weights)
+        return m.cost
+
+    # ------------------------------------------------------------------ one plan for all
+
+    async def _establish(self, m: Model, progress: Progress, *, deadline: float, pins: tuple[Pin, ...] = (),
+                         current: PlanRecord | None = None) -> None:
+        """Make ``m`` use a plan whose every stage is ready: the newest published one (or
+        ``current``), waiting while it loads, repaired around the stages that are gone, or a
+        new one when there is none."""
+        placements = 0
+        first_seen_none: dict[str, float] = {}
+        said = ""
+        while True:
+            if time.monotonic() > deadline:
+                raise DriverError(f"model {m.name!r} did not become ready in time ({m.status or 'waiting'})")
+            record = None if pins else await self._newest(m, current)
+            if record is None:
+                survivors: tuple[Pin, ...] = pins
+            else:
+                views = await self._probe(record, m)
+                verdict, survivors = self._verdict(m, record, views, first_seen_none)
+                if verdict == "ready":
+                    m.adopt_shape(record)
+                    m.use(record)
+                    await self._publish(m)
+                    if record.epoch != (current.epoch if current else None):
+                        log.info("plan_adopted", model=m.model_id[:12], name=m.name, epoch=record.epoch,
+                                 stages=len(record.plan.stages))
+                        progress({"status": "adopted", "epoch": record.epoch, "stages": await self._stage_list(
+                            record.plan)})
+                    return
+                if verdict == "wait":
+                    if m.status != said:
+                        said = m.status
+                        progress({"status": "waiting", "detail": m.status, "epoch": record.epoch})
+                    await asyncio.sleep(0.5)
+                    continue
+                m.adopt_shape(record)
+            placements += 1
+            try:
+                await self._place(m, progress, survivors, floor=record.epoch if record else 0)
+                return
+            except _Overtaken:
+                pins = ()
+                continue
+            except _Unreachable as exc:
+                if placements >= MAX_PLACEMENTS:
+                    raise DriverError(f"model {m.name!r} could not be loaded: {exc}") from None
+                pins = ()
+                await asyncio.sleep(0.5 * placements)
+
+    async def _newest(self, m: Model, current: PlanRecord | None) -> PlanRecord | None:
+        try:
+            records = [r for r in await read_plans(self.service.dht, m.model_id)
+                       if r.weights == m.weights and r.plan.num_layers == m.config.num_layers]
+        except Exception as exc:  # the DHT is best effort here: without it, our own plan stands
+            log.info("plan_lookup_failed", model=m.model_id[:12], error=f"{type(exc).__name__}: {exc}")
+            records = []
+        if current is not None and all(r.epoch < current.epoch for r in records):
+            return current
+        return records[0] if records else current
+
+    def until(self, m: Model) -> float:
+        """The unix time ``m``'s keep_alive here runs out (stages publish the latest of these)."""
+        left = m.used_at + min(FOREVER, self.keep_alive_of(m)) - time.monotonic()
+        return min(FOREVER, time.time() + max(0.0, left))
+
+    async def _probe(self, record: PlanRecord, m: Model | None = None) -> list[StageView | None]:
+        """Each stage's view of ``record``'s model (leasing it), None where it did not answer."""
+
+        async def one(node: str) -> StageView | None:
+            body: dict[str, Any] = {"model": record.model_id, "epoch": record.epoch, "ttl": LEASE_TTL}
+            if m is not None:
+                body["until"] = self.until(m)
+            try:
+                return parse_stage_view(await self.peers.request(node, "pipe.lease", body, timeout=PROBE_TIMEOUT))
+            except (RemoteError, RequestRefused, TransportError, PeerUnknown, OSError, TimeoutError,
+                    PlanFormError) as exc:
+                log.info("stage_probe_failed", model=record.model_id[:12], node=node[:12],
+                         error=f"{type(exc).__name__}: {exc}")
+                return None
+
+        return list(await asyncio.gather(*(one(s.node_id) for s in record.plan.stages)))
+
+    def _verdict(self, m: Model, record: PlanRecord, views: list[StageView | None],
+                 first_seen_none: dict[str, float]) -> tuple[str, tuple[Pin, ...]]:
+        """("ready" | "wait" | "repair", the stages to keep when repairing)."""
+        now = time.monotonic()
+        keep: list[Pin] = []
+        gone: list[str] = []
+        waiting: list[str] = []
+        for stage, view in zip(record.plan.stages, views, strict=True):
+            node = stage.node_id
+            if view is None:
+                gone.append(node)
+                continue
+            if view.epoch > record.epoch:
+                waiting.append(node)  # a newer plan is on its way: its record will show up
+                continue
+            if view.epoch == record.epoch and view.state in ("ready", "fetching", "loading", "compiling"):
+                m.failed.clear(node)
+                keep.append(Pin(node, stage.start, stage.end))
+                if view.state != "ready":
+                    waiting.append(node)
+                    m.status = f"waiting for layers {stage.start}-{stage.end} ({view.state})"
+                continue
+            if view.state == "none" and view.epoch < record.epoch:
+                if now - first_seen_none.setdefault(node, now) < PENDING_GRACE:
+                    waiting.append(node)  # the plan's driver is still asking it to load
+                    continue
+            gone.append(node)
+        if gone:
+            for node in gone:
+                m.failed.mark(node)
+            log.info("plan_needs_repair", model=m.model_id[:12], epoch=record.epoch,
+                     gone=[n[:12] for n in gone], keep=len(keep))
+            return "repair", tuple(keep)
+        return ("wait" if waiting else "ready"), ()
+
+    async def _place(self, m: Model, progress: Progress, pins: tuple[Pin, ...], *, floor: int = 0) -> None:
+        """Plan (keeping ``pins``), publish the plan, then load every stage of it."""
+        cost = await self._cost(m)
+        records = await self.members()
+        names = {nid: str(r.get("name", nid[:12])) for nid, r in records.items()}
+        offers = _offers(records, m.model_id)
+        failed = m.failed.active()
+        plan = None
+        tries = [(pins, failed), (pins, set()), ((), failed), ((), set())]
+        errors: list[str] = []
+        for p, excluded in dict.fromkeys((tuple(p), frozenset(e)) for p, e in tries):
+            try:
+                live = {o.node_id for o in offers}
+                plan = make_plan(cost, offers, max_rtt_ms=self.engine.max_rtt_ms,
+                                 pins=[x for x in p if x.node_id in live and x.node_id not in excluded],
+                                 exclude=excluded)
+                break
+            except PlanError as exc:
+                errors.append(str(exc))
+        if plan is None:
+            log.warning("plan_failed", model=m.model_id[:12], name=m.name, error=errors[-1])
+            raise DriverError(errors[-1])
+        epoch = new_epoch(max(floor, m.epoch, m.record.epoch if m.record else 0), self.node_id)
+        record = PlanRecord(m.model_id, m.name, epoch, plan, m.weights, m.dtype, m.max_context, m.slots,
+                            m.prefill_chunk, cost.lines)
+        stages = [{"node": names.get(s.node_id, s.node_id[:12]), "node_id": s.node_id, "layers": [s.start, s.end]}
+                  for s in plan.stages]
+        progress({"status": "planned", "epoch": epoch, "stages": stages})
+        log.info("planned", model=m.model_id[:12], name=m.name, epoch=epoch,
+                 stages=" ".join(f"{st['node']}[{st['layers'][0]},{st['layers'][1]})" for st in stages),
+                 kept=len(pins))
+        # Published before loading: other entry nodes wait for this plan instead of making theirs.
+        await self._publish(m, record)
+
+        async def load(i: int) -> dict[str, Any]:
+            stage = plan.stages[i]
+            node = names.get(stage.node_id, stage.node_id[:12])
+            m.status = f"loading layers {stage.start}-{stage.end} on {node}"
+            body = LoadRequest(record, i, self.engine.step_timeout, LEASE_TTL, self.until(m)).to_dict()
+            try:
+                reply = await self.peers.request(stage.node_id, "pipe.load", body, timeout=LOAD_TIMEOUT)
+            except (RemoteError, RequestRefused) as exc:
+                if exc.code == "stale_epoch":
+                    raise _Overtaken(exc.message) from None
+                raise DriverError(f"node {node} could not load layers {stage.start}-{stage.end}: "
+                                  f"{exc.message}") from None
+            except (TransportError, PeerUnknown, OSError, TimeoutError) as exc:
+                m.failed.mark(stage.node_id)
+                raise _Unreachable(f"node {node} is unreachable: {type(exc).__name__}: {exc}") from None
+            view = parse_stage_view(reply)
+            progress({"status": "ready", "node": node, "node_id": stage.node_id, "layers": [stage.start, stage.end],
+                      "load_s": view.load_s, "compile_s": view.compile_s})
+            return dict(reply)
+
+        results = await asyncio.gather(*(load(i) for i in range(len(plan.stages))), return_exceptions=True)
+        for kind in (_Overtaken, _Unreachable, DriverError, BaseException):
+            err = next((r for r in results if isinstance(r, kind)), None)
+            if err is not None:
+                if not isinstance(err, _Overtaken):
+                    log.warning("load_failed", model=m.model_id[:12], name=m.name, epoch=epoch, error=str(err))
+                raise err
+        m.use(record)
+        m.status = ""
+
+    async def _publish(self, m: Model, record: PlanRecord | None = None) -> None:
+        record = record or m.record
+        if record is None:
+            return
+        try:
+            await publish_plan(self.service.dht, record, ttl=self.record_ttl)
+            m.published_at = time.monotonic()
+        except Exception as exc:  # the plan still works; other drivers just won't find it yet
+            log.warning("plan_publish_failed", model=m.model_id[:12], error=f"{type(exc).__name__}: {exc}")
+
+    async def _stage_list(self, plan: Plan) -> list[dict[str, Any]]:
+        records = await self.members()
+        return [{"node": str(records.get(s.node_id, {}).get("name", s.node_id[:12])), "node_id": s.node_id,
+                 "layers": [s.start, s.end]} for s in plan.stages]
+
+    # ------------------------------------------------------------------ recovery
+
+    async def recover(self, m: Model, epoch: int, why: str) -> None:
+        """A step of plan ``epoch`` failed (``why``): use a plan that works, the same one when
+        nothing is gone."""
+        async with m.lock:
+            if m.epoch != epoch and not m.stale:
+                return  # another session already moved the model on
+            t0 = time.monotonic()
+            m.status = f"recovering: {why}"
+            log.info("recovering", model=m.model_id[:12], name=m.name, epoch=epoch, why=why)
+
+            def report(event: dict[str, Any]) -> None:
+                if event.get("status") == "planned":
+                    m.status = "re-planned: " + ", ".join(f"{s['node']} {s['layers'][0]}-{s['layers'][1]}"
+                                                          for s in event.get("stages", []))
+
+            try:
+                await self._establish(m, report, deadline=t0 + RECOVERY_TIMEOUT, current=m.record)
+            except DriverError as exc:
+                log.warning("recovery_failed", model=m.model_id[:12], name=m.name, why=why, error=str(exc))
+                raise GenerationError(f"a node failed ({why}) and the model cannot be re-planned: {exc}") from None
+            finally:
+                m.status = ""
+            log.info("recovered", model=m.model_id[:12], name=m.name, epoch=m.epoch, replanned=m.epoch != epoch,
+                     seconds=round(time.monotonic() - t0, 2))
+
+    # ------------------------------------------------------------------ leases and keep_alive
+
+    async def maintain(self) -> None:
+        """Renew this driver's leases, let go of models idle past their keep_alive, and
+        notice plans that changed or were stopped by another node."""
+        now = time.monotonic()
+        for m in list(self.table.values()):
+            if not m.sessions and now - m.used_at > self.keep_alive_of(m):
+                log.info("model_released_idle", model=m.model_id[:12], name=m.name)
+                await self.release(m)
+                continue
+            if m.record is None or m.lock.locked():
+                continue
+            views = await self._probe(m.record, m)
+            ok = [v is not None and v.epoch == m.epoch and v.state == "ready" for v in views]
+            if all(v is not None and v.state in ("none", "draining") and v.epoch >= m.epoch for v in views):
+                log.info("model_stopped_elsewhere", model=m.model_id[:12], name=m.name)
+                self.table.pop(m.model_id, None)
+                with contextlib.suppress(Exception):
+                    await withdraw_plan(self.service.dht, m.model_id)
+                continue
+            if not all(ok):
+                m.stale = not await self._readopt(m)
+            elif now - m.published_at > self.record_ttl / 2:
+                await self._publish(m)
+
+    async def _readopt(self, m: Model) -> bool:
+        """Adopt a newer published plan of ``m`` whose stages are all ready (another driver
+        repaired it); False when there is none: the next request finds the plan again."""
+        async with m.lock:
+            record = await self._newest(m, None)
+            if record is None or record.epoch <= m.epoch:
+                return False
+            views = await self._probe(record, m)
+            if self._verdict(m, record, views, {})[0] != "ready":
+                return False
+            m.use(record)
+            await self._publish(m)
+            log.info("plan_adopted", model=m.model_id[:12], name=m.name, epoch=record.epoch, stages=len(record.plan.stages))
+            return True
+
+    async def release(self, m: Model) -> None:
+        """Let go of the model here (its keep_alive ran out): other drivers keep their leases."""
+        if self.table.get(m.model_id) is m:
+            del self.table[m.model_id]
+        await asyncio.gather(*(self._quiet(s.node_id, "pipe.release", {"model": m.model_id}) for s in m.plan.stages))
+        with contextlib.suppress(Exception):
+            await withdraw_plan(self.service.dht, m.model_id)
+
+    async def stop(self, name: str) -> bool:
+        """Unload the model on every node of its plan (for every driver), once the requests in
+        flight end. A model this node does not drive is found through its published plan."""
+        model_id = await self.resolve(name)
+        m = self.table.pop(model_id, None)
+        record = m.record if m is not None else None
+        if record is None:
+            with contextlib.suppress(Exception):
+                found = await read_plans(self.service.dht, model_id)
+                record = found[0] if found else None
+            if record is None:
+                return False
+            views = await self._probe(record)  # leases first: only drivers may stop a stage
+            if not any(v is not None and v.state not in ("none", "failed") for v in views):
+                return False
+        await asyncio.gather(*(self._quiet(s.node_id, "pipe.unload", {"model": model_id})
+                               for s in record.plan.stages))
+        with contextlib.suppress(Exception):
+            await withdraw_plan(self.service.dht, model_id)
+        log.info("model_stopped", model=model_id[:12], name=record.name)
+        return True
+
+    async def _quiet(self, node: str, method: str, body: dict[str, Any]) -> None:
+        try:
+            await self.peers.request(node, method, body, timeout=10.0)
+        except Exception as exc:  # the stage unloads on its own once no lease is renewed
+            log.info("stage_request_failed", method=method, node=node[:12], error=f"{type(exc).__name__}: {exc}")
+
+    def close_session(self, m: Model, session: str) -> None:
+        for s in m.plan.stages:
+            self._spawn(self._quiet(s.node_id, "pipe.close", {"model": m.model_id, "session": session}))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _offers(records: Mapping[str, Mapping[str, Any]], model_id: str) -> list[NodeOffer]:
+    """The ready members, each offering what it lends less what its other models' layers
+    hold (a second model is planned around the first, not onto a full node)."""
+
+    def held(r: Mapping[str, Any]) -> int:
+        return sum(int(e.get("memory", 0)) for e in r.get("serving") or [] if e.get("model") != model_id)
+
+    return [NodeOffer(pid, str(r.get("name", pid[:12])), max(0, int(r.get("memory_allowed", 0)) - held(r)),
+                      float(r.get("tflops", 0.0)), dict(r.get("rtt_ms") or {}))
+            for pid, r in records.items() if r.get("state") == "ready"]
