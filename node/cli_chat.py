@@ -7,6 +7,10 @@ turn and the answer streams back; ``/set``, ``/show``, ``/clear``, ``/bye`` and 
 as in Ollama. Ctrl-C during an answer closes the HTTP stream, which ends the
 daemon's session at its next write, and returns to the prompt.
 
+Before an answer, a model that ``/api/ps`` does not list yet is loaded with its progress
+on stderr; while the answer is awaited or pauses, stderr shows what is happening to the
+model (node/cli_progress.py). Only the answer goes to stdout.
+
 The pure parts (``parse_parameter``, ``apply_set``, ``MultiLine``) are tested alone;
 ``Turn`` prints one streamed answer (and the thinking, when asked for).
 """
@@ -20,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from node.cli_progress import Loaded, Spinner, draws, ensure_loaded, ps_status
 from node.client import CliError, call, stream
 
 __all__ = ["ChatError", "ChatState", "MultiLine", "apply_set", "chat", "parse_parameter", "run_once"]
@@ -209,10 +214,11 @@ def render_stats(final: dict[str, Any], first_s: float | None) -> list[str]:
 
 
 class Turn:
-    """Prints one streamed answer: the thinking (when shown) as Ollama does, then the text."""
+    """Prints one streamed answer: the thinking (when shown) as Ollama does, then the text;
+    ``waiting`` (shown on stderr while no piece comes) is erased before each piece."""
 
-    def __init__(self, out: TextIO, *, show_thinking: bool) -> None:
-        self.out, self.show_thinking = out, show_thinking
+    def __init__(self, out: TextIO, *, show_thinking: bool, waiting: Spinner | None = None) -> None:
+        self.out, self.show_thinking, self.waiting = out, show_thinking, waiting
         self.dim = out.isatty()
         self.answer = ""
         self.thinking_open = False
@@ -220,8 +226,9 @@ class Turn:
         self._t0 = time.monotonic()
 
     def _write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
+        with self.waiting.writing(text) if self.waiting is not None else contextlib.nullcontext():
+            self.out.write(text)
+            self.out.flush()
 
     def push(self, message: dict[str, Any]) -> None:
         thinking, content = message.get("thinking"), message.get("content")
@@ -248,7 +255,7 @@ def stream_answer(args: argparse.Namespace, body: dict[str, Any], turn: Turn) ->
     stopped it (the stream is closed, so the daemon frees the session)."""
     events = stream(args, "POST", "/api/chat", body)
     try:
-        with contextlib.closing(events):
+        with contextlib.closing(events), turn.waiting or contextlib.nullcontext():
             for event in events:
                 if "error" in event:
                     raise CliError(str(event["error"]))
@@ -277,20 +284,42 @@ def state_from(args: argparse.Namespace) -> ChatState:
                      hide_thinking=args.hidethinking, format=args.format, keep_alive=args.keepalive)
 
 
+def waiting_for(args: argparse.Namespace, model: str, loaded: Loaded) -> Spinner:
+    """What stderr shows while an answer of ``model`` is awaited: a spinner with the model's
+    status on a terminal, else a line per new status."""
+    return Spinner(sys.stderr, ps_status(args, model, loaded.digest), draw=draws(sys.stderr),
+                   track=draws(sys.stdout))
+
+
+def with_load(final: dict[str, Any], load_s: float) -> dict[str, Any]:
+    """The final line with the time this command spent loading the model counted in, as
+    Ollama counts the load in a request that had to load."""
+    if not load_s:
+        return final
+    ns = int(load_s * 1e9)
+    durations = {}
+    for key in ("load_duration", "total_duration"):
+        value = final.get(key)
+        durations[key] = (value if isinstance(value, int) else 0) + ns
+    return {**final, **durations}
+
+
 def run_once(args: argparse.Namespace, prompt: str) -> int:
-    """``nodectl run MODEL PROMPT``: stream the answer to stdout and exit."""
+    """``nodectl run MODEL PROMPT``: load the model if needed, stream the answer to stdout
+    and exit."""
     if not prompt.strip():
         raise CliError("the prompt is empty: give one as an argument or on stdin")
     state = state_from(args)
     state.options.setdefault("num_predict", 256)
     state.messages.append({"role": "user", "content": prompt})
-    turn = Turn(sys.stdout, show_thinking=state.shows_thinking)
+    loaded = ensure_loaded(args, state.model, sys.stderr)
+    turn = Turn(sys.stdout, show_thinking=state.shows_thinking, waiting=waiting_for(args, state.model, loaded))
     final = stream_answer(args, state.body(), turn)
     sys.stdout.write("\n")
     if final is None:
         return 130  # stopped with Ctrl-C, as a shell reports SIGINT
     if args.verbose:
-        print("\n".join(render_stats(final, turn.first)), file=sys.stderr)
+        print("\n".join(render_stats(with_load(final, loaded.load_s), turn.first)), file=sys.stderr)
     return 0
 
 
@@ -370,7 +399,18 @@ class Chat:
 
     def turn(self, text: str) -> None:
         self.state.messages.append({"role": "user", "content": text})
-        turn = Turn(sys.stdout, show_thinking=self.state.shows_thinking)
+        try:  # loaded again with its progress shown when it was unloaded since the last answer
+            loaded = ensure_loaded(self.args, self.state.model, sys.stderr)
+        except CliError as exc:
+            self.state.messages.pop()
+            print(f"error: {exc}")
+            return
+        except KeyboardInterrupt:  # Ctrl-C during the load: back to the prompt
+            self.state.messages.pop()
+            print()
+            return
+        turn = Turn(sys.stdout, show_thinking=self.state.shows_thinking,
+                    waiting=waiting_for(self.args, self.state.model, loaded))
         try:
             final = stream_answer(self.args, self.state.body(), turn)
         except CliError as exc:
@@ -382,11 +422,13 @@ class Chat:
             return
         self.state.messages.append({"role": "assistant", "content": turn.answer})
         if self.state.verbose:
-            print("\n".join(render_stats(final, turn.first)) + "\n", file=sys.stderr)
+            print("\n".join(render_stats(with_load(final, loaded.load_s), turn.first)) + "\n", file=sys.stderr)
 
 
 def chat(args: argparse.Namespace) -> int:
-    """``nodectl run MODEL`` on a terminal."""
+    """``nodectl run MODEL`` on a terminal: the model is loaded (its progress shown) before
+    the first prompt, as ``ollama run`` does."""
     state = state_from(args)
     call(args, "POST", "/api/show", {"model": state.model})  # an unknown model: one line, exit 1
+    ensure_loaded(args, state.model, sys.stderr)
     return Chat(args, state).run()

@@ -1,10 +1,10 @@
 """``nodectl load``, ``run``, ``ps`` and ``stop``: serving models from a terminal.
 
 ``load`` plans a model over the cluster and loads every node's layers (progress per
-node); ``run MODEL PROMPT`` streams the answer to stdout (``--verbose``: tokens/s,
-time to first token and the nodes that served it, on stderr) and ``run MODEL`` on a
-terminal chats (node/cli_chat.py); ``ps`` lists loaded
-models with each node's layers; ``stop`` unloads one.
+node); ``run MODEL PROMPT`` loads the model when needed (its progress on stderr), streams
+the answer to stdout (``--verbose``: tokens/s, time to first token and the nodes that
+served it, on stderr) and ``run MODEL`` on a terminal chats (node/cli_chat.py); ``ps``
+lists loaded models with each node's layers; ``stop`` unloads one.
 """
 
 from __future__ import annotations
@@ -15,20 +15,19 @@ import sys
 from typing import Any
 
 from node.cli_chat import THINK_VALUES, chat, run_once
+from node.cli_progress import LoadProgress
+from node.cli_progress import clean as _clean
 from node.client import CliError, call, stream
 from node.system.units import format_size
 
 __all__ = ["add_run_commands"]
 
 
-def _clean(value: Any, limit: int = 48) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in str(value)[:limit])
-
-
 def cmd_load(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.model}
     if args.weights:
         body["weights"] = args.weights
+    others = LoadProgress(args.model)  # the lines of the events this command has no format of its own for
     for event in stream(args, "POST", "/api/load", body):
         if args.json:
             print(json.dumps(event), flush=True)
@@ -45,6 +44,8 @@ def cmd_load(args: argparse.Namespace) -> int:
                   f"(load {event.get('load_s') or 0:.1f} s, compile {event.get('compile_s') or 0:.1f} s)", flush=True)
         elif status == "success":
             print(f"{_clean(event['name'])} loaded on {len(event['plan'])} node(s)")
+        elif (line := others.feed(event)) is not None:  # waiting, adopted, a pull's progress
+            print(f"  {line}", flush=True)
     return 0
 
 

@@ -3,7 +3,9 @@
 The chat is driven through a pseudo-terminal, as a person would type it: /set lines,
 a greedy answer equal to the single-process engine's, a \"\"\" block, /show info,
 /clear, Ctrl-C at the prompt and during an answer, /bye. The copy made here gets its
-own name and is removed again by that name only (the model and its pieces stay).
+own name and is removed again by that name only (the model and its pieces stay). A
+second small model is pulled, run (loaded first, with its progress on stderr) and
+unloaded again, so the cluster holds only faces-model afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from node.engine.tokenizer import Tokenizer
+from node.testing.tinymodel import make_tiny_model
 from tests.helpers.faces import MODEL, Faces
 
 pytestmark = pytest.mark.slow
@@ -181,6 +185,41 @@ def test_run_with_a_prompt_or_stdin(faces: Faces) -> None:
     thinking = faces.nodectl("run", MODEL, "hola", "--think", *greedy).stdout
     assert thinking.startswith("Thinking...\n") and thinking.endswith("\n...done thinking.\n\n\n"), thinking
     assert "Thinking" not in faces.nodectl("run", MODEL, "hola", "--hidethinking", *greedy).stdout
+
+
+def _loaded_names(faces: Faces) -> list[str]:
+    return [m["name"] for m in json.loads(faces.request("GET", "/api/ps")[1])["models"]]
+
+
+def test_run_loads_a_model_first_showing_its_progress(faces: Faces, tmp_path: Path) -> None:
+    small = make_tiny_model(tmp_path / "run-model", layers=2, hidden=32, intermediate=64, vocab_size=288)
+    faces.nodectl("pull", str(small))
+    assert "run-model" not in _loaded_names(faces)
+    tok = Tokenizer.from_model_dir(small)
+    want = tok.decode(faces.reference(tok.encode_chat([{"role": "user", "content": "hola"}]), 6, penalty=1.1,
+                                      model_dir=small))
+    try:
+        out = faces.nodectl("run", "run-model", "hola", "--verbose", "--temperature", "0", "--num-predict", "6")
+        assert out.stdout == want + "\n"  # only the answer: the progress went to stderr
+        err = out.stderr
+        assert "\x1b" not in err and "\r" not in err  # not a terminal: plain lines, no control codes
+        plan = re.search(r"^plan: ((?:node\d \d-\d(?:, )?)+)$", err, re.M)
+        assert plan is not None, err
+        stages = re.findall(r"(node\d) (\d)-(\d)", plan.group(1))
+        assert stages[0][1] == "0" and stages[-1][2] == "2", err  # the layers, all of them
+        for node, a, b in stages:
+            assert re.search(rf"^layers {a}-{b} ready on {node} \(load [\d.]+ s, compile [\d.]+ s; \d of "
+                             rf"{len(stages)} ready\)$", err, re.M), err
+        assert re.search(r"^loaded run-model on \d node\(s\): node\d 0-", err, re.M), err
+        assert err.index("plan: ") < err.index("loaded run-model") < err.index("total duration")
+        load = re.search(r"load duration: +([\d.]+)s", err)
+        assert load is not None and float(load.group(1)) > 0, err  # this command's load counts
+        again = faces.nodectl("run", "run-model", "hola", "--temperature", "0", "--num-predict", "6")
+        assert again.stdout == want + "\n" and again.stderr == ""  # loaded: nothing to show
+    finally:
+        faces.request("POST", "/api/unload", {"model": "run-model"})
+        _eventually(lambda: "run-model" not in _loaded_names(faces))
+    assert MODEL in _loaded_names(faces)
 
 
 def test_run_errors_are_one_line(faces: Faces) -> None:
