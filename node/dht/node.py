@@ -51,6 +51,7 @@ from node.identity import ClusterKeys, NodeKey
 from node.system.clock import ClockOffsets
 from node.system.counters import Counters
 from node.system.files import atomic_write
+from protocol.ids import DHT_ID_BYTES
 from protocol.records import MAX_TTL, Record, expiry_for, make_record
 from protocol.seal import DEFAULT_MAX_SKEW
 
@@ -63,7 +64,9 @@ log = structlog.get_logger("enjambre.dht")
 COUNTERS = (
     "requests_sent", "requests_received", "responses_received", "rpc_failures",
     "datagrams_sent", "datagrams_received", "bytes_sent", "bytes_received", "lookups",
+    "rpc_skipped_unreachable",
 )
+UNREACHABLE_S = 60.0  # how long lookups skip a node whose port refused a connection
 
 
 class DHTNode(Server):
@@ -330,6 +333,14 @@ class DHTNode(Server):
         if nearest:
             await crawl.find()
         return crawl.result(local)
+
+    def forget(self, node_id: str) -> None:
+        """``node_id`` refused a connection (it died): drop it from the routing table, and
+        let lookups skip it for a while rather than wait ``rpc_timeout`` on it each time
+        other nodes still name it. It is welcome again as soon as it sends anything."""
+        if self.protocol is not None and len(node_id) == 64:
+            with contextlib.suppress(ValueError):
+                self.protocol.mark_unreachable(bytes.fromhex(node_id)[:DHT_ID_BYTES], UNREACHABLE_S)
 
     async def get(self, key: str) -> RecordSet:
         """publisher node id -> newest verified, unexpired record under ``key``."""

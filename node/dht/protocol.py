@@ -58,7 +58,9 @@ from protocol.dht import (
 from protocol.records import Record, RecordError, decode_record
 from protocol.seal import DEFAULT_MAX_SKEW, ReplayGuard
 
-__all__ = ["DatagramSettings", "SealedProtocol"]
+__all__ = ["MAX_UNREACHABLE", "DatagramSettings", "SealedProtocol"]
+
+MAX_UNREACHABLE = 1024
 
 log = structlog.get_logger("enjambre.dht")
 
@@ -106,6 +108,25 @@ class SealedProtocol(KademliaProtocol):
         self.replay = ReplayGuard(settings.max_skew)
         self._last_stale_warning = -math.inf
         self._receiver = b""
+        # DHT ids another part of the node found dead (its TCP port refused us), until when:
+        # lookups skip them instead of waiting rpc_timeout on each, which made every
+        # directory read after a death take seconds. Any datagram from one clears it.
+        self._unreachable: dict[bytes, float] = {}
+
+    def mark_unreachable(self, dht_id: bytes, seconds: float) -> None:
+        if len(self._unreachable) >= MAX_UNREACHABLE:
+            self._unreachable.pop(next(iter(self._unreachable)))
+        self._unreachable[dht_id] = self.clock() + seconds
+        self.router.remove_contact(Node(dht_id))
+
+    def _known_unreachable(self, dht_id: bytes | None) -> bool:
+        until = self._unreachable.get(dht_id) if dht_id is not None else None
+        if until is None:
+            return False
+        if until <= self.clock():
+            del self._unreachable[dht_id]  # type: ignore[arg-type]
+            return False
+        return True
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -134,6 +155,10 @@ class SealedProtocol(KademliaProtocol):
         address = (str(address[0]), int(address[1]))
         if not is_allowed(address[0], self.settings.allow_public):
             self.counters.inc("refused_address")
+            future.set_result((False, None))
+            return future
+        if self._known_unreachable(expect_id):
+            self.counters.inc("rpc_skipped_unreachable")
             future.set_result((False, None))
             return future
         msg_id = os.urandom(ID_LEN)
@@ -253,6 +278,8 @@ class SealedProtocol(KademliaProtocol):
             data, seal_key=s.seal_key, now=now, max_skew=s.max_skew, replay=self.replay, receiver=self._receiver
         )
         sent_at = message.sent_at
+        if self._unreachable and isinstance(message, DhtRequest | DhtResponse):
+            self._unreachable.pop(getattr(message, "sender_id", b""), None)
         if self._offsets is not None and sent_at:
             self._offsets.observe(address[0], sent_at, now)
         if isinstance(message, DhtRequest):

@@ -60,6 +60,7 @@ PROBE_TIMEOUT = 5.0
 LOAD_TIMEOUT = 1800.0
 RECOVERY_TIMEOUT = 300.0
 PENDING_GRACE = 10.0  # a stage that has not heard of a published plan yet is waited for this long
+FIT_WAIT = 60.0  # how long a re-plan that fits nowhere is tried again before the request fails
 MAX_PLACEMENTS = 4  # plans tried in a row when planned nodes turn out unreachable
 FOREVER = 1e10  # keep_alive -1: a date centuries ahead
 
@@ -89,6 +90,11 @@ class _Overtaken(Exception):
 
 class _Unreachable(Exception):
     pass
+
+
+class _NoFit(DriverError):
+    """No plan fits the nodes the directory lists right now (it may in a moment: a node
+    that was busy republishes its record, a spare finishes starting)."""
 
 
 @dataclass
@@ -184,7 +190,8 @@ class LoadedModels:
             if m.stale:
                 async with m.lock:
                     if m.stale:
-                        await self._establish(m, report, deadline=time.monotonic() + LOAD_TIMEOUT)
+                        await self._establish(m, report, deadline=time.monotonic() + LOAD_TIMEOUT,
+                                              fit_wait=FIT_WAIT)
             m.used_at = time.monotonic()
             return m
         task = self._opening.get(model_id)
@@ -239,13 +246,15 @@ class LoadedModels:
     # ------------------------------------------------------------------ one plan for all
 
     async def _establish(self, m: Model, progress: Progress, *, deadline: float, pins: tuple[Pin, ...] = (),
-                         current: PlanRecord | None = None) -> None:
+                         current: PlanRecord | None = None, fit_wait: float = 0.0) -> None:
         """Make ``m`` use a plan whose every stage is ready: the newest published one (or
         ``current``), waiting while it loads, repaired around the stages that are gone, or a
-        new one when there is none."""
+        new one when there is none. ``fit_wait``: how long a plan that fits nowhere is tried
+        again (a recovery waits for the directory to settle; a first load says so at once)."""
         placements = 0
         first_seen_none: dict[str, float] = {}
         said = ""
+        no_fit_since: float | None = None
         while True:
             if time.monotonic() > deadline:
                 raise DriverError(f"model {m.name!r} did not become ready in time ({m.status or 'waiting'})")
@@ -284,6 +293,19 @@ class LoadedModels:
                     raise DriverError(f"model {m.name!r} could not be loaded: {exc}") from None
                 pins = ()
                 await asyncio.sleep(0.5 * placements)
+            except _NoFit as exc:
+                now = time.monotonic()
+                no_fit_since = no_fit_since or now
+                if now - no_fit_since >= fit_wait or now + 1.0 > deadline:
+                    log.warning("plan_failed", model=m.model_id[:12], name=m.name, error=str(exc),
+                                waited_s=round(now - no_fit_since, 1))
+                    raise
+                placements -= 1
+                m.status = f"waiting for room: {exc}"
+                if said != m.status:
+                    said = m.status
+                    progress({"status": "waiting", "detail": m.status})
+                await asyncio.sleep(1.0)
 
     async def _newest(self, m: Model, current: PlanRecord | None) -> PlanRecord | None:
         try:
@@ -373,8 +395,7 @@ class LoadedModels:
             except PlanError as exc:
                 errors.append(str(exc))
         if plan is None:
-            log.warning("plan_failed", model=m.model_id[:12], name=m.name, error=errors[-1])
-            raise DriverError(errors[-1])
+            raise _NoFit(errors[-1])
         epoch = new_epoch(max(floor, m.epoch, m.record.epoch if m.record else 0), self.node_id)
         record = PlanRecord(m.model_id, m.name, epoch, plan, m.weights, m.dtype, m.max_context, m.slots,
                             m.prefill_chunk, cost.lines)
@@ -450,7 +471,7 @@ class LoadedModels:
                                                           for s in event.get("stages", []))
 
             try:
-                await self._establish(m, report, deadline=t0 + RECOVERY_TIMEOUT, current=m.record)
+                await self._establish(m, report, deadline=t0 + RECOVERY_TIMEOUT, current=m.record, fit_wait=FIT_WAIT)
             except DriverError as exc:
                 log.warning("recovery_failed", model=m.model_id[:12], name=m.name, why=why, error=str(exc))
                 raise GenerationError(f"a node failed ({why}) and the model cannot be re-planned: {exc}") from None

@@ -89,7 +89,7 @@ class ModelService:
         self.server.register(transport)
         self._publish_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.peers = Peers(dht.node_id, transport, members)
+        self.peers = Peers(dht.node_id, transport, members, on_unreachable=dht.forget)
         self._last_publish = 0.0
 
     # ------------------------------------------------------------------ publishing

@@ -250,3 +250,28 @@ async def test_listen_error_is_clear(cluster: ClusterKeys) -> None:
             await DHTNode.create(NodeKey.generate(), cluster, host="127.0.0.1", port=node.port)
     finally:
         await node.stop()
+
+
+async def test_a_node_found_dead_is_skipped_by_lookups_until_it_speaks(cluster: ClusterKeys) -> None:
+    """After a node dies the others' lookups wait rpc_timeout on it, round after round, while
+    any node still names it: every directory read right after a death took seconds. A node
+    whose port refused a connection is forgotten and skipped for a while."""
+    nodes = [await start(cluster, rpc_timeout=1.0) for _ in range(3)]
+    try:
+        for node in nodes[1:]:
+            assert await node.bootstrap([("127.0.0.1", nodes[0].port)]) == 1
+        await nodes[1].put("k", "v", ttl=60)
+        dead = nodes[2]
+        await dead.stop()
+        a = nodes[0]
+        a.forget(dead.node_id)
+        t0 = time.monotonic()
+        got = await a.get("k")
+        assert got and time.monotonic() - t0 < 0.9  # never waited on the dead node
+        # A live node that was wrongly forgotten is welcome again as soon as it speaks.
+        a.forget(nodes[1].node_id)
+        await nodes[1].put("k2", "v2", ttl=60)
+        assert (await a.get("k2"))
+    finally:
+        for node in nodes:
+            await node.stop()
