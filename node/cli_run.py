@@ -23,10 +23,25 @@ from node.system.units import format_size
 __all__ = ["add_run_commands"]
 
 
+def parse_pin(text: str) -> dict[str, Any]:
+    """``NODE[:START-END]`` -> a pin of /api/load."""
+    node, _, span = text.partition(":")
+    if not node:
+        raise CliError(f"--pin {text!r}: give a node name or id, e.g. --pin node2:0-6")
+    if not span:
+        return {"node": node}
+    start, dash, end = span.partition("-")
+    if not dash or not start.isdigit() or not end.isdigit() or int(start) >= int(end):
+        raise CliError(f"--pin {text!r}: the layers are START-END with START < END, e.g. node2:0-6")
+    return {"node": node, "layers": [int(start), int(end)]}
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.model}
     if args.weights:
         body["weights"] = args.weights
+    if args.pin:
+        body["pins"] = [parse_pin(p) for p in args.pin]
     others = LoadProgress(args.model)  # the lines of the events this command has no format of its own for
     for event in stream(args, "POST", "/api/load", body):
         if args.json:
@@ -87,6 +102,9 @@ def add_run_commands(sub: Any, client: Any) -> None:
     s.add_argument("--weights", choices=("native", "int8"),
                    help="hold matrices as int8 (a quarter of float32's memory) or native "
                         "(default: the daemon's engine.weights)")
+    s.add_argument("--pin", action="append", metavar="NODE[:START-END]",
+                   help="place layers by hand: NODE always serves (layers START to END when given); "
+                        "repeatable, e.g. --pin node2:0-6 --pin node3")
     s.set_defaults(func=cmd_load, timeout=3600.0)
 
     s = sub.add_parser("run", help="answer a prompt, or chat on a terminal, with a model (loading it if needed)")

@@ -350,7 +350,7 @@ class LoadedModels:
         for stage, view in zip(record.plan.stages, views, strict=True):
             node = stage.node_id
             if view is None:
-                gone.append(node)
+                gone.append(node)  # no answer: marked failed below
                 continue
             if view.epoch > record.epoch:
                 waiting.append(node)  # a newer plan is on its way: its record will show up
@@ -366,10 +366,13 @@ class LoadedModels:
                 if now - first_seen_none.setdefault(node, now) < PENDING_GRACE:
                     waiting.append(node)  # the plan's driver is still asking it to load
                     continue
-            gone.append(node)
+            if view.state == "failed":
+                m.failed.mark(node)  # it could not load its range; let the others try first
+            gone.append(node)  # alive, but it let go of the plan (stopped, unloaded, replaced)
         if gone:
-            for node in gone:
-                m.failed.mark(node)
+            for stage, view in zip(record.plan.stages, views, strict=True):
+                if view is None:
+                    m.failed.mark(stage.node_id)
             log.info("plan_needs_repair", model=m.model_id[:12], epoch=record.epoch,
                      gone=[n[:12] for n in gone], keep=len(keep))
             return "repair", tuple(keep)

@@ -248,3 +248,37 @@ def test_a_frozen_node_costs_a_pause_not_a_failed_request(cluster: LocalCluster,
         status, out = generate_text(driver, prompt, 4)
         assert status == 200, out
     assert log_events(driver, "recovered")
+
+
+def test_two_nodes_loading_at_once_end_with_one_plan(cluster: LocalCluster) -> None:
+    """Two entry nodes asked to load the same model at the same moment: the epoch rule picks
+    one plan, the other driver adopts it; both serve from the same stages."""
+    status, out = post(cluster.nodes[0], "/api/unload", {"model": MODEL})
+    assert status in (200, 404), out
+    cluster.wait_until(lambda: not any(m["name"] == MODEL for m in get(cluster.nodes[0], "/api/ps")["models"]),
+                       30, "the model to be unloaded")
+    results: dict[int, Any] = {}
+
+    def load(i: int) -> None:
+        results[i] = post(cluster.nodes[i], "/api/load", {"model": MODEL})
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i in (1, 2):
+        status, lines = results[i]
+        assert status == 200 and lines[-1].get("status") == "success", lines[-3:]
+
+    def plans() -> set[tuple[int, tuple[str, ...]]]:
+        out = set()
+        for i in (1, 2):
+            entry = next(m for m in get(cluster.nodes[i], "/api/ps")["models"] if m["name"] == MODEL)
+            out.add((entry["epoch"], tuple(s["node_id"] for s in entry["plan"])))
+        return out
+
+    cluster.wait_until(lambda: len(plans()) == 1, 30, "both drivers on one plan")
+    for i in (1, 2):
+        status, out = generate_text(cluster.nodes[i], "dos", 4)
+        assert status == 200, out

@@ -209,3 +209,14 @@ def test_a_model_not_in_ps_is_loaded_with_a_line_per_event(monkeypatch: pytest.M
     monkeypatch.setattr(cli_progress, "stream", fake_stream([(0.0, PLANNED)]))
     with pytest.raises(CliError, match="stopped answering before 'm' was loaded"):
         ensure_loaded(argparse.Namespace(), "m", io.StringIO())
+
+
+def test_load_pins_from_the_command_line() -> None:
+    from node.cli_run import parse_pin
+    from node.client import CliError
+
+    assert parse_pin("node2:0-6") == {"node": "node2", "layers": [0, 6]}
+    assert parse_pin("node3") == {"node": "node3"}
+    for bad in ("", ":0-6", "node2:6-0", "node2:a-b", "node2:3"):
+        with pytest.raises(CliError):
+            parse_pin(bad)
