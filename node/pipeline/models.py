@@ -37,11 +37,12 @@ import structlog
 
 from node.cluster.peers import Peers, PeerUnknown
 from node.net.errors import RemoteError, RequestRefused, TransportError
+from node.pipeline.builder import config_of
 from node.pipeline.cost import cost_from_lines, model_cost
 from node.pipeline.failures import FailureMarks
 from node.pipeline.planner import ModelCost, NodeOffer, Pin, PlanError, make_plan
 from node.pipeline.plans import new_epoch, publish_plan, read_plans, withdraw_plan
-from node.pipeline.worker import config_of
+from node.pipeline.verdict import judge
 from node.store.pieces import StoreError
 from node.swarm.layers import pieces_for_layers
 from node.swarm.service import ModelService, PullError
@@ -342,41 +343,19 @@ class LoadedModels:
 
     def _verdict(self, m: Model, record: PlanRecord, views: list[StageView | None],
                  first_seen_none: dict[str, float]) -> tuple[str, tuple[Pin, ...]]:
-        """("ready" | "wait" | "repair", the stages to keep when repairing)."""
-        now = time.monotonic()
-        keep: list[Pin] = []
-        gone: list[str] = []
-        waiting: list[str] = []
-        for stage, view in zip(record.plan.stages, views, strict=True):
-            node = stage.node_id
-            if view is None:
-                gone.append(node)  # no answer: marked failed below
-                continue
-            if view.epoch > record.epoch:
-                waiting.append(node)  # a newer plan is on its way: its record will show up
-                continue
-            if view.epoch == record.epoch and view.state in ("ready", "fetching", "loading", "compiling"):
-                m.failed.clear(node)
-                keep.append(Pin(node, stage.start, stage.end))
-                if view.state != "ready":
-                    waiting.append(node)
-                    m.status = f"waiting for layers {stage.start}-{stage.end} ({view.state})"
-                continue
-            if view.state == "none" and view.epoch < record.epoch:
-                if now - first_seen_none.setdefault(node, now) < PENDING_GRACE:
-                    waiting.append(node)  # the plan's driver is still asking it to load
-                    continue
-            if view.state == "failed":
-                m.failed.mark(node)  # it could not load its range; let the others try first
-            gone.append(node)  # alive, but it let go of the plan (stopped, unloaded, replaced)
-        if gone:
-            for stage, view in zip(record.plan.stages, views, strict=True):
-                if view is None:
-                    m.failed.mark(stage.node_id)
+        """("ready" | "wait" | "repair", the stages to keep when repairing), with the marks
+        of the stages that answered cleared and those that did not (or failed) set."""
+        v = judge(record, views, first_seen_none, now=time.monotonic(), grace=PENDING_GRACE)
+        for node in v.answered:
+            m.failed.clear(node)
+        for node in v.broken:
+            m.failed.mark(node)
+        if v.detail:
+            m.status = v.detail
+        if v.kind == "repair":
             log.info("plan_needs_repair", model=m.model_id[:12], epoch=record.epoch,
-                     gone=[n[:12] for n in gone], keep=len(keep))
-            return "repair", tuple(keep)
-        return ("wait" if waiting else "ready"), ()
+                     gone=[n[:12] for n in v.gone], keep=len(v.keep))
+        return v.kind, v.keep
 
     async def _place(self, m: Model, progress: Progress, pins: tuple[Pin, ...], *, floor: int = 0) -> None:
         """Plan (keeping ``pins``), publish the plan, then load every stage of it."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,32 +37,22 @@ import structlog
 from node.cluster.peers import Peers, PeerUnknown
 from node.engine.errors import EngineError
 from node.net.errors import RemoteError, RequestRefused, TransportError
+from node.pipeline.builder import StageBuilder, shape_of
 from node.pipeline.stage_errors import StageError
 from node.store.pieces import StoreError
-from node.swarm.layers import pieces_for_layers
 from node.swarm.service import ModelService
-from protocol.manifest import Manifest
 from protocol.pipeline import PipelineMessageError, parse_model_ref, parse_step, parse_step_reply
 from protocol.plan import LoadRequest, PlanFormError, StageView, parse_load
 
 if TYPE_CHECKING:
     from node.pipeline.stage import StageRunner
 
-__all__ = ["Handler", "StageWorker", "config_of"]
+__all__ = ["Handler", "StageWorker"]
 
 log = structlog.get_logger("node.pipeline")
 
 Handler = Callable[[str, Any], Awaitable[Any]]
 MAX_LEASES = 64  # drivers holding one stage
-
-
-def config_of(store: Any, manifest: Manifest) -> Any:
-    """The engine's ModelConfig from the model's config.json, read from held pieces."""
-    from node.engine.config import parse_config
-
-    entry = manifest.files[manifest.file_index("config.json")]
-    raw = store.read_range(manifest, "config.json", 0, entry.size)
-    return parse_config(json.loads(raw))
 
 
 @dataclass
@@ -121,6 +110,8 @@ class StageWorker:
         self.stages: dict[str, Loaded] = {}  # serving, by model
         self.loading: dict[str, Loaded] = {}  # loads in progress, by model
         self._loads: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self.builder = StageBuilder(service, self.executor, memory_allowed=memory_allowed,
+                                    used=lambda model: sum(s.memory for m, s in self.stages.items() if m != model))
         # The last epoch of each model this node served and let go: a plan at that epoch or
         # older is known to be gone here, not still on its way.
         self.retired: dict[str, int] = {}
@@ -140,6 +131,7 @@ class StageWorker:
             self._sweeper.cancel()
         for task in self._loads.values():
             task.cancel()
+        self.builder.cancel()
         for loaded in list(self.stages.values()):
             if loaded.runner is not None:
                 await loaded.runner.close()
@@ -187,59 +179,22 @@ class StageWorker:
     async def _load(self, loaded: Loaded, peer: str) -> dict[str, Any]:
         req, model_id = loaded.request, loaded.model_id
         stage, rec = req.stage, req.record
-        t0 = time.monotonic()
         try:
-            manifest = await self.service.manifest(model_id)
-            wanted = pieces_for_layers(manifest, stage.start, stage.end, has_embedding=req.first, has_head=req.last)
-            await self.service.ensure(manifest, wanted)
-            self._still_wanted(loaded)
-            loaded.state = "loading"
-            config = config_of(self.service.store, manifest)
-            if config.num_layers != rec.plan.num_layers:
-                raise RequestRefused("bad_plan", f"the plan covers {rec.plan.num_layers} layers; "
-                                                 f"the model has {config.num_layers}")
-            used = sum(s.memory for m, s in self.stages.items() if m != model_id)
-            # The planner's figure (node/pipeline/cost.py), but never less than the weights
-            # and cache themselves: a plan comes from a peer, which may lie.
-            # JAX loads here, on first use, not when the daemon starts (it takes seconds,
-            # and the daemon sets JAX's memory settings before it).
-            from node.engine import PartitionSpec, WeightSource, load_partition
-            from node.engine.memory import resident_bytes
-            from node.pipeline.stage import StageRunner
-
-            spec = PartitionSpec(stage.start, stage.end, req.first, req.last)
-            need = max(stage.memory, resident_bytes(config, spec, rec.dtype, rec.max_context, rec.slots,
-                                                    prefill_chunk=rec.prefill_chunk, weights=rec.weights))
-            if need + used > self.memory_allowed:
-                raise RequestRefused("out_of_memory", (
-                    f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
-                    f"{self.memory_allowed / 2**20:.0f} MiB and {used / 2**20:.0f} MiB are in use"))
-            idle = 2 * req.step_timeout
             old = self.stages.get(model_id)
-            if old is not None and old.runner is not None and _same_shape(old.request, req):
+            if old is not None and old.runner is not None and shape_of(old.request) == shape_of(req):
                 # A re-plan that keeps this node's range (a recovery elsewhere in the chain):
                 # keep the weights and the compiled steps, start a fresh cache.
-                part = old.runner.partition
-                self._still_wanted(loaded)
-                self.stages.pop(model_id, None)
-                await old.runner.close()
-                return self._ready(loaded, StageRunner(part, slots=rec.slots, executor=self.executor,
-                                                       session_idle=idle), need)
-            files = [f.path for f in manifest.files if f.data_start is not None]
-            reader = self.service.store.range_reader(manifest)
-            source = WeightSource(reader, files, read_into=reader.read_into,
-                                  sizes={f.path: f.size for f in manifest.files},
-                                  headers={f.path: f.data_start for f in manifest.files if f.data_start is not None})
-            part = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: load_partition(source, config, spec, dtype=rec.dtype,
-                                                      max_context=rec.max_context,
-                                                      prefill_chunk=rec.prefill_chunk, weights=rec.weights))
-            loaded.load_s = time.monotonic() - t0
-            loaded.state = "compiling"
-            runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=idle)
-            t1 = time.monotonic()
-            await asyncio.get_running_loop().run_in_executor(self.executor, _warm, runner)
-            loaded.compile_s = time.monotonic() - t1
+                from node.pipeline.stage import StageRunner
+
+                runner = StageRunner(old.runner.partition, slots=rec.slots, executor=self.executor,
+                                     session_idle=2 * req.step_timeout)
+                need = old.memory
+            else:
+                def state(value: str) -> None:
+                    loaded.state = value
+
+                built = await self.builder.build(req, state)
+                runner, need, loaded.load_s, loaded.compile_s = built.runner, built.need, built.load_s, built.compile_s
             self._still_wanted(loaded)
             old = self.stages.pop(model_id, None)
             if old is not None and old.runner is not None:
@@ -444,23 +399,3 @@ def _remote(fn: Handler) -> Any:
     async def handler(conn: Any, body: Any) -> Any:
         return await fn(str(conn.node_id), body)
     return handler
-
-
-def _same_shape(a: LoadRequest, b: LoadRequest) -> bool:
-    ra, rb = a.record, b.record
-    return (a.stage.start, a.stage.end, a.first, a.last) == (b.stage.start, b.stage.end, b.first, b.last) and (
-        ra.max_context, ra.slots, ra.dtype, ra.prefill_chunk, ra.weights) == (
-        rb.max_context, rb.slots, rb.dtype, rb.prefill_chunk, rb.weights)
-
-
-def _warm(runner: StageRunner) -> None:
-    """Compile the first buckets (a one-token prefill and a decode step) on a scratch slot."""
-    import numpy as np
-
-    part, cfg = runner.partition, runner.partition.config
-    x: Any = np.zeros(1, np.int64) if runner.is_first else np.zeros((1, cfg.hidden_size), np.float32)
-    runner.cache, _ = part.prefill(runner.cache, x, start_pos=0, slot=0)
-    if runner.is_last:  # the tail decodes and samples in one call
-        runner.cache, _ = part.tail_step(runner.cache, x, [0], [1], [None])
-    else:
-        runner.cache, _ = part.decode(runner.cache, x, [0], [1])

@@ -17,7 +17,7 @@ pytest.importorskip("gguf")
 from node.engine import PartitionSpec, WeightSource, load_partition
 from node.engine.tokenizer import Tokenizer
 from node.gguf.ollama import OllamaError, find_model
-from node.pipeline.worker import config_of
+from node.pipeline.builder import config_of
 from node.store.gguf_import import import_gguf
 from node.store.importer import ImportError_
 from node.store.models import ModelStore

@@ -1,0 +1,153 @@
+"""Building a stage: fetch a layer range's pieces, check the memory, load and compile it.
+
+One build per shape at a time: when two drivers repair a plan at the same moment, the new
+owner of a range gets two loads of different epochs for the same layers; the second waits
+for the first one's build instead of fetching, loading and compiling it again (and the
+newest epoch installs the result; worker.py decides that). ``on_state`` tells each waiting
+load what the build is doing (fetching, loading, compiling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from node.net.errors import RequestRefused
+from node.swarm.layers import pieces_for_layers
+from node.swarm.service import ModelService
+from protocol.manifest import Manifest
+from protocol.plan import LoadRequest
+
+if TYPE_CHECKING:
+    from node.pipeline.stage import StageRunner
+
+__all__ = ["Built", "StageBuilder", "config_of", "shape_of"]
+
+Shape = tuple[str, int, int, bool, bool, int, int, str, int, str]
+
+
+def config_of(store: Any, manifest: Manifest) -> Any:
+    """The engine's ModelConfig from the model's config.json, read from held pieces."""
+    from node.engine.config import parse_config
+
+    entry = manifest.files[manifest.file_index("config.json")]
+    raw = store.read_range(manifest, "config.json", 0, entry.size)
+    return parse_config(json.loads(raw))
+
+
+def shape_of(req: LoadRequest) -> Shape:
+    """What a built stage depends on: the model, its range and ends, and how it is held."""
+    r, s = req.record, req.stage
+    return (r.model_id, s.start, s.end, req.first, req.last, r.max_context, r.slots, r.dtype, r.prefill_chunk,
+            r.weights)
+
+
+@dataclass
+class Built:
+    runner: StageRunner
+    need: int  # bytes it holds, by the stage's own figure
+    load_s: float
+    compile_s: float
+
+
+@dataclass
+class _Build:
+    task: asyncio.Task[Built]
+    watchers: list[Callable[[str], None]] = field(default_factory=list)
+
+    def state(self, value: str) -> None:
+        for watch in self.watchers:
+            watch(value)
+
+
+class StageBuilder:
+    def __init__(self, service: ModelService, executor: ThreadPoolExecutor, *, memory_allowed: int,
+                 used: Callable[[str], int]) -> None:
+        """``used(model_id)``: bytes this node's stages of other models hold."""
+        self.service = service
+        self.executor = executor
+        self.memory_allowed = memory_allowed
+        self.used = used
+        self._building: dict[Shape, _Build] = {}
+
+    async def build(self, req: LoadRequest, on_state: Callable[[str], None]) -> Built:
+        key = shape_of(req)
+        entry = self._building.get(key)
+        if entry is None:
+            holder: list[_Build] = []
+            task = asyncio.ensure_future(self._build(req, lambda s: holder[0].state(s)))
+            entry = _Build(task)
+            holder.append(entry)
+            self._building[key] = entry
+
+            def done(_t: asyncio.Task[Built]) -> None:
+                if self._building.get(key) is entry:
+                    del self._building[key]
+
+            task.add_done_callback(done)
+        entry.watchers.append(on_state)
+        return await asyncio.shield(entry.task)
+
+    def cancel(self) -> None:
+        for entry in self._building.values():
+            entry.task.cancel()
+
+    async def _build(self, req: LoadRequest, state: Callable[[str], None]) -> Built:
+        stage, rec = req.stage, req.record
+        t0 = time.monotonic()
+        manifest = await self.service.manifest(rec.model_id)
+        wanted = pieces_for_layers(manifest, stage.start, stage.end, has_embedding=req.first, has_head=req.last)
+        await self.service.ensure(manifest, wanted)
+        state("loading")
+        config = config_of(self.service.store, manifest)
+        if config.num_layers != rec.plan.num_layers:
+            raise RequestRefused("bad_plan", f"the plan covers {rec.plan.num_layers} layers; "
+                                             f"the model has {config.num_layers}")
+        # The planner's figure (node/pipeline/cost.py), but never less than the weights and
+        # cache themselves: a plan comes from a peer, which may lie. JAX loads here, on
+        # first use (the daemon warms it up after start-up, off the loop).
+        from node.engine import PartitionSpec, WeightSource, load_partition
+        from node.engine.memory import resident_bytes
+        from node.pipeline.stage import StageRunner
+
+        spec = PartitionSpec(stage.start, stage.end, req.first, req.last)
+        need = max(stage.memory, resident_bytes(config, spec, rec.dtype, rec.max_context, rec.slots,
+                                                prefill_chunk=rec.prefill_chunk, weights=rec.weights))
+        used = self.used(rec.model_id)
+        if need + used > self.memory_allowed:
+            raise RequestRefused("out_of_memory", (
+                f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
+                f"{self.memory_allowed / 2**20:.0f} MiB and {used / 2**20:.0f} MiB are in use"))
+        files = [f.path for f in manifest.files if f.data_start is not None]
+        reader = self.service.store.range_reader(manifest)
+        source = WeightSource(reader, files, read_into=reader.read_into,
+                              sizes={f.path: f.size for f in manifest.files},
+                              headers={f.path: f.data_start for f in manifest.files if f.data_start is not None})
+        loop = asyncio.get_running_loop()
+        part = await loop.run_in_executor(self.executor, lambda: load_partition(
+            source, config, spec, dtype=rec.dtype, max_context=rec.max_context, prefill_chunk=rec.prefill_chunk,
+            weights=rec.weights))
+        load_s = time.monotonic() - t0
+        state("compiling")
+        runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=2 * req.step_timeout)
+        t1 = time.monotonic()
+        await loop.run_in_executor(self.executor, _warm, runner)
+        return Built(runner, need, load_s, time.monotonic() - t1)
+
+
+def _warm(runner: StageRunner) -> None:
+    """Compile the first buckets (a one-token prefill and a decode step) on a scratch slot."""
+    import numpy as np
+
+    part, cfg = runner.partition, runner.partition.config
+    x: Any = np.zeros(1, np.int64) if runner.is_first else np.zeros((1, cfg.hidden_size), np.float32)
+    runner.cache, _ = part.prefill(runner.cache, x, start_pos=0, slot=0)
+    if runner.is_last:  # the tail decodes and samples in one call
+        runner.cache, _ = part.tail_step(runner.cache, x, [0], [1], [None])
+    else:
+        runner.cache, _ = part.decode(runner.cache, x, [0], [1])
