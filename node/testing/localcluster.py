@@ -2,12 +2,16 @@
 
 Each node gets its own config, key and data dir under one root, every port is
 picked by the OS (port 0) and read back from the daemon's runtime file, and
-every node after the first bootstraps from the first node's DHT address.
+every node after the first bootstraps from the first node's DHT address. A node
+given a ``Host`` (node/testing/netns.py) runs inside that network namespace and listens
+on its address; its API stays on the namespace's own loopback, reached through a
+socket made inside it (``connection``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -22,6 +26,7 @@ from typing import Any
 
 from node.config import update_config
 from node.system.datadir import read_runtime
+from node.testing.netns import Host
 
 
 class ClusterTimeout(TimeoutError):
@@ -36,6 +41,12 @@ class LocalNode:
     log: Any = None
     node_id: str = ""
     runtime: dict[str, Any] = field(default_factory=dict)
+    host: Host | None = None  # a network namespace to run in; None: this machine's loopback
+
+    @property
+    def address(self) -> str:
+        """The address it listens on and peers reach it at."""
+        return self.host.address if self.host is not None else "127.0.0.1"
 
     @property
     def config(self) -> Path:
@@ -83,16 +94,17 @@ class LocalCluster:
 
     def add_node(
         self, *, secret_file: Path | None = None, bootstrap: list[str] | None = None,
-        config: dict[str, dict[str, Any]] | None = None,
+        config: dict[str, dict[str, Any]] | None = None, host: Host | None = None,
     ) -> LocalNode:
-        """Write a node's config (``config`` sets more keys, e.g. {"network": {"discovery": True}})."""
-        node = LocalNode(index=len(self.nodes), root=self.root / f"{self.name_prefix}{len(self.nodes)}")
+        """Write a node's config (``config`` sets more keys, e.g. {"network": {"discovery": True}});
+        ``host``: run it in that network namespace, listening on its address."""
+        node = LocalNode(index=len(self.nodes), root=self.root / f"{self.name_prefix}{len(self.nodes)}", host=host)
         node.root.mkdir(parents=True, exist_ok=True)
         if bootstrap is None and self.nodes:
             first = self.nodes[0]
-            bootstrap = [f"127.0.0.1:{first.runtime['dht_port']}"]
+            bootstrap = [f"{first.address}:{first.runtime['dht_port']}"]
         args = ["init", "--config", str(node.config), "--data-dir", str(node.data_dir),
-                "--name", f"{self.name_prefix}{node.index}", "--listen", "127.0.0.1",
+                "--name", f"{self.name_prefix}{node.index}", "--listen", node.address,
                 "--peer-port", "0", "--dht-port", "0", "--api-port", "0", "--no-discovery",
                 "--max-memory", "1GiB"]
         for b in bootstrap or []:
@@ -121,8 +133,9 @@ class LocalCluster:
     def start(self, node: LocalNode, *, timeout: float = 60.0) -> None:
         (node.data_dir / "daemon.json").unlink(missing_ok=True)
         node.log = node.log_path.open("ab")
-        node.proc = subprocess.Popen(
-            [self.python, "-m", "node.cli", "serve", "--config", str(node.config)],
+        argv = [self.python, "-m", "node.cli", "serve", "--config", str(node.config)]
+        node.proc = subprocess.Popen(  # `ip netns exec` execs the daemon: the pid is the daemon's
+            node.host.command(*argv) if node.host is not None else argv,
             stdout=node.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -180,8 +193,26 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ queries
 
+    def connection(self, node: LocalNode, timeout: float = 10.0) -> http.client.HTTPConnection:
+        """An unopened HTTP connection to the node's API (inside its namespace, if it has one)."""
+        port = int(node.runtime["api_port"])
+        if node.host is not None:
+            return node.host.connection("127.0.0.1", port, timeout)
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
     def get(self, node: LocalNode, path: str, *, method: str = "GET", timeout: float = 10.0) -> Any:
         body = b"{}" if method == "POST" else None
+        if node.host is not None:
+            conn = self.connection(node, timeout)
+            try:
+                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status >= 400:
+                    raise OSError(f"HTTP {resp.status} from {node.root.name} {path}: {data[:300]!r}")
+                return json.loads(data)
+            finally:
+                conn.close()
         req = urllib.request.Request(f"http://{node.api}{path}", data=body, method=method,
                                      headers={"Content-Type": "application/json"} if body else {})
         with urllib.request.urlopen(req, timeout=timeout) as resp:

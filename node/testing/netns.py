@@ -1,17 +1,26 @@
 """Hosts in network namespaces for tests and benchmarks: a bridge in a private hub namespace plus N nodes.
 
 Addresses exist only inside the namespaces the test made; the host's own
-interfaces and routes are never touched. Everything is deleted on exit.
+interfaces and routes are never touched. Everything is deleted on exit. A process
+outside reaches a host's loopback with ``socket_in`` (a socket made inside its
+namespace), and ``impair`` shapes a host's link with tc netem.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import http.client
 import os
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+_CLONE_NEWNET = 0x40000000
 
 
 def _run(*args: str) -> None:
@@ -33,13 +42,91 @@ def netns_unusable_reason() -> str | None:
     return None
 
 
+def netem_unusable_reason() -> str | None:
+    """Why ``tc qdisc ... netem`` cannot shape links here (no root, no namespaces, no
+    ``tc``, a kernel without sch_netem), or None when it can."""
+    reason = netns_unusable_reason()
+    if reason is not None:
+        return reason
+    if shutil.which("tc") is None:
+        return "needs the `tc` command (iproute2)"
+    probe = f"enjnetem{os.getpid()}"
+    try:
+        _run("ip", "netns", "add", probe)
+        _run("ip", "-n", probe, "link", "add", "a0", "type", "veth", "peer", "name", "b0")
+        _run("ip", "-n", probe, "link", "set", "a0", "up")
+        out = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "a0", "root", "netem",
+                              "delay", "1ms"], capture_output=True, text=True, timeout=20)
+        if out.returncode != 0:
+            return f"tc netem does not work here: {out.stderr.strip() or out.stdout.strip()} (is sch_netem loaded?)"
+    except (subprocess.SubprocessError, OSError) as exc:
+        return f"cannot probe tc netem ({exc})"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
+    return None
+
+
 @dataclass(frozen=True)
 class Host:
     namespace: str
     address: str
+    interface: str = ""  # its end of the veth pair to the bridge
 
     def command(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespace, *args]
+
+    def connection(self, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
+        """An HTTP connection to ``host:port`` as seen from inside this namespace (its own
+        127.0.0.1 included)."""
+        return _NamespaceHTTPConnection(self.namespace, host, port, timeout=timeout)
+
+
+def impair(host: Host, netem: str) -> None:
+    """Shape the host's egress with ``tc qdisc add dev IFACE root netem NETEM``
+    (e.g. "delay 5ms loss 1% rate 100mbit")."""
+    _run(*host.command("tc", "qdisc", "add", "dev", host.interface, "root", "netem", *netem.split()))
+
+
+def socket_in(namespace: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket that lives in ``namespace``. setns(2) moves only the calling thread, so a
+    short-lived thread enters the namespace and makes the socket, which keeps that
+    namespace for its whole life, whichever thread then uses it."""
+    made: dict[str, Any] = {}
+
+    def make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/var/run/netns/{namespace}", "rb") as ns:
+                if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"cannot enter network namespace {namespace}: {os.strerror(err)}")
+            made["socket"] = socket.socket(family, kind)
+        except BaseException as exc:  # handed to the caller's thread
+            made["error"] = exc
+
+    thread = threading.Thread(target=make, name=f"setns-{namespace}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in made:
+        raise made["error"]
+    return made["socket"]
+
+
+class _NamespaceHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, namespace: str, host: str, port: int, *, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.namespace = namespace
+
+    def connect(self) -> None:
+        sock = socket_in(self.namespace)
+        try:
+            sock.settimeout(self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 @contextlib.contextmanager
@@ -65,7 +152,7 @@ def bridged_hosts(n: int, subnet: str, tag: str) -> Iterator[list[Host]]:
             _run("ip", "-n", ns, "addr", "add", f"{subnet}.{i + 1}/24", "dev", f"v{i}")
             _run("ip", "-n", ns, "link", "set", f"v{i}", "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-            hosts.append(Host(ns, f"{subnet}.{i + 1}"))
+            hosts.append(Host(ns, f"{subnet}.{i + 1}", f"v{i}"))
         yield hosts
     finally:
         for ns in reversed(created):
