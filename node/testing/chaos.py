@@ -232,6 +232,21 @@ def _layout(plan: list[dict[str, Any]]) -> list[tuple[Any, Any, Any]]:
     return [(s["node"], s["start"], s["end"]) for s in plan]
 
 
+def _plan_moves(cluster: LocalCluster, nodes: list[LocalNode], model: ChaosModel, res: TrialResult,
+                since: Mapping[str, int]) -> bool:
+    """Read the plan that serves now into ``res.plan_at_kill``; when it is not the pinned
+    one (no node has died yet), note who planned what since the load, from their logs."""
+    with contextlib.suppress(OSError, ValueError):
+        res.plan_at_kill = _plan(cluster, nodes[0], model.name)[1]
+    if not res.plan_moved:
+        return False
+    moves = [_note(n, rec) for n in nodes for rec in _log_events(n, since[n.root.name])
+             if rec.get("event") in ("planned", "plan_needs_repair")]
+    res.notes.append(f"the plan changed with every node alive: pinned {_layout(res.plan_before)}, then "
+                     f"{_layout(res.plan_at_kill)}; " + "; ".join(moves))
+    return True
+
+
 # ---------------------------------------------------------------------- HTTP
 
 def _post_lines(cluster: LocalCluster, node: LocalNode, path: str, body: Mapping[str, Any],
@@ -522,6 +537,7 @@ def _trial(cluster: LocalCluster, hosts: list[Any], model: ChaosModel, res: Tria
         if bad:
             res.errors.extend(bad)
             res.streams = quiet
+            _plan_moves(cluster, nodes, model, res, loaded_at)
             return
         reference = {s.prompt: s.text for s in quiet}
         say(f"undisturbed: {[s.lines for s in quiet]} lines, pauses {[s.pause_s for s in quiet]} s")
@@ -539,13 +555,7 @@ def _trial(cluster: LocalCluster, hosts: list[Any], model: ChaosModel, res: Tria
                 break
             time.sleep(0.02)
         # The plan that serves now: another driver may have moved it since the pinned load.
-        with contextlib.suppress(OSError, ValueError):
-            res.plan_at_kill = _plan(cluster, importer, model.name)[1]
-        if res.plan_moved:
-            moves = [_note(n, rec) for n in nodes for rec in _log_events(n, loaded_at[n.root.name])
-                     if rec.get("event") in ("planned", "plan_needs_repair")]
-            res.notes.append(f"the plan changed before the kill, with every node alive: pinned "
-                             f"{_layout(res.plan_before)}, then {_layout(res.plan_at_kill)}; " + "; ".join(moves))
+        if _plan_moves(cluster, nodes, model, res, loaded_at):
             staged = [s["node"] for s in res.plan_at_kill]
             if victim.root.name not in staged:
                 spared = {importer.root.name, *(e.root.name for e in entries)}
