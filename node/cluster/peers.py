@@ -80,7 +80,8 @@ class Peers:
 
     async def request(self, node_id: str, method: str, body: Any, *, timeout: float) -> Any:  # noqa: ASYNC109
         if node_id == self.self_id and method in self.local:
-            return await self.local[method](self.self_id, body)
+            async with asyncio.timeout(timeout):  # the same bound as a request over the wire
+                return await self.local[method](self.self_id, body)
         host, port = await self.address(node_id)
         try:
             conn = await self.transport.connect(host, port, expect_node_id=node_id)

@@ -40,13 +40,20 @@ from node.net.errors import RemoteError, RequestRefused, TransportError
 from node.pipeline.builder import config_of
 from node.pipeline.cost import cost_from_lines, model_cost
 from node.pipeline.failures import FailureMarks
+from node.pipeline.finder import LEASE_TTL, PlanFinder
 from node.pipeline.planner import ModelCost, NodeOffer, Pin, PlanError, make_plan
 from node.pipeline.plans import new_epoch, publish_plan, read_plans, withdraw_plan
 from node.pipeline.verdict import judge
 from node.store.pieces import StoreError
 from node.swarm.layers import pieces_for_layers
 from node.swarm.service import ModelService, PullError
-from protocol.plan import LoadRequest, Plan, PlanFormError, PlanRecord, StageView, parse_stage_view
+from protocol.plan import (
+    LoadRequest,
+    Plan,
+    PlanRecord,
+    StageView,
+    parse_stage_view,
+)
 
 if TYPE_CHECKING:
     from node.config_schema import EngineSection
@@ -56,11 +63,10 @@ __all__ = ["LEASE_TTL", "DriverError", "GenerationError", "LoadedModels", "Model
 
 log = structlog.get_logger("node.pipeline")
 
-LEASE_TTL = 30.0
-PROBE_TIMEOUT = 5.0
 LOAD_TIMEOUT = 1800.0
 RECOVERY_TIMEOUT = 300.0
 PENDING_GRACE = 10.0  # a stage that has not heard of a published plan yet is waited for this long
+PLAN_TTL = 600.0  # a plan record's lifetime (republished every third of it while the plan is held)
 FIT_WAIT = 60.0  # how long a re-plan that fits nowhere is tried again before the request fails
 MAX_PLACEMENTS = 4  # plans tried in a row when planned nodes turn out unreachable
 FOREVER = 1e10  # keep_alive -1: a date centuries ahead
@@ -152,6 +158,7 @@ class LoadedModels:
         self.engine = engine
         self.data_dir = Path(data_dir)
         self.record_ttl = record_ttl
+        self.finder = PlanFinder(service.dht, peers, members)
         self.table: dict[str, Model] = {}
         self._opening: dict[str, asyncio.Task[Model]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -309,15 +316,7 @@ class LoadedModels:
                 await asyncio.sleep(1.0)
 
     async def _newest(self, m: Model, current: PlanRecord | None) -> PlanRecord | None:
-        try:
-            records = [r for r in await read_plans(self.service.dht, m.model_id)
-                       if r.weights == m.weights and r.plan.num_layers == m.config.num_layers]
-        except Exception as exc:  # the DHT is best effort here: without it, our own plan stands
-            log.info("plan_lookup_failed", model=m.model_id[:12], error=f"{type(exc).__name__}: {exc}")
-            records = []
-        if current is not None and all(r.epoch < current.epoch for r in records):
-            return current
-        return records[0] if records else current
+        return await self.finder.newest(m.model_id, weights=m.weights, layers=m.config.num_layers, current=current)
 
     def until(self, m: Model) -> float:
         """The unix time ``m``'s keep_alive here runs out (stages publish the latest of these)."""
@@ -325,21 +324,7 @@ class LoadedModels:
         return min(FOREVER, time.time() + max(0.0, left))
 
     async def _probe(self, record: PlanRecord, m: Model | None = None) -> list[StageView | None]:
-        """Each stage's view of ``record``'s model (leasing it), None where it did not answer."""
-
-        async def one(node: str) -> StageView | None:
-            body: dict[str, Any] = {"model": record.model_id, "epoch": record.epoch, "ttl": LEASE_TTL}
-            if m is not None:
-                body["until"] = self.until(m)
-            try:
-                return parse_stage_view(await self.peers.request(node, "pipe.lease", body, timeout=PROBE_TIMEOUT))
-            except (RemoteError, RequestRefused, TransportError, PeerUnknown, OSError, TimeoutError,
-                    PlanFormError) as exc:
-                log.info("stage_probe_failed", model=record.model_id[:12], node=node[:12],
-                         error=f"{type(exc).__name__}: {exc}")
-                return None
-
-        return list(await asyncio.gather(*(one(s.node_id) for s in record.plan.stages)))
+        return await self.finder.probe(record, self.until(m) if m is not None else None)
 
     def _verdict(self, m: Model, record: PlanRecord, views: list[StageView | None],
                  first_seen_none: dict[str, float]) -> tuple[str, tuple[Pin, ...]]:
@@ -425,7 +410,7 @@ class LoadedModels:
         if record is None:
             return
         try:
-            await publish_plan(self.service.dht, record, ttl=self.record_ttl)
+            await publish_plan(self.service.dht, record, ttl=max(self.record_ttl, PLAN_TTL))
             m.published_at = time.monotonic()
         except Exception as exc:  # the plan still works; other drivers just won't find it yet
             log.warning("plan_publish_failed", model=m.model_id[:12], error=f"{type(exc).__name__}: {exc}")
@@ -485,7 +470,7 @@ class LoadedModels:
                 continue
             if not all(ok):
                 m.stale = not await self._readopt(m)
-            elif now - m.published_at > self.record_ttl / 2:
+            elif now - m.published_at > max(self.record_ttl, PLAN_TTL) / 3:
                 await self._publish(m)
 
     async def _readopt(self, m: Model) -> bool:

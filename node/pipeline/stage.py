@@ -157,6 +157,11 @@ class StageRunner:
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, fn, [p.step for p in live])
+        except asyncio.CancelledError:  # the stage was replaced or unloaded mid-call: answer, never hang
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(StageError("unloaded", "the stage was replaced while it ran this step"))
+            raise
         except StageError as exc:
             for p in live:
                 if not p.future.done():

@@ -18,6 +18,8 @@ certificate):
   When the next stage cannot be reached the answer is ``stage_failed`` naming it, so
   the driver knows which node to check.
 - ``pipe.close`` {model, session}: free a session's cache. ``pipe.state``: every stage.
+  ``pipe.plan`` {model}: the plan record the stage serves (drivers ask it when the DHT
+  record is missing).
 A stage stays loaded while any driver holds a lease on it or a session is live on it;
 sessions without a step for twice the step timeout are freed (their driver died).
 """
@@ -118,7 +120,8 @@ class StageWorker:
         self._sweeper: asyncio.Task[None] | None = None
         self.handlers: dict[str, Handler] = {
             "pipe.step": self.step, "pipe.load": self.load, "pipe.close": self.close, "pipe.lease": self.lease,
-            "pipe.release": self.release, "pipe.unload": self.unload, "pipe.state": self.state}
+            "pipe.release": self.release, "pipe.unload": self.unload, "pipe.state": self.state,
+            "pipe.plan": self.plan}
         peers.local.update(self.handlers)
 
     def register(self, transport: Any) -> None:
@@ -272,6 +275,18 @@ class StageWorker:
     async def state(self, peer: str, _body: Any = None) -> dict[str, Any]:
         return {"models": [self._view(m, peer).to_dict() for m in (*self.stages.values(), *self.loading.values())]}
 
+    async def plan(self, _peer: str, body: Any) -> dict[str, Any]:
+        """The plan record this node's stage of a model serves ({} when none): the stages are
+        the plan's last word when its DHT record is missing (expired, not spread yet)."""
+        try:
+            ref = parse_model_ref(body)
+        except PipelineMessageError as exc:
+            raise RequestRefused("bad_request", str(exc)) from None
+        loaded = self.stages.get(ref.model_id)
+        if loaded is None or loaded.draining:
+            return {}
+        return loaded.request.record.to_dict()
+
     async def lease(self, peer: str, body: Any) -> dict[str, Any]:
         try:
             ref = parse_model_ref(body, lease=True)
@@ -346,6 +361,9 @@ class StageWorker:
         if loaded is None or loaded.runner is None:
             raise RequestRefused("not_loaded", "this node has not loaded that model (load it first)")
         runner = loaded.runner
+        epoch = body.get("epoch")
+        if isinstance(epoch, int) and epoch != loaded.epoch:  # before the shape checks: another plan's step
+            raise RequestRefused("stale_epoch", f"this node serves epoch {loaded.epoch} of the model")
         cfg = runner.partition.config
         try:
             step = parse_step(body, first=runner.is_first, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
