@@ -9,9 +9,10 @@ plan and a spare, each lending so that any three hold the model), pulls a GGUF o
 loads it across three nodes with that importer at a random position of the chain, streams
 two greedy generations through two different entry nodes at once, and SIGKILLs a random
 stage that is not the importer mid-stream. A busy-looping process per core runs the whole
-time (``--no-hog``: none). ``--netns`` (root, a kernel with tc netem): the daemons in network
-namespaces, every link shaped with netem (5 ms delay, 1 % loss, 100 Mbit/s; ``--netem``
-other settings, ``--netem none`` unshaped, for a kernel without sch_netem).
+time (``--no-hog``: none). ``--netns`` (root): the daemons in network namespaces, every link
+shaped with netem (5 ms delay, 1 % loss, 100 Mbit/s; ``--netem`` other settings, ``--netem
+none`` unshaped): tc netem where the kernel has sch_netem, else node/testing/impair.py's
+userspace bridge (delay, loss and rate only; the table says which).
 
 ``--model``: SmolLM2-135M-Instruct from the catalogue (the default when it can be fetched)
 or a tiny random GGUF (the fallback, which the script says). ``--spare-holds``: the spare
@@ -49,7 +50,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.testing.chaos import NETEM, ChaosModel, TrialResult, cpu_hog, journey, prepare_model
-from node.testing.netns import netem_unusable_reason, netns_unusable_reason
+from node.testing.netns import (
+    Impairment,
+    impairment_unusable_reason,
+    netem_unusable_reason,
+    netns_unusable_reason,
+)
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -124,9 +130,13 @@ def main() -> int:
     if args.trials < 1:
         p.error("--trials must be at least 1")
     netem = None if args.netem == "none" else args.netem
-    if args.netns and (reason := netem_unusable_reason() if netem else netns_unusable_reason()) is not None:
+    if args.netns and (reason := impairment_unusable_reason() if netem else netns_unusable_reason()) is not None:
         print(f"--netns: {reason}" + (' (--netem none runs the namespaces unshaped)' if netem else ""),
               file=sys.stderr)
+        return 2
+    if args.netns and netem and (extra := Impairment.from_netem(netem).extra) and netem_unusable_reason():
+        print(f"--netns: this kernel has no tc netem, and the userspace bridge applies only delay, loss and "
+              f"rate, not {', '.join(extra)}", file=sys.stderr)
         return 2
     modes = [m for m, on in ((True, args.spare_holds), (False, args.spare_fetches)) if on] or [True, False]
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -178,7 +188,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    place = (f"network namespaces, netem {netem or 'none (unshaped)'}" if args.netns else "loopback")
+    shaping = results[0].shaping if netem else ""
+    place = (f"network namespaces, netem {netem or 'none (unshaped)'}" + (f" via {shaping}" if shaping else "")
+             if args.netns else "loopback")
     print(f"chaos benchmark: {len(results)} trials, {which}, {place}, CPU hog of {len(hogs)} processes")
     print(f"  {'mode':<14} {'trials':>6} {'success':>8} {'identical':>9} {'pause p50':>10} {'pause p99':>10} "
           f"{'replan p50':>10} {'plan moved':>10}")
@@ -202,7 +214,7 @@ def _record(r: TrialResult) -> dict[str, Any]:
             "position": r.position, "victim": r.victim, "victim_position": r.victim_position, "entries": r.entries,
             "completed": r.completed, "identical": r.identical, "pause_s": r.pause_s, "replan_s": r.replan_s,
             "replan_seen_s": r.replan_seen_s, "plan_moved": r.plan_moved, "seconds": r.seconds,
-            "stream_pauses_s": [s.pause_s for s in r.streams], "notes": r.notes}
+            "stream_pauses_s": [s.pause_s for s in r.streams], "shaping": r.shaping, "notes": r.notes}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ in ``TrialResult.errors`` (with what the daemons' logs said about it), and every
 namespace and socket it made is gone when it returns.
 
 ``netns=True`` runs the daemons in network namespaces on a bridge (node/testing/netns.py)
-with ``tc netem`` on each host's link; callers check ``netem_unusable_reason()`` first.
+with ``netem`` on each host's link: tc netem where the kernel has sch_netem, else the same
+delay, loss and rate from the userspace impaired bridge (node/testing/impair.py;
+``TrialResult.shaping`` says which); callers check ``impairment_unusable_reason()`` first.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from node.testing.localcluster import LocalCluster, LocalNode
-from node.testing.netns import bridged_hosts, impair
+from node.testing.netns import Impairment, lan
 
 __all__ = ["NETEM", "ChaosModel", "StreamResult", "TrialResult", "cpu_hog", "journey", "prepare_model"]
 
@@ -185,6 +187,7 @@ class TrialResult:
     model: str
     netns: bool
     spare_holds: bool
+    shaping: str = "none"  # what impaired the links: "none", "netem" or "userspace" (the bridge process)
     importer: str = ""
     position: int = 0  # the importer's place in the chain
     victim: str = ""
@@ -415,7 +418,8 @@ def journey(root: Path, model: ChaosModel, *, position: int = 0, spare_holds: bo
     which stage dies (default: a random one that is not the importer); ``seed``: the
     random choices (which node imports, which two are the entries); ``reference``: the
     undisturbed texts by prompt (default: the same prompts run first on this cluster, no
-    kill); ``netns``: the daemons in namespaces with ``netem`` on every link (None: none);
+    kill); ``netns``: the daemons in namespaces with ``netem`` on every link (None: none;
+    without sch_netem only its delay, loss and rate, from the userspace bridge);
     ``record_ttl``: the DHT records' lifetime (default LocalCluster's, short, as in every
     integration test); ``timeout``: the whole trial's bound, each wait inside it bounded too."""
     rng = random.Random(seed)
@@ -430,10 +434,9 @@ def journey(root: Path, model: ChaosModel, *, position: int = 0, spare_holds: bo
         with contextlib.ExitStack() as stack:
             hosts: list[Any] = [None] * NODES
             if netns:
-                hosts = stack.enter_context(bridged_hosts(NODES, f"10.91.{trial % 250}", f"c{trial % 100}"))
-                if netem:
-                    for h in hosts:
-                        impair(h, netem)
+                net = stack.enter_context(lan(NODES, f"10.91.{trial % 250}", f"c{trial % 100}",
+                                              Impairment.from_netem(netem, seed=trial) if netem else None))
+                hosts, res.shaping = list(net.hosts), net.shaping
             cluster = stack.enter_context(LocalCluster(root / "cluster", env=base_env, compile_cache=compile_cache))
             if record_ttl is not None:
                 cluster.record_ttl = record_ttl

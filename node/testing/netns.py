@@ -4,6 +4,12 @@ Addresses exist only inside the namespaces the test made; the host's own
 interfaces and routes are never touched. Everything is deleted on exit. A process
 outside reaches a host's loopback with ``socket_in`` (a socket made inside its
 namespace), and ``impair`` shapes a host's link with tc netem.
+
+Given an ``Impairment`` (delay, loss, rate), ``lan`` and ``bridged_hosts`` shape every
+host's link with tc netem where the kernel has sch_netem, and otherwise replace the
+Linux bridge with node/testing/impair.py's userspace bridge, a process in the hub
+namespace that forwards between the hub-side veths with the same impairment
+(``Lan.shaping`` says which; ``impairment_unusable_reason`` says when neither works).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import logging
 import os
 import shutil
 import socket
@@ -18,9 +25,17 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from node.testing.impair import BridgeProcess, Impairment, disable_offloads, userspace_bridge
+
+__all__ = ["Host", "Impairment", "Lan", "bridge_unusable_reason", "bridged_hosts", "impair",
+           "impairment_unusable_reason", "lan", "netem_unusable_reason", "netns_unusable_reason", "socket_in"]
+
+log = logging.getLogger(__name__)
 
 _CLONE_NEWNET = 0x40000000
+Shaping = Literal["none", "netem", "userspace"]
 
 
 def _run(*args: str) -> None:
@@ -64,6 +79,38 @@ def netem_unusable_reason() -> str | None:
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
     return None
+
+
+def bridge_unusable_reason() -> str | None:
+    """Why the userspace impaired bridge cannot run here (no root or namespaces, no
+    AF_PACKET, veth offloads that cannot be turned off), or None when it can."""
+    reason = netns_unusable_reason()
+    if reason is not None:
+        return reason
+    probe = f"enjbrg{os.getpid()}"
+    try:
+        _run("ip", "netns", "add", probe)
+        _run("ip", "-n", probe, "link", "add", "a0", "type", "veth", "peer", "name", "b0")
+        with socket_in(probe, socket.AF_INET, socket.SOCK_DGRAM) as knobs:
+            disable_offloads(knobs, "a0")
+        socket_in(probe, socket.AF_PACKET, socket.SOCK_RAW).close()
+    except (subprocess.SubprocessError, OSError) as exc:
+        return f"the userspace impaired bridge cannot run here ({exc})"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
+    return None
+
+
+def impairment_unusable_reason() -> str | None:
+    """Why links cannot be impaired here, neither with tc netem nor with the userspace
+    bridge, or None when one of them works."""
+    netem = netem_unusable_reason()
+    if netem is None:
+        return None
+    bridge = bridge_unusable_reason()
+    if bridge is None:
+        return None
+    return netem if netem == bridge else f"{netem}; {bridge}"
 
 
 @dataclass(frozen=True)
@@ -129,31 +176,77 @@ class _NamespaceHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+@dataclass
+class Lan:
+    """Hosts on one segment, and what shapes their links: "none", "netem" (tc on each
+    host's interface) or "userspace" (``bridge``, the impaired bridge process)."""
+
+    hosts: list[Host]
+    hub: str
+    shaping: Shaping
+    bridge: BridgeProcess | None = None
+
+
 @contextlib.contextmanager
-def bridged_hosts(n: int, subnet: str, tag: str) -> Iterator[list[Host]]:
-    """n namespaces on one bridge, host i at f"{subnet}.{i + 1}/24"."""
+def bridged_hosts(n: int, subnet: str, tag: str, impairment: Impairment | None = None) -> Iterator[list[Host]]:
+    """n namespaces on one bridge, host i at f"{subnet}.{i + 1}/24", each host's link
+    impaired by ``impairment`` (``lan`` says how)."""
+    with lan(n, subnet, tag, impairment) as net:
+        yield net.hosts
+
+
+@contextlib.contextmanager
+def lan(n: int, subnet: str, tag: str, impairment: Impairment | None = None, *,
+        via: Literal["auto", "netem", "userspace"] = "auto") -> Iterator[Lan]:
+    """n namespaces on one segment, host i at f"{subnet}.{i + 1}/24". With ``impairment``,
+    ``via`` "auto" shapes with tc netem when the kernel has it and with the userspace
+    bridge otherwise. The bridge process is stopped before the namespaces go."""
+    shaping: Shaping = "none"
+    if impairment is not None:
+        shaping = "userspace" if via == "userspace" else "netem"
+        if via == "auto" and (why := netem_unusable_reason()) is not None:
+            shaping = "userspace"
+            log.info("links impaired by the userspace bridge: %s", why)
     suffix = f"{tag}{os.getpid() % 100000}"
     hub = f"enjhub{suffix}"
     created: list[str] = []
     try:
         _run("ip", "netns", "add", hub)
         created.append(hub)
-        _run("ip", "-n", hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        _run("ip", "-n", hub, "link", "set", "br0", "up")
+        if shaping != "userspace":
+            _run("ip", "-n", hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+            _run("ip", "-n", hub, "link", "set", "br0", "up")
         hosts = []
-        for i in range(n):
-            ns = f"enjn{i}x{suffix}"
-            _run("ip", "netns", "add", ns)
-            created.append(ns)
-            _run("ip", "-n", hub, "link", "add", f"p{i}", "type", "veth", "peer", "name", f"v{i}")
-            _run("ip", "-n", hub, "link", "set", f"p{i}", "master", "br0")
-            _run("ip", "-n", hub, "link", "set", f"p{i}", "up")
-            _run("ip", "-n", hub, "link", "set", f"v{i}", "netns", ns)
-            _run("ip", "-n", ns, "addr", "add", f"{subnet}.{i + 1}/24", "dev", f"v{i}")
-            _run("ip", "-n", ns, "link", "set", f"v{i}", "up")
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            hosts.append(Host(ns, f"{subnet}.{i + 1}", f"v{i}"))
-        yield hosts
+        with contextlib.ExitStack() as knobs_open:
+            knobs = None  # a socket in the hub for the offload ioctls, before v{i} leaves it
+            if shaping == "userspace":
+                knobs = knobs_open.enter_context(socket_in(hub, socket.AF_INET, socket.SOCK_DGRAM))
+            for i in range(n):
+                ns = f"enjn{i}x{suffix}"
+                _run("ip", "netns", "add", ns)
+                created.append(ns)
+                _run("ip", "-n", hub, "link", "add", f"p{i}", "type", "veth", "peer", "name", f"v{i}")
+                if knobs is not None:
+                    disable_offloads(knobs, f"p{i}")
+                    disable_offloads(knobs, f"v{i}")
+                else:
+                    _run("ip", "-n", hub, "link", "set", f"p{i}", "master", "br0")
+                _run("ip", "-n", hub, "link", "set", f"p{i}", "up")
+                _run("ip", "-n", hub, "link", "set", f"v{i}", "netns", ns)
+                _run("ip", "-n", ns, "addr", "add", f"{subnet}.{i + 1}/24", "dev", f"v{i}")
+                _run("ip", "-n", ns, "link", "set", f"v{i}", "up")
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
+                hosts.append(Host(ns, f"{subnet}.{i + 1}", f"v{i}"))
+        if shaping == "netem":
+            assert impairment is not None
+            for h in hosts:
+                impair(h, impairment.netem())
+        if shaping == "userspace":
+            assert impairment is not None
+            with userspace_bridge(hub, [f"p{i}" for i in range(n)], impairment) as bridge:
+                yield Lan(hosts, hub, shaping, bridge)
+        else:
+            yield Lan(hosts, hub, shaping)
     finally:
         for ns in reversed(created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)

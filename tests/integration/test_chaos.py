@@ -3,9 +3,10 @@ busy loop; a GGUF model pulled on one node and loaded with that node at a chosen
 chain; two different entry nodes stream greedy answers at once; a stage that is not the
 importer gets SIGKILL mid-stream. Both streams complete (HTTP 200, no error line) with the
 text of the undisturbed run, and the dead node is out of the new plan. The same runs over
-network namespaces with tc netem (5 ms delay, 1 % loss, 100 Mbit/s) when run as root on a
-kernel with netem. The trial itself is node/testing/chaos.py's ``journey`` (also what
-scripts/bench_chaos.py repeats)."""
+network namespaces with 5 ms delay, 1 % loss and 100 Mbit/s on every link when run as
+root: tc netem where the kernel has it, else node/testing/impair.py's userspace bridge. The
+trial itself is node/testing/chaos.py's ``journey`` (also what scripts/bench_chaos.py
+repeats)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import psutil
 import pytest
 
 from node.testing.chaos import ChaosModel, TrialResult, cpu_hog, journey, prepare_model
-from node.testing.netns import netem_unusable_reason
+from node.testing.netns import impairment_unusable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,8 @@ def _check(res: TrialResult) -> None:
     context = (f"importer {res.importer} at {res.position}, victim {res.victim} (stage {res.victim_position}), "
                f"entries {res.entries}, spare {res.spare}; plan {res.plan_before} -> {res.plan_after}; "
                f"logs under {res.root}\n{said}")
-    print(f"pauses {[s.pause_s for s in res.streams]} s, re-planned in {res.replan_s} s; {context}")  # with -s
+    print(f"pauses {[s.pause_s for s in res.streams]} s, re-planned in {res.replan_s} s, links shaped by "
+          f"{res.shaping}; {context}")  # with -s
     assert [s.status for s in res.streams] == [200, 200], context
     assert res.completed, context
     assert res.killed_mid_stream, context
@@ -62,7 +64,7 @@ def test_a_stage_killed_on_a_busy_machine_costs_no_answer(model: ChaosModel, tmp
 @pytest.mark.netns
 @pytest.mark.timeout(TRIAL_TIMEOUT + 60)
 def test_the_same_over_impaired_links(model: ChaosModel, tmp_path: Path) -> None:
-    reason = netem_unusable_reason()
+    reason = impairment_unusable_reason()
     if reason is not None:
         pytest.skip(reason)
     # The importer at the head, the spare already holds the model.
