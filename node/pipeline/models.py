@@ -275,6 +275,7 @@ class LoadedModels:
                 if verdict == "ready":
                     m.adopt_shape(record)
                     m.use(record)
+                    m.status = ""
                     await self._publish(m)
                     if record.epoch != (current.epoch if current else None):
                         log.info("plan_adopted", model=m.model_id[:12], name=m.name, epoch=record.epoch,

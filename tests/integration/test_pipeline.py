@@ -249,6 +249,9 @@ def test_a_member_sending_bad_steps_or_lying_plans_is_refused(split: LocalCluste
     assert codes[1].startswith("not_loaded"), codes
     assert codes[2].startswith("out_of_memory") and "this node lends" in codes[2], codes
     assert codes[3].startswith("bad_plan"), codes
+    # The refused load is in the log of the node that refused it, once, with its cause.
+    refused = [line for line in target.log_path.read_text().splitlines() if '"stage_load_failed"' in line]
+    assert len(refused) == 1 and "out_of_memory" in refused[0] and "this node lends" in refused[0]
 
 
 def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: LocalCluster, tiny: Path) -> None:
