@@ -28,7 +28,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,13 @@ from typing import Any
 
 from node.testing.localcluster import LocalCluster, LocalNode
 from node.testing.netns import Impairment, lan
+from node.testing.streams import (
+    Stream,
+    StreamResult,
+    failure,
+    post_lines,
+    run_streams,
+)
 
 __all__ = ["NETEM", "ChaosModel", "StreamResult", "TrialResult", "cpu_hog", "journey", "prepare_model"]
 
@@ -48,7 +54,6 @@ NETEM = "delay 5ms loss 1% rate 100mbit"
 NODES = 4  # three in the plan and a spare
 STAGES = 3
 KILL_AFTER = 16  # lines each stream has received before the kill: mid-stream
-LINE_TIMEOUT = 60.0  # no line for this long: the stream hangs
 _HOG = ("import os, sys\nparent = int(sys.argv[1])\n"
         "while os.getppid() == parent:\n    for _ in range(200000):\n        pass\n")
 
@@ -158,28 +163,6 @@ def _lend_and_ranges(config_dir: Path, engine: Mapping[str, Any]) -> tuple[int, 
 # ---------------------------------------------------------------------- records
 
 @dataclass
-class StreamResult:
-    """One streamed generation as the client saw it."""
-
-    entry: str  # the node it entered through
-    prompt: str
-    status: int = 0  # HTTP status (0: no answer)
-    completed: bool = False  # HTTP 200, a final line with done, no error line
-    text: str = ""
-    lines: int = 0
-    pause_s: float = 0.0  # the longest gap between two lines
-    first_line_s: float | None = None  # from the request to the first line
-    lines_at_kill: int | None = None
-    error: str = ""
-    times: list[float] = field(default_factory=list, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("times")
-        return out
-
-
-@dataclass
 class TrialResult:
     """What one journey did and saw (``errors`` empty and ``ok`` true when all held)."""
 
@@ -251,119 +234,6 @@ def _plan_moves(cluster: LocalCluster, nodes: list[LocalNode], model: ChaosModel
 
 
 # ---------------------------------------------------------------------- HTTP
-
-def _post_lines(cluster: LocalCluster, node: LocalNode, path: str, body: Mapping[str, Any],
-                timeout: float) -> tuple[int, list[dict[str, Any]]]:
-    """POST a JSON body and read the whole NDJSON (or JSON) answer; the socket timeout
-    bounds each read and the caller's deadline the whole."""
-    conn = cluster.connection(node, timeout=timeout)
-    try:
-        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        deadline = time.monotonic() + timeout
-        lines: list[dict[str, Any]] = []
-        while raw := resp.readline():
-            if raw.strip():
-                lines.append(_json_line(raw))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} on {node.root.name} did not end in {timeout:.0f} s")
-        return resp.status, lines
-    finally:
-        conn.close()
-
-
-def _json_line(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {"error": f"not JSON: {raw[:200]!r}"}
-    return value if isinstance(value, dict) else {"error": f"not an object: {raw[:200]!r}"}
-
-
-def _failure(what: str, status: int, lines: list[dict[str, Any]]) -> str | None:
-    """The message for an answer that did not end in success, or None."""
-    err = next((x["error"] for x in lines if "error" in x), None)
-    if status != 200 or err is not None or not lines or lines[-1].get("status") != "success":
-        return f"{what}: HTTP {status}: {err or (lines[-1] if lines else 'empty answer')}"
-    return None
-
-
-class _Stream(threading.Thread):
-    """A greedy /api/generate streamed through one node, read line by line on a thread."""
-
-    def __init__(self, cluster: LocalCluster, node: LocalNode, model: ChaosModel, prompt: str,
-                 deadline: float) -> None:
-        super().__init__(name=f"stream-{node.root.name}", daemon=True)
-        self.cluster, self.node, self.model, self.deadline = cluster, node, model, deadline
-        self.result = StreamResult(node.root.name, prompt)
-        self.sock: socket.socket | None = None
-        self.stopped = False
-
-    def run(self) -> None:
-        r, t0 = self.result, time.monotonic()
-        body = {"model": self.model.name, "prompt": r.prompt, "raw": self.model.raw, "stream": True,
-                "options": {"temperature": 0, "num_predict": self.model.num_predict}}
-        conn = self.cluster.connection(self.node, timeout=LINE_TIMEOUT)
-        done = False
-        try:
-            conn.request("POST", "/api/generate", body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
-            self.sock = conn.sock
-            resp = conn.getresponse()
-            r.status = resp.status
-            while raw := resp.readline():
-                if not raw.strip():
-                    continue
-                r.times.append(time.monotonic())
-                line = _json_line(raw)
-                if "error" in line:
-                    r.error = f"{'HTTP ' + str(r.status) + ': ' if r.status != 200 else 'error line: '}{line['error']}"
-                    break
-                r.text += str(line.get("response", ""))
-                done = line.get("done") is True
-                if done:
-                    break
-            if not done and not r.error:
-                r.error = f"the stream ended after {len(r.times)} lines without a final done line"
-        except TimeoutError:
-            r.error = f"no line for {LINE_TIMEOUT:.0f} s after {len(r.times)} lines (a hang)"
-        except Exception as exc:  # a trial never raises; the message says what
-            r.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            conn.close()
-        if self.stopped and not done:
-            r.error = f"no end after {self.deadline - t0:.0f} s ({len(r.times)} lines): a hang"
-        r.lines = len(r.times)
-        r.first_line_s = round(r.times[0] - t0, 3) if r.times else None
-        r.pause_s = round(max((b - a for a, b in zip(r.times, r.times[1:], strict=False)), default=0.0), 3)
-        r.completed = r.status == 200 and done and not r.error
-
-    def stop(self) -> None:
-        """Unblock a read that waits past the deadline (shutdown wakes a blocked recv)."""
-        self.stopped = True
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-
-
-def _run_streams(cluster: LocalCluster, entries: list[LocalNode], model: ChaosModel, deadline: float, *,
-                 kill: Callable[[list[_Stream]], None] | None = None) -> list[StreamResult]:
-    streams = [_Stream(cluster, node, model, prompt, deadline)
-               for node, prompt in zip(entries, model.prompts, strict=True)]
-    for s in streams:
-        s.start()
-    try:
-        if kill is not None:
-            kill(streams)
-    finally:
-        for s in streams:
-            s.join(max(0.0, deadline - time.monotonic()))
-        for s in streams:
-            if s.is_alive():
-                s.stop()
-                s.join(10)
-    return [s.result for s in streams]
-
 
 # ---------------------------------------------------------------------- logs and plans
 
@@ -507,16 +377,16 @@ def _trial(cluster: LocalCluster, hosts: list[Any], model: ChaosModel, res: Tria
     res.entries = [n.root.name for n in entries]
 
     # The importer pulls the GGUF; the load pins each stage of the chain to its range.
-    status, lines = _post_lines(cluster, importer, "/api/pull", {"model": str(model.gguf), "name": model.name,
+    status, lines = post_lines(cluster, importer, "/api/pull", {"model": str(model.gguf), "name": model.name,
                                                                  "piece_size": model.piece_size},
                                 timeout=_left(deadline, 300))
-    if (msg := _failure(f"pull of {model.gguf.name} on {importer.root.name}", status, lines)) is not None:
+    if (msg := failure(f"pull of {model.gguf.name} on {importer.root.name}", status, lines)) is not None:
         raise RuntimeError(msg)
     pins = [{"node": n.root.name, "layers": list(r)} for n, r in zip(chain, model.ranges, strict=True)]
     say(f"load pinned {pins}")
-    status, lines = _post_lines(cluster, entries[0], "/api/load", {"model": model.name, "pins": pins},
+    status, lines = post_lines(cluster, entries[0], "/api/load", {"model": model.name, "pins": pins},
                                 timeout=_left(deadline, 400))
-    if (msg := _failure(f"load through {entries[0].root.name} with pins {pins}", status, lines)) is not None:
+    if (msg := failure(f"load through {entries[0].root.name} with pins {pins}", status, lines)) is not None:
         raise RuntimeError(msg)
     _, res.plan_before = _plan(cluster, entries[0], model.name)
     loaded_at = {n.root.name: _log_size(n) for n in nodes}
@@ -527,14 +397,14 @@ def _trial(cluster: LocalCluster, hosts: list[Any], model: ChaosModel, res: Tria
                 res.notes.append(f"after the load, {n.root.name}'s /api/ps showed {_layout(seen)}, "
                                  f"not the plan {_layout(res.plan_before)}")
     if res.spare_holds:
-        status, lines = _post_lines(cluster, spare, "/api/pull", {"model": model.name}, timeout=_left(deadline, 300))
-        if (msg := _failure(f"pull of {model.name} on the spare {spare.root.name}", status, lines)) is not None:
+        status, lines = post_lines(cluster, spare, "/api/pull", {"model": model.name}, timeout=_left(deadline, 300))
+        if (msg := failure(f"pull of {model.name} on the spare {spare.root.name}", status, lines)) is not None:
             raise RuntimeError(msg)
     say(f"plan {res.plan_before}, spare {spare.root.name} holds the pieces: {res.spare_holds}")
 
     # The undisturbed texts, unless given: the same prompts through the same entries, no kill.
     if reference is None:
-        quiet = _run_streams(cluster, entries, model, time.monotonic() + _left(deadline, 300))
+        quiet = run_streams(cluster, entries, model, time.monotonic() + _left(deadline, 300))
         bad = [f"undisturbed stream through {s.entry}: {s.error or 'did not complete'}" for s in quiet
                if not s.completed]
         if bad:
@@ -550,7 +420,7 @@ def _trial(cluster: LocalCluster, hosts: list[Any], model: ChaosModel, res: Tria
     killed_at: list[float] = []
     by_name = {n.root.name: n for n in nodes}
 
-    def kill(streams: list[_Stream]) -> None:
+    def kill(streams: list[Stream]) -> None:
         nonlocal victim
         wait_until = time.monotonic() + _left(deadline, 240)
         while time.monotonic() < wait_until:
@@ -587,7 +457,7 @@ def _trial(cluster: LocalCluster, hosts: list[Any], model: ChaosModel, res: Tria
                     return
             time.sleep(0.25)
 
-    res.streams = _run_streams(cluster, entries, model, time.monotonic() + _left(deadline, 400), kill=kill)
+    res.streams = run_streams(cluster, entries, model, time.monotonic() + _left(deadline, 400), kill=kill)
     if not killed_at:
         return
     with contextlib.suppress(subprocess.TimeoutExpired):

@@ -30,6 +30,9 @@ class _Dht:
     async def get(self, key: str) -> dict[str, Any]:
         return dict.fromkeys(self.holders, None)
 
+    def forget(self, node_id: str) -> None:
+        pass
+
 
 async def test_a_manifest_that_is_not_the_model_asked_for_is_rejected(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "m", layers=1)
