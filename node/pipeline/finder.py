@@ -10,7 +10,7 @@ which also renews the asker's lease and tells the stage when the asker's keep_al
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -62,15 +62,22 @@ class PlanFinder:
                           and isinstance(e.get("epoch"), int) and not isinstance(e.get("epoch"), bool)),
                          reverse=True)
         for epoch, node in serving[:2]:
+            record = await self.plan_of([node], model_id)
+            if record is not None and record.epoch == epoch and record.weights == weights and \
+                    record.plan.num_layers == layers:
+                return record
+        return None
+
+    async def plan_of(self, nodes: Sequence[str], model_id: str) -> PlanRecord | None:
+        """The newest plan record one of ``nodes`` serves or loads the model with (asked in turn)."""
+        for node in nodes[:3]:
             try:
-                record = parse_plan_record(await self.peers.request(node, "pipe.plan", {"model": model_id},
-                                                                    timeout=PROBE_TIMEOUT), model_id=model_id)
+                answer = await self.peers.request(node, "pipe.plan", {"model": model_id}, timeout=PROBE_TIMEOUT)
+                if answer:
+                    return parse_plan_record(answer, model_id=model_id)
             except Exception as exc:  # gone, or an answer that does not parse: try the next one
                 log.info("stage_plan_unreadable", model=model_id[:12], node=node[:12],
                          error=f"{type(exc).__name__}: {exc}")
-                continue
-            if record.epoch == epoch and record.weights == weights and record.plan.num_layers == layers:
-                return record
         return None
 
     async def probe(self, record: PlanRecord, until: float | None = None) -> list[StageView | None]:

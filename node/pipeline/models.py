@@ -43,7 +43,7 @@ from node.pipeline.failures import FailureMarks
 from node.pipeline.finder import LEASE_TTL, PlanFinder
 from node.pipeline.planner import ModelCost, NodeOffer, Pin, PlanError, make_plan
 from node.pipeline.plans import new_epoch, publish_plan, read_plans, withdraw_plan
-from node.pipeline.verdict import judge
+from node.pipeline.verdict import Verdict, judge
 from node.store.pieces import StoreError
 from node.swarm.layers import pieces_for_layers
 from node.swarm.service import ModelService, PullError
@@ -263,6 +263,7 @@ class LoadedModels:
         first_seen_none: dict[str, float] = {}
         said = ""
         no_fit_since: float | None = None
+        began = current.epoch if current is not None else None
         while True:
             if time.monotonic() > deadline:
                 raise DriverError(f"model {m.name!r} did not become ready in time ({m.status or 'waiting'})")
@@ -271,13 +272,20 @@ class LoadedModels:
                 survivors: tuple[Pin, ...] = pins
             else:
                 views = await self._probe(record, m)
-                verdict, survivors = self._verdict(m, record, views, first_seen_none)
+                v = self._verdict(m, record, views, first_seen_none)
+                verdict, survivors = v.kind, v.keep
+                if verdict == "newer":  # its record may not have reached the DHT yet: ask its stages
+                    newer = await self.finder.plan_of(v.newer, record.model_id)
+                    if newer is not None and newer.epoch > record.epoch:
+                        current = newer
+                        continue
+                    verdict = "wait"
                 if verdict == "ready":
                     m.adopt_shape(record)
                     m.use(record)
                     m.status = ""
                     await self._publish(m)
-                    if record.epoch != (current.epoch if current else None):
+                    if record.epoch != began:
                         log.info("plan_adopted", model=m.model_id[:12], name=m.name, epoch=record.epoch,
                                  stages=len(record.plan.stages))
                         progress({"status": "adopted", "epoch": record.epoch, "stages": await self._stage_list(
@@ -328,9 +336,9 @@ class LoadedModels:
         return await self.finder.probe(record, self.until(m) if m is not None else None)
 
     def _verdict(self, m: Model, record: PlanRecord, views: list[StageView | None],
-                 first_seen_none: dict[str, float]) -> tuple[str, tuple[Pin, ...]]:
-        """("ready" | "wait" | "repair", the stages to keep when repairing), with the marks
-        of the stages that answered cleared and those that did not (or failed) set."""
+                 first_seen_none: dict[str, float]) -> Verdict:
+        """judge() on ``record``, with the marks of the stages that answered cleared and those
+        that did not (or failed) set."""
         v = judge(record, views, first_seen_none, now=time.monotonic(), grace=PENDING_GRACE)
         for node in v.answered:
             m.failed.clear(node)
@@ -341,7 +349,7 @@ class LoadedModels:
         if v.kind == "repair":
             log.info("plan_needs_repair", model=m.model_id[:12], epoch=record.epoch,
                      gone=[n[:12] for n in v.gone], keep=len(v.keep))
-        return v.kind, v.keep
+        return v
 
     async def _place(self, m: Model, progress: Progress, pins: tuple[Pin, ...], *, floor: int = 0) -> None:
         """Plan (keeping ``pins``), publish the plan, then load every stage of it."""
@@ -438,6 +446,10 @@ class LoadedModels:
                     m.status = "re-planned: " + ", ".join(f"{s['node']} {s['layers'][0]}-{s['layers'][1]}"
                                                           for s in event.get("stages", []))
 
+            if m.record is not None:
+                # Ask the plan's stages first, before any DHT lookup: a dead node's port refuses at
+                # once, and the DHT then skips it instead of waiting 2 s per lookup round on it.
+                await self._probe(m.record, m)
             try:
                 await self._establish(m, report, deadline=t0 + RECOVERY_TIMEOUT, current=m.record, fit_wait=FIT_WAIT)
             except DriverError as exc:
@@ -482,7 +494,7 @@ class LoadedModels:
             if record is None or record.epoch <= m.epoch:
                 return False
             views = await self._probe(record, m)
-            if self._verdict(m, record, views, {})[0] != "ready":
+            if self._verdict(m, record, views, {}).kind != "ready":
                 return False
             m.use(record)
             await self._publish(m)

@@ -282,7 +282,7 @@ class StageWorker:
             ref = parse_model_ref(body)
         except PipelineMessageError as exc:
             raise RequestRefused("bad_request", str(exc)) from None
-        loaded = self.stages.get(ref.model_id)
+        loaded = self.loading.get(ref.model_id) or self.stages.get(ref.model_id)
         if loaded is None or loaded.draining:
             return {}
         return loaded.request.record.to_dict()

@@ -26,7 +26,8 @@ READY = v("ready")
     [
         ([READY, READY, READY], "ready", (), ()),
         ([READY, v("compiling"), READY], "wait", (), ()),
-        ([READY, v("ready", epoch=11), READY], "wait", (), ()),  # a newer plan is on its way
+        ([READY, v("ready", epoch=11), READY], "newer", (), ()),  # a newer plan: use it
+        ([None, v("loading", epoch=11), READY], "newer", (), ()),  # even with a stage gone
         ([READY, v("none", epoch=3), READY], "wait", (), ()),  # not asked yet: within the grace
         ([READY, None, READY], "repair", (Pin(A, 0, 2), Pin(C, 4, 6)), (B,)),  # no answer
         ([READY, v("failed"), READY], "repair", (Pin(A, 0, 2), Pin(C, 4, 6)), (B,)),
