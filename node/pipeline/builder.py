@@ -141,13 +141,13 @@ class StageBuilder:
 
 
 def _warm(runner: StageRunner) -> None:
-    """Compile the first buckets (a one-token prefill and a decode step) on a scratch slot."""
+    """Compile the first buckets (a one-token prefill, a decode step and, at the tail, a
+    sampling decode step) on a scratch slot."""
     import numpy as np
 
     part, cfg = runner.partition, runner.partition.config
     x: Any = np.zeros(1, np.int64) if runner.is_first else np.zeros((1, cfg.hidden_size), np.float32)
     runner.cache, _ = part.prefill(runner.cache, x, start_pos=0, slot=0)
+    runner.cache, _ = part.decode(runner.cache, x, [0], [1])  # also the tail's replayed (forced) steps
     if runner.is_last:  # the tail decodes and samples in one call
         runner.cache, _ = part.tail_step(runner.cache, x, [0], [1], [None])
-    else:
-        runner.cache, _ = part.decode(runner.cache, x, [0], [1])

@@ -41,6 +41,10 @@ log = structlog.get_logger("node.pipeline")
 
 MAX_FAILURES = 6  # failed attempts in a row without a new token before the request gives up
 BUSY_DEADLINE = 300.0  # how long a session waits for a free slot at a busy stage
+# Replayed steps in flight at once: each stage runs them in order as they arrive, so the
+# replay costs about one step per token at the slowest stage rather than a round trip of
+# the whole chain per token (at most 4 x slots steps may wait at a stage).
+REPLAY_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ class Sessions:
         (replayed, not re-sampled) and grows as tokens are yielded."""
         step = 0
         resume = len(emitted)
+        started = time.monotonic()
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = np.asarray(prompt + emitted, np.int64)
@@ -164,11 +169,25 @@ class Sessions:
             reply = await self._step(m, head, body)
             step += 1
         pos = len(prompt)
-        for token in emitted[:-1]:  # replay: teacher-forced, nothing sampled
-            await self._step(m, head, {**base, "step": step, "kind": "forced", "start": pos,
-                                       "inputs": np.asarray([token], np.int64)})
-            step, pos = step + 1, pos + 1
+        if len(emitted) > 1:  # replay: teacher-forced, nothing sampled, a few steps in flight at once
+            window = asyncio.Semaphore(REPLAY_WINDOW)
+
+            async def forced(i: int, token: int) -> None:
+                async with window:
+                    await self._step(m, head, {**base, "step": step + i, "kind": "forced", "start": pos + i,
+                                               "inputs": np.asarray([token], np.int64)})
+
+            tasks = [asyncio.ensure_future(forced(i, t)) for i, t in enumerate(emitted[:-1])]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            step, pos = step + len(emitted) - 1, pos + len(emitted) - 1
         if resume:
+            log.info("session_rebuilt", model=m.model_id[:12], epoch=m.epoch, prompt=len(prompt), replayed=resume,
+                     seconds=round(time.monotonic() - started, 2))
             next_input = emitted[-1]
         else:
             tok = self._token(reply, head)

@@ -99,6 +99,7 @@ class StageRunner:
         if s is None:
             return False
         self._free.append(s.slot)
+        self._wake.set()  # steps of it still waiting fail now, not at the next submit
         return True
 
     def sweep(self) -> list[str]:
@@ -134,7 +135,7 @@ class StageRunner:
             batch: list[_Pending] = []
             seen: set[str] = set()
             for p in decodes:  # one step per session per batch, at most the pool
-                if p.step.session not in seen and len(batch) < self.slots:
+                if p.step.session not in seen and len(batch) < self.slots and not self._ahead(p.step):
                     batch.append(p)
                     seen.add(p.step.session)
             for p in list(batch):  # a bad step fails alone, not its whole batch
@@ -149,6 +150,16 @@ class StageRunner:
             prefill = next((p for p in self._pending if p.step.kind == "prefill"), None)
             if prefill is not None:
                 await self._settle([prefill], self._prefill)
+            elif not batch:  # only replayed steps ahead of their session: wait for the one before
+                self._wake.clear()
+                await self._wake.wait()
+
+    def _ahead(self, step: Step) -> bool:
+        """A replayed (forced) step that arrived before the one its session needs next: the
+        driver sends a rebuilt session's replay several steps at a time, and a stage runs
+        them in order as they come (one per batch, as the undisturbed run's steps ran)."""
+        s = self.sessions.get(step.session)
+        return step.kind == "forced" and s is not None and step.start > s.pos
 
     async def _settle(self, items: list[_Pending], fn: Callable[[list[Step]], list[StageResult]]) -> None:
         for p in items:
