@@ -82,11 +82,32 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print("no models loaded (nodectl load MODEL)")
         return 0
     for m in models:
-        print(f"{_clean(m['name'])}  {len(m['plan'])} node(s)  {format_size(int(m.get('size', 0)))}  "
-              f"context {m.get('context_length')}  sessions {m.get('sessions', 0)}")
+        print(f"{_clean(m['name'])}  {_clean(m.get('digest', ''), 12)}  {len(m['plan'])} node(s)  "
+              f"{format_size(int(m.get('size', 0)))}  context {m.get('context_length')}  "
+              f"sessions {m.get('sessions', 0)}  until {_until(m.get('expires_at'))}")
+        if m.get("status"):
+            print(f"  ({_clean(m['status'], 120)})")
         for s in m["plan"]:
-            print(f"  {_clean(s['node_id'], 12)}  layers [{s['start']}, {s['end']})  {format_size(int(s['memory']))}")
+            who = s.get("node") or s["node_id"][:12]
+            print(f"  {_clean(who, 32):<12}  layers [{s['start']}, {s['end']})  {format_size(int(s['memory']))}")
     return 0
+
+
+def _until(expires_at: Any) -> str:
+    """Ollama's UNTIL column: "4 minutes from now", "forever"."""
+    import datetime as dt
+
+    try:
+        when = dt.datetime.strptime(str(expires_at), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return "?"
+    left = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    if left > 10 * 365 * 86400:
+        return "forever"
+    if left < 60:
+        return "less than a minute from now"
+    minutes = round(left / 60)
+    return f"{minutes} minute{'s' * (minutes != 1)} from now" if minutes < 120 else f"{round(left / 3600)} hours from now"
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -198,7 +198,9 @@ def test_every_node_answers_ps_and_status_the_same(cluster: LocalCluster) -> Non
     for n in get(cluster.nodes[1], "/api/cluster/status")["nodes"]:
         assert n["memory_used"] <= n["memory_allowed"], n
     ps = nodectl(cluster.nodes[2], "ps").stdout
-    assert "node" in ps and MODEL in ps
+    assert MODEL in ps and "minutes from now" in ps
+    for _, node, start, end in shown:  # each stage by its node's name, as status names them
+        assert f"{node}" in ps and f"layers [{start}, {end})" in ps
     show = post(cluster.nodes[2], "/api/show", {"model": MODEL})[1][0]
     assert show["context_length"] == CONTEXT and f"num_ctx {CONTEXT}".replace(" ", "") in \
         show["parameters"].replace(" ", "")
