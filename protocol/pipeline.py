@@ -175,6 +175,8 @@ def parse_step(body: Any, *, first: bool, hidden_size: int, vocab_size: int, max
             or inputs.dtype.name not in HIDDEN_DTYPES
         ):
             raise PipelineMessageError(f"hidden states must be a float tensor [n, {hidden_size}]")
+        if not np.isfinite(inputs).all():  # one NaN row would spread through every later step
+            raise PipelineMessageError("hidden states must be finite (no NaN or infinity)")
     n = int(inputs.shape[0])
     if not 1 <= n <= MAX_STEP_TOKENS:
         raise PipelineMessageError(f"a step carries 1 to {MAX_STEP_TOKENS} tokens, got {n}")

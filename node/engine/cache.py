@@ -115,3 +115,17 @@ def cache_nbytes(
     config: ModelConfig, num_layers: int, slots: int, length: int, itemsize: int
 ) -> int:
     return 2 * num_layers * slots * length * config.kv_size * itemsize
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def clear_slot(cache: KVCache, slot: jax.Array) -> KVCache:
+    """The cache with one slot's keys and values zeroed (in place: the cache is donated).
+
+    A session taking a slot starts from zeros, not from what the slot's last session left:
+    attention weighs a masked row by exactly 0, and 0 times a non-finite value left there
+    is NaN (a peer once poisoned every later session of a slot this way)."""
+    return KVCache(
+        k=[a.at[slot].set(0) for a in cache.k],
+        v=[a.at[slot].set(0) for a in cache.v],
+        num_slots=cache.num_slots,
+    )

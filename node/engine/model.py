@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from node.engine.buckets import MIN_BUCKET, chunk_spans, decode_width, pow2_bucket
-from node.engine.cache import CacheGeometry, KVCache, default_attn_block, new_cache
+from node.engine.cache import CacheGeometry, KVCache, clear_slot, default_attn_block, new_cache
 from node.engine.config import ModelConfig
 from node.engine.errors import ContextOverflowError, PartitionError, TokenRangeError
 from node.engine.quant import NATIVE, check_weights
@@ -113,6 +113,13 @@ class Partition:
         if slots < 1:
             raise PartitionError(f"a cache needs at least one slot, got {slots}")
         return new_cache(self.config, self.num_layers, slots, self.geom.length, self.dtype)
+
+    def clear_slot(self, cache: KVCache, slot: int) -> KVCache:
+        """`cache` with `slot` zeroed, for a new session (the old cache is donated)."""
+        (idx,) = self._slots(cache, [slot])
+        if not self.num_layers:
+            return cache
+        return clear_slot(cache, jnp.int32(idx))
 
     # -- input checks -------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import structlog
 
 from node.cluster.peers import PeerUnknown
 from node.net.errors import RemoteError, RequestRefused, TransportError
-from node.pipeline.plans import PlanDHT, read_plans
+from node.pipeline.plans import PlanDHT, epoch_from_future, read_plans
 from protocol.plan import PlanFormError, PlanRecord, StageView, parse_plan_record, parse_stage_view
 
 __all__ = ["LEASE_TTL", "PROBE_TIMEOUT", "PlanFinder"]
@@ -73,8 +73,9 @@ class PlanFinder:
         for node in nodes[:3]:
             try:
                 answer = await self.peers.request(node, "pipe.plan", {"model": model_id}, timeout=PROBE_TIMEOUT)
-                if answer:
-                    return parse_plan_record(answer, model_id=model_id)
+                record = parse_plan_record(answer, model_id=model_id) if answer else None
+                if record is not None and not epoch_from_future(record.epoch):
+                    return record
             except Exception as exc:  # gone, or an answer that does not parse: try the next one
                 log.info("stage_plan_unreadable", model=model_id[:12], node=node[:12],
                          error=f"{type(exc).__name__}: {exc}")

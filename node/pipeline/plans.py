@@ -16,11 +16,15 @@ import structlog
 
 from protocol.plan import MAX_EPOCH, PlanFormError, PlanRecord, parse_plan_record
 
-__all__ = ["PLAN_PREFIX", "PlanDHT", "new_epoch", "publish_plan", "read_plans", "withdraw_plan"]
+__all__ = ["EPOCH_AHEAD_S", "PLAN_PREFIX", "PlanDHT", "epoch_from_future", "new_epoch", "publish_plan", "read_plans",
+           "withdraw_plan"]
 
 log = structlog.get_logger("node.pipeline")
 
 PLAN_PREFIX = "plan/"
+# How far ahead of this node's clock an epoch may be (the DHT's own clock skew bound): an
+# epoch from further ahead would win every race until then (2^62 would win for ever).
+EPOCH_AHEAD_S = 60.0
 
 
 class PlanDHT(Protocol):
@@ -34,6 +38,12 @@ def new_epoch(previous: int, node_id: str, *, now_ms: int | None = None) -> int:
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     epoch = max(previous + 1, (ms << 10) | (int(node_id[:3] or "0", 16) & 0x3FF))
     return min(epoch, MAX_EPOCH)
+
+
+def epoch_from_future(epoch: int, *, now: float | None = None) -> bool:
+    """Whether ``epoch`` was made more than EPOCH_AHEAD_S after ``now`` (unix time)."""
+    now = time.time() if now is None else now
+    return (epoch >> 10) > int((now + EPOCH_AHEAD_S) * 1000)
 
 
 async def publish_plan(dht: PlanDHT, record: PlanRecord, *, ttl: float) -> None:
@@ -53,6 +63,10 @@ async def read_plans(dht: PlanDHT, model_id: str) -> list[PlanRecord]:
             plan = parse_plan_record(record.value, model_id=model_id)
         except PlanFormError as exc:
             log.info("plan_record_skipped", publisher=str(publisher)[:12], model=model_id[:12], why=str(exc))
+            continue
+        if epoch_from_future(plan.epoch):
+            log.info("plan_record_skipped", publisher=str(publisher)[:12], model=model_id[:12],
+                     why=f"epoch {plan.epoch} is from more than {EPOCH_AHEAD_S:.0f} s ahead")
             continue
         found.setdefault(plan.epoch, plan)
     return [found[e] for e in sorted(found, reverse=True)]

@@ -223,7 +223,7 @@ class Sessions:
             if exc.code == "stage_failed":
                 raise _StageGone(f"node {exc.message[:12]} failed") from None
             if exc.code in ("stale_epoch", "not_loaded", "unknown_session", "bad_position", "unloaded",
-                            "engine_error", "not_prefilled", "stale_step"):
+                            "engine_error", "not_prefilled", "stale_step", "not_a_driver", "not_your_session"):
                 raise _StageGone(f"the plan changed under the session ({exc.code}: {exc.message[:120]})") from None
             log.warning("step_refused", model=m.model_id[:12], code=exc.code, error=exc.message[:300])
             raise GenerationError(f"the pipeline refused a step: [{exc.code}] {exc.message}") from None

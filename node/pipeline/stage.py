@@ -12,6 +12,11 @@ The last stage samples: a decode step gives a token (tail_step: decode and sampl
 one compiled call), the final prefill chunk gives the first token (sampled on the host
 from the prompt's last logits), a "forced" step (replay after a failure) gives none.
 A step number is processed once: a repeated step gets the stored answer again.
+
+Each session belongs to the driver whose prefill opened it (its ``owner``, the node id
+the worker vouches for): a step or a close naming another driver's session is refused,
+a driver holds at most ``owner_cap()`` sessions at once (the others wait as ``busy``),
+and a slot is zeroed when a new session takes it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class StageResult:
 @dataclass
 class _Session:
     slot: int
+    owner: str = ""
     pos: int = 0
     state: SamplerState | None = None
     last_step: int = -1
@@ -54,12 +60,14 @@ class _Session:
 @dataclass
 class _Pending:
     step: Step
+    owner: str
     future: asyncio.Future[StageResult]
 
 
 class StageRunner:
     def __init__(self, partition: Partition, *, slots: int, executor: ThreadPoolExecutor,
-                 session_idle: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 session_idle: float, clock: Callable[[], float] = time.monotonic,
+                 owner_cap: Callable[[], int] | None = None) -> None:
         self.partition = partition
         self.slots = slots
         self.cache = partition.new_cache(slots)
@@ -68,6 +76,7 @@ class StageRunner:
         self._executor = executor
         self._idle = session_idle
         self._clock = clock
+        self.owner_cap = owner_cap or (lambda: slots)
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -94,10 +103,12 @@ class StageRunner:
                 p.future.set_exception(StageError("unloaded", "the model was unloaded on this node"))
         self._pending.clear()
 
-    def free(self, session: str) -> bool:
-        s = self.sessions.pop(session, None)
-        if s is None:
+    def free(self, session: str, owner: str | None = None) -> bool:
+        """Free a session (only its owner's, when ``owner`` is given)."""
+        s = self.sessions.get(session)
+        if s is None or (owner is not None and s.owner != owner):
             return False
+        del self.sessions[session]
         self._free.append(s.slot)
         self._wake.set()  # steps of it still waiting fail now, not at the next submit
         return True
@@ -110,9 +121,14 @@ class StageRunner:
             self.free(sid)
         return gone
 
-    async def submit(self, step: Step) -> StageResult:
+    def owned_by(self, owner: str) -> int:
+        return sum(1 for s in self.sessions.values() if s.owner == owner)
+
+    async def submit(self, step: Step, owner: str = "") -> StageResult:
         self.used_at = self._clock()
         s = self.sessions.get(step.session)
+        if s is not None and s.owner != owner:
+            raise StageError("not_your_session", "that session belongs to another driver")
         if s is not None and step.step == s.last_step and s.last_result is not None:
             return s.last_result  # a repeat (the sender retried): processed once
         if s is not None and step.step <= s.last_step:
@@ -120,7 +136,7 @@ class StageRunner:
         if len(self._pending) >= 4 * self.slots:
             raise StageBusy("busy", "too many steps waiting at this stage")
         fut: asyncio.Future[StageResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(step, fut))
+        self._pending.append(_Pending(step, owner, fut))
         self._wake.set()
         return await fut
 
@@ -139,7 +155,7 @@ class StageRunner:
                     batch.append(p)
                     seen.add(p.step.session)
             for p in list(batch):  # a bad step fails alone, not its whole batch
-                problem = self._decode_problem(p.step)
+                problem = self._decode_problem(p)
                 if problem is not None:
                     batch.remove(p)
                     self._pending.remove(p)
@@ -161,13 +177,12 @@ class StageRunner:
         s = self.sessions.get(step.session)
         return step.kind == "forced" and s is not None and step.start > s.pos
 
-    async def _settle(self, items: list[_Pending], fn: Callable[[list[Step]], list[StageResult]]) -> None:
+    async def _settle(self, items: list[_Pending], fn: Callable[[list[_Pending]], list[StageResult]]) -> None:
         for p in items:
             self._pending.remove(p)
         live = [p for p in items if not p.future.done()]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, fn, [p.step for p in live])
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, fn, live)
         except asyncio.CancelledError:  # the stage was replaced or unloaded mid-call: answer, never hang
             for p in live:
                 if not p.future.done():
@@ -192,10 +207,13 @@ class StageRunner:
                 p.future.set_result(r)
         self.steps_run += 1
 
-    def _decode_problem(self, step: Step) -> StageError | None:
+    def _decode_problem(self, p: _Pending) -> StageError | None:
+        step = p.step
         s = self.sessions.get(step.session)
         if s is None:
             return StageError("unknown_session", "this stage holds no such session (start it with a prefill)")
+        if s.owner != p.owner:
+            return StageError("not_your_session", "that session belongs to another driver")
         if step.start != s.pos:
             return StageError("bad_position", f"the session holds {s.pos} tokens, the step starts at {step.start}")
         if self.is_last and s.state is None:
@@ -204,13 +222,26 @@ class StageRunner:
 
     # ------------------------------------------------------------------ engine calls (engine thread)
 
-    def _session_for(self, step: Step) -> _Session:
+    def _session_for(self, p: _Pending) -> _Session:
+        step = p.step
         s = self.sessions.get(step.session)
+        if s is not None and s.owner != p.owner:
+            raise StageError("not_your_session", "that session belongs to another driver")
         if step.kind == "prefill" and step.start == 0:
             if s is None:
                 if not self._free:
                     raise StageBusy("busy", f"all {self.slots} sessions of this stage are in use")
-                s = _Session(self._free.pop(0))
+                cap = self.owner_cap()
+                if self.owned_by(p.owner) >= cap:
+                    raise StageBusy("busy", f"this driver already holds {cap} sessions of this stage "
+                                            "(its share while other drivers use it)")
+                slot = self._free.pop(0)
+                try:
+                    self.cache = self.partition.clear_slot(self.cache, slot)
+                except BaseException:
+                    self._free.insert(0, slot)
+                    raise
+                s = _Session(slot, p.owner)
                 self.sessions[step.session] = s
             s.pos, s.state, s.last_step = 0, None, -1
         if s is None:
@@ -219,9 +250,10 @@ class StageRunner:
             raise StageError("bad_position", f"the session holds {s.pos} tokens, the step starts at {step.start}")
         return s
 
-    def _prefill(self, steps: list[Step]) -> list[StageResult]:
-        (step,) = steps
-        s = self._session_for(step)
+    def _prefill(self, items: list[_Pending]) -> list[StageResult]:
+        (p,) = items
+        step = p.step
+        s = self._session_for(p)
         self.cache, out = self.partition.prefill(self.cache, step.inputs, start_pos=step.start, slot=s.slot)
         s.pos += int(step.inputs.shape[0])
         if not self.is_last:
@@ -243,8 +275,9 @@ class StageRunner:
             state.observe(step.seen.tolist())
         return state
 
-    def _decode(self, steps: list[Step]) -> list[StageResult]:
-        sessions = [self._session_for(st) for st in steps]
+    def _decode(self, items: list[_Pending]) -> list[StageResult]:
+        steps = [p.step for p in items]
+        sessions = [self._session_for(p) for p in items]
         slots = [s.slot for s in sessions]
         positions = [st.start for st in steps]
         if self.is_first:

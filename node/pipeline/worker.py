@@ -15,9 +15,13 @@ certificate):
   dropped, no new session starts, and the stage unloads once its live sessions end.
 - ``pipe.step``: run one step of one session (stage.py) and forward the result to the
   next stage of the plan; the answer (the tail's token) travels back the same way.
+  The first stage takes steps only from a driver holding a lease on it (or owning the
+  session); every other stage only from the plan's previous stage, which names the
+  session's driver (``driver``). A session belongs to the driver that opened it, and
+  a driver holds at most its share of the slots while other drivers lease the stage.
   When the next stage cannot be reached the answer is ``stage_failed`` naming it, so
   the driver knows which node to check.
-- ``pipe.close`` {model, session}: free a session's cache. ``pipe.state``: every stage.
+- ``pipe.close`` {model, session}: the session's driver frees its cache. ``pipe.state``: every stage.
   ``pipe.plan`` {model}: the plan record the stage serves (drivers ask it when the DHT
   record is missing).
 A stage stays loaded while any driver holds a lease on it or a session is live on it;
@@ -40,11 +44,12 @@ from node.cluster.peers import Peers, PeerUnknown
 from node.engine.errors import EngineError
 from node.net.errors import RemoteError, RequestRefused, TransportError
 from node.pipeline.builder import StageBuilder, shape_of
+from node.pipeline.plans import EPOCH_AHEAD_S, epoch_from_future
 from node.pipeline.stage_errors import StageError
 from node.store.pieces import StoreError
 from node.swarm.service import ModelService
 from protocol.pipeline import PipelineMessageError, parse_model_ref, parse_step, parse_step_reply
-from protocol.plan import LoadRequest, PlanFormError, StageView, parse_load
+from protocol.plan import LoadRequest, PlanFormError, StageView, node_id_ok, parse_load
 
 if TYPE_CHECKING:
     from node.pipeline.stage import StageRunner
@@ -150,6 +155,9 @@ class StageWorker:
             raise RequestRefused("bad_plan", str(exc)) from None
         if req.stage.node_id != self.node_id:
             raise RequestRefused("bad_plan", "this node is not that stage of the plan")
+        if epoch_from_future(req.record.epoch):
+            raise RequestRefused("bad_plan", f"the plan's epoch is from more than {EPOCH_AHEAD_S:.0f} s "
+                                             "ahead of this node's clock")
         model_id, epoch, now = req.record.model_id, req.record.epoch, self._clock()
         current, pending = self.stages.get(model_id), self.loading.get(model_id)
         newest = max((x.epoch for x in (current, pending) if x is not None), default=-1)
@@ -231,6 +239,7 @@ class StageWorker:
     def _ready(self, loaded: Loaded, runner: StageRunner, need: int) -> dict[str, Any]:
         stage = loaded.request.stage
         loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
+        runner.owner_cap = lambda: self._share(loaded)
         self.stages[loaded.model_id] = loaded
         runner.start()
         self.on_change()
@@ -342,20 +351,47 @@ class StageWorker:
         log.info("stage_unloaded", model=model_id[:12], name=loaded.request.record.name, epoch=loaded.epoch)
         return True
 
-    async def close(self, _peer: str, body: Any) -> dict[str, Any]:
+    async def close(self, peer: str, body: Any) -> dict[str, Any]:
         try:
             ref = parse_model_ref(body, session=True)
         except PipelineMessageError as exc:
             raise RequestRefused("bad_request", str(exc)) from None
         loaded = self.stages.get(ref.model_id)
-        freed = bool(loaded and loaded.runner and ref.session and loaded.runner.free(ref.session))
+        freed = bool(loaded and loaded.runner and ref.session and loaded.runner.free(ref.session, peer))
         if freed and loaded is not None and loaded.draining:
             await self._unload_if_unused(ref.model_id)
         return {"freed": freed}
 
     # ------------------------------------------------------------------ steps
 
-    async def step(self, _peer: str, body: Any) -> dict[str, Any]:
+    def _share(self, loaded: Loaded) -> int:
+        """Sessions one driver may hold on a stage: every slot while it is the only driver
+        leasing it, half of them (at least one) while others do."""
+        slots = loaded.request.record.slots
+        return slots if loaded.live_leases(self._clock()) <= 1 else max(1, slots // 2)
+
+    def _driver_of(self, loaded: Loaded, peer: str, body: dict[str, Any]) -> str:
+        """The driver a step is sent for, when ``peer`` is entitled to send it here."""
+        index = loaded.request.index
+        if index == 0:
+            session = body.get("session")
+            runner = loaded.runner
+            owns = runner is not None and isinstance(session, str) and (
+                (s := runner.sessions.get(session)) is not None and s.owner == peer)
+            if peer != self.node_id and peer not in loaded.leases and not owns:
+                raise RequestRefused("not_a_driver", "steps come from a driver holding a lease on this stage "
+                                                     "(pipe.load or pipe.lease first)")
+            return peer
+        previous = loaded.request.record.plan.stages[index - 1].node_id
+        if peer != previous:
+            raise RequestRefused("not_a_driver", "this stage takes steps only from the plan's previous stage")
+        driver = body.get("driver")
+        if not node_id_ok(driver):
+            raise RequestRefused("bad_step", "driver must be the session's driver's node id")
+        assert isinstance(driver, str)
+        return driver
+
+    async def step(self, peer: str, body: Any) -> dict[str, Any]:
         model_id = body.get("model") if isinstance(body, dict) else None
         loaded = self.stages.get(model_id) if isinstance(model_id, str) else None
         if loaded is None or loaded.runner is None:
@@ -364,6 +400,7 @@ class StageWorker:
         epoch = body.get("epoch")
         if isinstance(epoch, int) and epoch != loaded.epoch:  # before the shape checks: another plan's step
             raise RequestRefused("stale_epoch", f"this node serves epoch {loaded.epoch} of the model")
+        driver = self._driver_of(loaded, peer, body)  # before any parsing: a stranger's step costs nothing
         cfg = runner.partition.config
         try:
             step = parse_step(body, first=runner.is_first, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
@@ -375,14 +412,14 @@ class StageWorker:
         if loaded.draining and step.session not in runner.sessions:
             raise RequestRefused("not_loaded", "the model is being unloaded on this node")
         try:
-            result = await runner.submit(step)
+            result = await runner.submit(step, driver)
         except StageError as exc:
             raise RequestRefused(exc.code, str(exc)) from None
         if runner.is_last:
             return {"token": result.token, "logprob": result.logprob}
         plan = loaded.request.record.plan
         nxt = plan.stages[loaded.request.index + 1].node_id
-        forward = {**body, "inputs": result.hidden, "timeout": max(0.5, step.timeout - 1.0)}
+        forward = {**body, "inputs": result.hidden, "driver": driver, "timeout": max(0.5, step.timeout - 1.0)}
         try:
             reply = await self.peers.request(nxt, "pipe.step", forward, timeout=step.timeout)
         except RemoteError as exc:

@@ -97,7 +97,7 @@ class DhtSpeaker(asyncio.DatagramProtocol):
 
     async def drain(self, wait: float) -> list[Any]:
         """Everything that arrives within ``wait`` seconds."""
-        got = []
+        got: list[Any] = []
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             left = deadline - asyncio.get_running_loop().time()

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from node.engine import (
@@ -232,7 +233,7 @@ def test_a_member_sending_bad_steps_or_lying_plans_is_refused(split: LocalCluste
             bodies = [
                 ("pipe.step", {"model": model_id, "session": "x"}),
                 ("pipe.step", {"model": "ab" * 32, "session": "00ff00ff00ff", "kind": "decode"}),
-                ("pipe.load", {"model": model_id, "epoch": 2**61, "plan": lying, "index": 0, "max_context": CONTEXT,
+                ("pipe.load", {"model": model_id, "epoch": int(time.time() * 1000) << 10, "plan": lying, "index": 0, "max_context": CONTEXT,
                                "slots": SLOTS, "prefill_chunk": CHUNK, "dtype": "float32"}),
                 ("pipe.load", {"model": model_id, "epoch": 1, "plan": {"stages": []}, "index": 0}),
             ]
@@ -245,13 +246,82 @@ def test_a_member_sending_bad_steps_or_lying_plans_is_refused(split: LocalCluste
         return codes
 
     codes = asyncio.run(attack())
-    assert codes[0].startswith(("bad_step", "not_loaded")), codes
+    assert codes[0].startswith(("bad_step", "not_loaded", "not_a_driver")), codes
     assert codes[1].startswith("not_loaded"), codes
     assert codes[2].startswith("out_of_memory") and "this node lends" in codes[2], codes
     assert codes[3].startswith("bad_plan"), codes
     # The refused load is in the log of the node that refused it, once, with its cause.
     refused = [line for line in target.log_path.read_text().splitlines() if '"stage_load_failed"' in line]
     assert len(refused) == 1 and "out_of_memory" in refused[0] and "this node lends" in refused[0]
+
+
+def test_an_insider_cannot_drive_a_stage_it_does_not_lease_nor_take_every_slot(split: LocalCluster,
+                                                                              tiny: Path) -> None:
+    """Steps reach a stage only from a driver leasing it (the head) or from the plan's previous
+    stage (the others): an insider's NaN rows sent straight to a middle stage are refused, as
+    is a load from a far future epoch; leasing the head gets it half the slots, not all, while
+    a user's stream through another node goes on unchanged."""
+    driver = split.nodes[1]
+    entry = json.loads(nodectl(driver, "ps", "--json").stdout)["models"][0]
+    model_id, epoch, plan = entry["digest"], int(entry["epoch"]), entry["plan"]
+    by_id = {n.node_id: n for n in split.nodes}
+    head, middle = by_id[plan[0]["node_id"]], by_id[plan[1]["node_id"]]
+    tok = Tokenizer.from_model_dir(tiny)
+    user: dict[str, Any] = {}
+
+    def stream() -> None:
+        user["out"] = post(driver, "/api/generate", {"model": "pipe-model", "prompt": "el gato", "raw": True,
+                                                     "options": {"temperature": 0, "num_predict": 30}})
+
+    async def attack() -> dict[str, Any]:
+        transport = Transport(NodeKey.generate(), cluster_keys(split), name="insider", software_version="test")
+        got: dict[str, Any] = {"slots": []}
+        try:
+            to_head = await transport.connect("127.0.0.1", int(head.runtime["peer_port"]), expect_node_id=head.node_id)
+            to_mid = await transport.connect("127.0.0.1", int(middle.runtime["peer_port"]),
+                                             expect_node_id=middle.node_id)
+
+            def step(session: str, inputs: np.ndarray) -> dict[str, Any]:
+                return {"model": model_id, "epoch": epoch, "session": session, "step": 0, "kind": "prefill",
+                        "start": 0, "inputs": inputs, "last": False, "timeout": 20.0}
+
+            async def code(conn: Any, method: str, body: Any) -> str:
+                try:
+                    await conn.request(method, body, timeout=60)
+                    return "ok"
+                except RemoteError as exc:
+                    return f"{exc.code}: {exc.message}"
+
+            got["head"] = await code(to_head, "pipe.step", step("0f0f0f0f", np.asarray([1], np.int64)))
+            got["nan"] = await code(to_mid, "pipe.step", step("0f0f0f0f", np.full((1, 64), np.nan, np.float32)))
+            future = {"model": model_id, "name": "pipe-model", "epoch": ((int(time.time()) + 3600) * 1000) << 10,
+                      "plan": {"stages": [{"node_id": head.node_id, "start": 0, "end": 6, "memory": 1}]},
+                      "index": 0, "max_context": CONTEXT, "slots": SLOTS, "prefill_chunk": CHUNK,
+                      "dtype": "float32", "weights": "native"}
+            got["future"] = await code(to_head, "pipe.load", future)
+            await to_head.request("pipe.lease", {"model": model_id, "epoch": epoch, "ttl": 30.0}, timeout=30)
+            for i in range(SLOTS):
+                got["slots"].append(await code(to_head, "pipe.step", step(f"0e0e0e0{i}", np.asarray([1], np.int64))))
+            for i in range(SLOTS):
+                await to_head.request("pipe.close", {"model": model_id, "session": f"0e0e0e0{i}"}, timeout=30)
+            await to_head.request("pipe.release", {"model": model_id}, timeout=30)
+        finally:
+            await transport.close()
+        return got
+
+    user_thread = threading.Thread(target=stream)
+    user_thread.start()
+    got = asyncio.run(attack())
+    user_thread.join(timeout=300)
+    assert got["head"].startswith("not_a_driver"), got
+    assert got["nan"].startswith("not_a_driver"), got
+    assert got["future"].startswith("bad_plan") and "ahead" in got["future"], got
+    assert got["slots"].count("ok") == SLOTS // 2, got
+    assert all(c == "ok" or c.startswith("busy") for c in got["slots"]), got
+    status, lines = user["out"]
+    assert status == 200, lines
+    assert "".join(x.get("response", "") for x in lines) == tok.decode(reference(tiny, tok.encode("el gato"), 30))
+    split.wait_until(lambda: metric(head, "enjambre_pipeline_sessions") == 0, 30, "the insider's sessions freed")
 
 
 def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: LocalCluster, tiny: Path) -> None:

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node.pipeline.plans import PLAN_PREFIX, new_epoch, publish_plan, read_plans, withdraw_plan
+from node.pipeline.plans import (
+    PLAN_PREFIX,
+    epoch_from_future,
+    new_epoch,
+    publish_plan,
+    read_plans,
+    withdraw_plan,
+)
 from protocol.plan import Plan, PlanRecord, Stage
 
 MODEL = "c" * 64
@@ -58,3 +65,13 @@ async def test_read_plans_newest_first_skipping_bad_records() -> None:
     assert [p.epoch for p in plans] == [9, 5]
     await withdraw_plan(dht, MODEL)
     assert [p.epoch for p in await read_plans(dht, MODEL)] == [9]
+
+
+async def test_an_epoch_from_the_future_is_refused_and_never_adopted() -> None:
+    now = 1_800_000_000.0
+    assert not epoch_from_future(new_epoch(0, A, now_ms=int(now * 1000) + 30_000), now=now)
+    assert epoch_from_future(new_epoch(0, A, now_ms=int(now * 1000) + 61_000), now=now)
+    assert epoch_from_future((1 << 62) - 1, now=now)
+    dht = _Dht()
+    dht.values[PLAN_PREFIX + MODEL] = {"insider": record((1 << 62) - 1).to_dict(), "me": record(5).to_dict()}
+    assert [r.epoch for r in await read_plans(dht, MODEL)] == [5]
