@@ -208,8 +208,12 @@ def add_show_routes(app: web.Application, service: ModelService, loaded: LoadedM
         if not isinstance(body.get("verbose", False), bool):
             return error_response(400, "verbose must be true or false")
         model_id = None
-        with contextlib.suppress(Exception):  # a DHT that cannot answer means "not found" here
+        try:
             model_id = await service.find(name)
+        except ModelUnknown as exc:  # e.g. a name two models claim: the answer says which
+            return error_response(404, str(exc))
+        except Exception:  # a DHT that cannot answer means "not found" here
+            pass
         if model_id is None:
             return error_response(404, f"model {name[:200]!r} not found")
         try:

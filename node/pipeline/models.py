@@ -46,7 +46,7 @@ from node.pipeline.plans import new_epoch, publish_plan, read_plans, withdraw_pl
 from node.pipeline.verdict import Verdict, judge
 from node.store.pieces import StoreError
 from node.swarm.layers import pieces_for_layers
-from node.swarm.service import ModelService, PullError
+from node.swarm.service import ModelService, ModelUnknown, PullError
 from protocol.plan import (
     LoadRequest,
     Plan,
@@ -168,8 +168,12 @@ class LoadedModels:
     async def resolve(self, name: str) -> str:
         model_id = self.service.store.resolve(name)
         if model_id is None:
-            with contextlib.suppress(Exception):
+            try:
                 model_id = await self.service.resolve_in_cluster(name)
+            except ModelUnknown as exc:  # a name two models claim: say so
+                raise ModelNotFound(str(exc)) from None
+            except Exception as exc:
+                log.info("name_lookup_failed", name=name[:128], error=f"{type(exc).__name__}: {exc}")
         if model_id is None:
             raise ModelNotFound(f"model {name!r} not found; pull it first (nodectl pull)")
         return model_id

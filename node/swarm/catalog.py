@@ -4,7 +4,8 @@ Three kinds of signed, expiring records (one per publisher under each key, like
 the member directory), republished with the node's own:
 
 * ``name/<name:tag>`` -> ``{"id": model id}``: what a name means. Several holders
-  publish it; the newest record wins when two disagree.
+  publish it; when they disagree the name keeps the model this node first saw it
+  stand for, else it is ambiguous (names.py), never "the newest wins".
 * ``model/<model id>`` -> ``{"bits": zlib(bitfield), "count": n}``: which pieces
   each holder can serve. A fetcher asks every holder that has a piece.
 * ``models/<first hex digit of the id>`` -> ``{"models": [entry, ...]}``: a
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from node.dht.node import DHTNode
+from node.swarm.names import NameBook
 from protocol.manifest import Manifest
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "publish_holdings",
     "read_catalog",
     "read_holders",
+    "read_name",
     "resolve_name",
     "shard_key",
 ]
@@ -113,17 +116,22 @@ async def read_holders(dht: DHTNode, manifest: Manifest) -> dict[str, set[int]]:
     return out
 
 
-async def resolve_name(dht: DHTNode, name: str) -> str | None:
-    """The model id a name stands for in the cluster (the newest record when holders disagree)."""
+async def read_name(dht: DHTNode, name: str) -> dict[str, set[str]]:
+    """The models the cluster says ``name`` stands for: model id -> publishers."""
     records = await dht.get(name_key(name))
-    best: tuple[float, str] | None = None
-    for record in records.values():
+    claims: dict[str, set[str]] = {}
+    for publisher, record in records.items():
         value = record.value
         model_id = value.get("id") if isinstance(value, dict) else None
         if isinstance(model_id, str) and len(model_id) == 64 and all(c in "0123456789abcdef" for c in model_id):
-            candidate = (record.issued_at, model_id)
-            best = candidate if best is None or candidate > best else best
-    return best[1] if best else None
+            claims.setdefault(model_id, set()).add(str(publisher))
+    return claims
+
+
+async def resolve_name(dht: DHTNode, name: str, book: NameBook) -> str | None:
+    """The model id a name stands for in the cluster (``book`` settles disagreements:
+    the model first seen under the name, else NameConflict)."""
+    return book.choose(name, await read_name(dht, name))
 
 
 async def read_catalog(dht: DHTNode) -> dict[str, dict[str, Any]]:

@@ -36,10 +36,12 @@ from node.swarm.catalog import (
     publish_holdings,
     read_catalog,
     read_holders,
+    read_name,
     resolve_name,
 )
 from node.swarm.fetcher import FetchError, FetchProgress, PieceFetcher
 from node.swarm.layers import pieces_for_layers
+from node.swarm.names import NameBook, NameConflict
 from node.swarm.server import PieceServer, UploadLimiter
 from node.system.counters import Counters
 from protocol.manifest import Manifest, ManifestError, parse_manifest
@@ -90,6 +92,7 @@ class ModelService:
         self._publish_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.peers = Peers(dht.node_id, transport, members, on_unreachable=dht.forget)
+        self.names = NameBook()  # which model each cluster name first stood for here
         self._last_publish = 0.0
 
     # ------------------------------------------------------------------ publishing
@@ -246,7 +249,9 @@ class ModelService:
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             return text
         try:
-            found = await resolve_name(self.dht, normalize_name(text))
+            found = await resolve_name(self.dht, normalize_name(text), self.names)
+        except NameConflict as exc:  # shown to the user, never settled by "newest wins"
+            raise ModelUnknown(str(exc)) from None
         except ValueError:
             return None
         if found is not None:
@@ -381,7 +386,7 @@ class ModelService:
         model_id = await self.find(source)
         if model_id is None:
             raise ModelUnknown(f"model {source!r} not found")
-        if new in self.store.names() or await resolve_name(self.dht, new) is not None:
+        if new in self.store.names() or await read_name(self.dht, new):
             raise BadModelName(f"a model called {new!r} already exists; choose another name "
                             "(or remove that one with `nodectl rm`)")
         manifest = await self.manifest(model_id)
