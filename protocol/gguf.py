@@ -10,13 +10,22 @@ GGUF (llama.cpp's format, and what Ollama stores) is::
 with strings as u64 length + UTF-8 bytes, all little-endian. ``parse_gguf`` reads
 the header through ``read(offset, length) -> bytes`` (a local file, or pieces of the
 store), so nothing but the header is read. It returns the metadata as plain Python
-values (arrays as lists) and every tensor as a ``TensorInfo`` with an absolute byte
-range, its ggml type name as dtype ("F32", "Q4_K", ...) and its shape in numpy
-order (GGUF lists the fastest dimension first: a [out, in] matrix is stored with
-dims (in, out)).
+values, except arrays, which are ``GGUFArray``: read-only sequences that keep the
+header's bytes and decode an item when it is read (a list of Python floats or short
+strings takes 6 to 8 times the bytes they were in the file). Every tensor is a
+``TensorInfo`` with an absolute byte range, its ggml type name as dtype ("F32",
+"Q4_K", ...) and its shape in numpy order (GGUF lists the fastest dimension first:
+a [out, in] matrix is stored with dims (in, out)).
 
-Everything a hostile file could use to make a reader allocate is capped before it
-is read: header bytes, counts, string and array lengths, dimensions; a tensor
+A file is untrusted (any member of a cluster can publish one), so the parser is
+bounded in memory and in time. The header may be at most ``max_header_bytes``
+(default 64 MiB: the largest real headers, vocabularies of 150k to 260k tokens with
+their scores or merges, take 7 to 20 MB); a length or count is checked against what
+is left of that before anything is read or allocated for it, and parsing holds at
+most about twice the header's bytes. All metadata values together, array items at
+every depth included, may number at most ``max_items`` (default 4M; Gemma's 262k
+tokens with scores and types are 0.8M), which bounds the work (an array of empty
+arrays is 12 bytes an item); arrays nest at most ``max_depth`` levels. A tensor
 whose range runs past the file, overlaps another, or is misaligned is refused.
 Pure: bytes in, header out (the gguf package's reader memory-maps a whole local
 file, which cannot read through the piece store, and trusts the counts it reads).
@@ -27,15 +36,19 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from protocol.safetensors import TensorInfo
 
 __all__ = [
     "GGML_TYPES",
+    "MAX_DEPTH",
     "MAX_HEADER_BYTES",
+    "MAX_ITEMS",
+    "GGUFArray",
     "GGUFError",
     "GGUFHeader",
     "hf_name",
@@ -45,14 +58,16 @@ __all__ = [
 
 MAGIC = b"GGUF"
 # The largest real headers are vocabularies: Qwen2.5's 151,936 tokens and 151,387 merges
-# take about 7 MB; Gemma's 262k tokens with scores about 12 MB.
-MAX_HEADER_BYTES = 128 * 2**20
+# take about 7 MB; Gemma's 262k tokens with scores about 12 MB; SmolLM2's 1.8 MB.
+MAX_HEADER_BYTES = 64 * 2**20
+# Values in all, array items at every depth included: 5 times Gemma's 0.8M.
+MAX_ITEMS = 1 << 22
+MAX_DEPTH = 2  # an array of arrays, as llama.cpp's gguf allows; no real file nests at all
 MAX_METADATA = 1 << 16
 MAX_TENSORS = 1 << 16
 MAX_STRING = 16 * 2**20
-MAX_ARRAY = 1 << 24
 MAX_DIMS = 4
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20  # bytes a read asks for at least, and at most 4 times as many
 
 # ggml type id -> (name, elements per block, bytes per block), from ggml.h / gguf-py.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -69,7 +84,9 @@ _TYPE_BY_NAME = {name: (block, size) for name, block, size in GGML_TYPES.values(
 
 # Metadata value types: id -> struct format for the scalar ones.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY, _F32 = 8, 9, 6
+_STRUCTS = {kind: struct.Struct("<" + fmt) for kind, fmt in _SCALARS.items()}
+_STRING, _ARRAY, _F32, _BOOL = 8, 9, 6, 7
+_U32, _U64, _ARRAY_HEAD = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<IQ")
 
 
 def _short_f32(value: float) -> float:
@@ -83,8 +100,116 @@ def _short_f32(value: float) -> float:
     return value
 
 
+def _text(raw: bytes | bytearray) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace")
+
+
 class GGUFError(ValueError):
     """A file that is not a usable GGUF file (the message says why)."""
+
+
+class GGUFArray(Sequence[Any]):
+    """A metadata array as the header's bytes, each item decoded when it is read.
+
+    ``item_type`` is int, float, bool, str or GGUFArray (an array of arrays), the same
+    for every item. It compares equal to a list or tuple of the same items; ``tolist()``
+    decodes it whole. Where strings and arrays start is found by reading through them, and
+    remembered (4 bytes an item) only once one is asked for by index.
+    """
+
+    __slots__ = ("_count", "_kind", "_raw", "_starts")
+
+    def __init__(self, kind: int, count: int, raw: bytes) -> None:
+        # raw: the items as the header has them (checked by the parser)
+        self._kind, self._count, self._raw = kind, count, raw
+        self._starts: array[int] | None = None
+
+    @property
+    def item_type(self) -> type:
+        if self._kind == _STRING:
+            return str
+        if self._kind == _ARRAY:
+            return GGUFArray
+        if self._kind == _BOOL:
+            return bool
+        return float if _SCALARS[self._kind] in "fd" else int
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _decode(self, start: int, end: int) -> Any:
+        if self._kind == _STRING:
+            return _text(self._raw[start + 8 : end])
+        item, count = _ARRAY_HEAD.unpack_from(self._raw, start)
+        return GGUFArray(item, count, self._raw[start + 12 : end])
+
+    def _ends(self) -> Iterator[int]:
+        p = 0
+        for _ in range(self._count):
+            p = _item_end(self._raw, p, self._kind)
+            yield p
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        i = index.__index__()
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError("GGUFArray index out of range")
+        fixed = _STRUCTS.get(self._kind)
+        if fixed is not None:
+            return fixed.unpack_from(self._raw, i * fixed.size)[0]
+        if self._starts is None:
+            starts = array("I" if len(self._raw) < 1 << 32 else "Q", [0])
+            starts.extend(self._ends())
+            self._starts = starts
+        return self._decode(self._starts[i], self._starts[i + 1])
+
+    def __iter__(self) -> Iterator[Any]:
+        fixed = _STRUCTS.get(self._kind)
+        if fixed is not None:
+            return (v for (v,) in fixed.iter_unpack(self._raw))
+        return (self._decode(start, end) for start, end in itertools.pairwise(itertools.chain((0,), self._ends())))
+
+    def tolist(self) -> list[Any]:
+        fixed = _STRUCTS.get(self._kind)
+        if fixed is not None:
+            return list(struct.unpack(f"<{self._count}{_SCALARS[self._kind]}", self._raw))
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GGUFArray | list | tuple):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(v)[:40] for v in itertools.islice(self, 3))
+        more = ", ..." if self._count > 3 else ""
+        return f"GGUFArray({self.item_type.__name__} * {self._count}: [{head}{more}])"
+
+
+def _item_end(raw: bytes, p: int, kind: int) -> int:
+    """Where the string or array at ``p`` in ``raw`` (checked by the parser) ends."""
+    if kind == _STRING:
+        return p + 8 + int(_U64.unpack_from(raw, p)[0])
+    item, count = _ARRAY_HEAD.unpack_from(raw, p)
+    p += 12
+    fixed = _STRUCTS.get(item)
+    if fixed is not None:
+        return p + fixed.size * count
+    for _ in range(count):
+        p = _item_end(raw, p, item)
+    return p
 
 
 @dataclass(frozen=True)
@@ -115,109 +240,173 @@ def tensor_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     return count // block * size
 
 
-class _Cursor:
-    """Sequential reads over ``read(offset, length)``, in chunks, within the header cap."""
+class _Parser:
+    """Reads the header front to back through ``read`` into one buffer (never past
+    ``limit``), and decodes values at absolute offsets in it, counting the values."""
 
-    def __init__(self, read: Callable[[int, int], bytes], file_size: int | None, name: str) -> None:
-        self.read, self.name = read, name
-        self.limit = MAX_HEADER_BYTES if file_size is None else min(MAX_HEADER_BYTES, file_size)
-        self.file_size = file_size
-        self.buf = b""
-        self.base = 0  # file offset of buf[0]
-        self.pos = 0  # file offset of the next byte
+    def __init__(self, read: Callable[[int, int], bytes], file_size: int | None, name: str,
+                 limit: int, items: int, max_depth: int) -> None:
+        self.read, self.file_size, self.name = read, file_size, name
+        self.cap = limit
+        self.limit = limit if file_size is None else min(limit, file_size)
+        self.items, self.max_items, self.max_depth = items, items, max_depth
+        self.buf = bytearray()
 
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
+    def need(self, end: int) -> None:
+        """Have the bytes up to ``end`` read; refuses before reading what the cap does not allow."""
+        if end <= len(self.buf):
+            return
         if end > self.limit:
             if self.file_size is not None and end > self.file_size:
                 raise GGUFError(f"{self.name}: the header runs past the end of the file (truncated?)")
-            raise GGUFError(f"{self.name}: a GGUF header over {MAX_HEADER_BYTES} bytes is implausible")
-        while end > self.base + len(self.buf):
-            have = self.base + len(self.buf)
-            want = min(max(_CHUNK, end - have), self.limit - have)
+            raise GGUFError(
+                f"{self.name}: the GGUF header is over {self.cap} bytes, more than any real model's "
+                "(its metadata or tensor list is implausibly large); refusing it"
+            )
+        while len(self.buf) < end:
+            have = len(self.buf)
+            want = min(max(_CHUNK, end - have), 4 * _CHUNK, self.limit - have)
             got = self.read(have, want)
             if not got:
                 raise GGUFError(f"{self.name}: the header runs past the end of the file (truncated?)")
-            self.buf = self.buf[self.pos - self.base :] + got
-            self.base = self.pos
-        start = self.pos - self.base
-        self.pos = end
-        return self.buf[start : start + n]
+            self.buf += got[:want]
 
-    def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize("<" + fmt)
-        return struct.unpack("<" + fmt, self.take(size))[0]
+    def u32(self, p: int) -> int:
+        self.need(p + 4)
+        return int(_U32.unpack_from(self.buf, p)[0])
 
-    def string(self, what: str) -> str:
-        length = self.unpack("Q")
+    def u64(self, p: int) -> int:
+        self.need(p + 8)
+        return int(_U64.unpack_from(self.buf, p)[0])
+
+    def charge(self, n: int, key: str) -> None:
+        if n > self.items:
+            raise GGUFError(
+                f"{self.name}: {key!r} claims {n} items; at most {self.max_items} metadata values "
+                "(array items included) are allowed in all, and a real model has far fewer"
+            )
+        self.items -= n
+
+    def string(self, p: int, what: str) -> tuple[str, int]:
+        length = self.u64(p)
         if length > MAX_STRING:
             raise GGUFError(f"{self.name}: {what} claims {length} bytes; at most {MAX_STRING}")
-        raw = self.take(length)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("utf-8", errors="replace")
+        end = p + 8 + length
+        self.need(end)
+        return _text(self.buf[p + 8 : end]), end
 
-    def value(self, kind: int, key: str, depth: int = 0) -> Any:
-        if kind == _F32:
-            return _short_f32(self.unpack("f"))
-        fmt = _SCALARS.get(kind)
-        if fmt is not None:
-            return self.unpack(fmt)
+    def value(self, kind: int, p: int, key: str) -> tuple[Any, int]:
+        fixed = _STRUCTS.get(kind)
+        if fixed is not None:
+            self.need(p + fixed.size)
+            value = fixed.unpack_from(self.buf, p)[0]
+            return (_short_f32(value) if kind == _F32 else value), p + fixed.size
         if kind == _STRING:
-            return self.string(f"the value of {key!r}")
-        if kind == _ARRAY and depth < 2:
-            item, count = self.unpack("I"), self.unpack("Q")
-            if count > MAX_ARRAY:
-                raise GGUFError(f"{self.name}: {key!r} claims {count} items; at most {MAX_ARRAY}")
-            item_fmt = _SCALARS.get(item)
-            if item_fmt is not None:
-                size = struct.calcsize("<" + item_fmt)
-                data = self.take(size * count)
-                return list(struct.unpack(f"<{count}{item_fmt}", data))
-            return [self.value(item, key, depth + 1) for _ in range(count)]
+            return self.string(p, f"the value of {key!r}")
+        if kind == _ARRAY:
+            return self.array_value(p, key, 1, build=True)
         raise GGUFError(f"{self.name}: metadata {key!r} has unknown value type {kind}")
 
+    def array_value(self, p: int, key: str, depth: int, *, build: bool) -> tuple[Any, int]:
+        """The array at ``p`` (a GGUFArray when ``build``, else None) and where it ends."""
+        item, count = self.u32(p), self.u64(p + 4)
+        p = start = p + 12
+        self.charge(count, key)
+        fixed = _STRUCTS.get(item)
+        if fixed is not None:
+            p += fixed.size * count
+            self.need(p)
+        elif item == _STRING:
+            self.need(p + 8 * count)  # the least its items can take
+            p = self._strings(p, count, key)
+        elif item == _ARRAY:
+            if depth >= self.max_depth:
+                raise GGUFError(f"{self.name}: {key!r} nests arrays more than {self.max_depth} deep")
+            self.need(p + 12 * count)  # the least its items can take
+            p = self._arrays(p, count, key, depth + 1)
+        else:
+            raise GGUFError(f"{self.name}: metadata {key!r} is an array of unknown value type {item}")
+        if not build:
+            return None, p
+        with memoryview(self.buf) as view:
+            raw = bytes(view[start:p])
+        return GGUFArray(item, count, raw), p
 
-def parse_gguf(read: Callable[[int, int], bytes], file_size: int | None, name: str = "model.gguf") -> GGUFHeader:
+    def _arrays(self, p: int, count: int, key: str, depth: int) -> int:
+        buf, unpack = self.buf, _ARRAY_HEAD.unpack_from
+        for _ in range(count):
+            if p + 12 > len(buf):
+                self.need(p + 12)
+            item, n = unpack(buf, p)
+            fixed = _STRUCTS.get(item)
+            if fixed is None:  # strings, or an array nested too deep: the general path says which
+                p = self.array_value(p, key, depth, build=False)[1]
+                continue
+            self.charge(n, key)
+            p += 12 + fixed.size * n
+            self.need(p)
+        return p
+
+    def _strings(self, p: int, count: int, key: str) -> int:
+        buf, unpack = self.buf, _U64.unpack_from
+        for _ in range(count):  # the hot loop of a vocabulary: kept to a few steps an item
+            if p + 8 > len(buf):
+                self.need(p + 8)
+            length = unpack(buf, p)[0]
+            if length > MAX_STRING:
+                raise GGUFError(f"{self.name}: an item of {key!r} claims {length} bytes; at most {MAX_STRING}")
+            p += 8 + length
+        self.need(p)
+        return p
+
+
+def parse_gguf(
+    read: Callable[[int, int], bytes], file_size: int | None, name: str = "model.gguf", *,
+    max_header_bytes: int = MAX_HEADER_BYTES, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH,
+) -> GGUFHeader:
     """The header of a GGUF file read through ``read``; ``file_size`` None when the reader
-    does not know it (tensor ranges are then checked by the reads themselves)."""
-    cur = _Cursor(read, file_size, name)
-    if cur.take(4) != MAGIC:
+    does not know it (tensor ranges are then checked by the reads themselves). GGUFError
+    for a file that is not a usable GGUF or exceeds the limits (see the module's docstring)."""
+    cur = _Parser(read, file_size, name, max_header_bytes, max_items, max_depth)
+    cur.need(4)
+    if cur.buf[:4] != MAGIC:
         raise GGUFError(f"{name} is not a GGUF file (it does not start with 'GGUF')")
-    version = cur.unpack("I")
+    version = cur.u32(4)
     if version not in (2, 3):
         raise GGUFError(f"{name}: GGUF version {version} is not supported (2 and 3 are)")
-    n_tensors, n_meta = cur.unpack("Q"), cur.unpack("Q")
+    n_tensors, n_meta = cur.u64(8), cur.u64(16)
     if n_tensors > MAX_TENSORS or n_meta > MAX_METADATA:
         raise GGUFError(f"{name}: {n_tensors} tensors and {n_meta} metadata entries are implausible")
+    p = 24
     metadata: dict[str, Any] = {}
     for _ in range(n_meta):
-        key = cur.string("a metadata key")
+        key, p = cur.string(p, "a metadata key")
         if key in metadata:
             raise GGUFError(f"{name}: metadata {key!r} appears twice")
-        metadata[key] = cur.value(cur.unpack("I"), key)
+        cur.charge(1, key)
+        metadata[key], p = cur.value(cur.u32(p), p + 4, key)
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 16 \
             or alignment & (alignment - 1):
         raise GGUFError(f"{name}: general.alignment {alignment!r} is not a power of two")
     infos: list[tuple[str, tuple[int, ...], str, int]] = []
     for _ in range(n_tensors):
-        tname = cur.string("a tensor name")
-        n_dims = cur.unpack("I")
+        tname, p = cur.string(p, "a tensor name")
+        n_dims = cur.u32(p)
         if not 1 <= n_dims <= MAX_DIMS:
             raise GGUFError(f"{name}: tensor {tname!r} has {n_dims} dimensions; 1 to {MAX_DIMS} are allowed")
-        dims = tuple(cur.unpack("Q") for _ in range(n_dims))
-        kind = cur.unpack("I")
+        cur.need(p + 4 + 8 * n_dims + 12)
+        dims = struct.unpack_from(f"<{n_dims}Q", cur.buf, p + 4)
+        kind, offset = struct.unpack_from("<IQ", cur.buf, p + 4 + 8 * n_dims)
+        p += 4 + 8 * n_dims + 12
         if kind not in GGML_TYPES:
             raise GGUFError(f"{name}: tensor {tname!r} has unknown ggml type {kind}")
-        offset = cur.unpack("Q")
         if any(d == 0 or d > 1 << 40 for d in dims) or math.prod(dims) > 1 << 42:
             raise GGUFError(f"{name}: tensor {tname!r} has implausible dimensions {list(dims)}")
         if offset % alignment:
             raise GGUFError(f"{name}: tensor {tname!r} is not aligned to {alignment} bytes")
         infos.append((tname, tuple(reversed(dims)), GGML_TYPES[kind][0], offset))
-    data_start = -(-cur.pos // alignment) * alignment
+    data_start = -(-p // alignment) * alignment
     tensors: list[TensorInfo] = []
     seen: set[str] = set()
     for tname, shape, dtype, offset in infos:

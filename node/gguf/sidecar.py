@@ -19,6 +19,8 @@ from protocol.gguf import GGUFHeader
 
 __all__ = ["check_types", "read_sidecars", "sidecar_files", "write_sidecars"]
 
+_MAX_ROPE_FACTORS = 1 << 15  # head_dim / 2; real heads are 64 to 256 wide
+
 
 def check_types(header: GGUFHeader) -> None:
     """GGUFConfigError naming the first tensor type the engine cannot dequantize."""
@@ -38,9 +40,15 @@ def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict
     factors = None
     freqs = names.get("rope_freqs.weight")
     if freqs is not None:
-        if freqs.dtype != "F32" or len(freqs.shape) != 1:
-            raise GGUFConfigError("rope_freqs.weight should be a 1-D F32 tensor")
+        # One factor per rotated pair of a head's dimensions: read no more than that can be.
+        if freqs.dtype != "F32" or len(freqs.shape) != 1 or freqs.shape[0] > _MAX_ROPE_FACTORS:
+            raise GGUFConfigError(
+                f"rope_freqs.weight should be a 1-D F32 tensor of at most {_MAX_ROPE_FACTORS} factors, "
+                f"got {freqs.dtype} {list(freqs.shape)}"
+            )
         raw = read(freqs.offset, freqs.length)
+        if len(raw) != freqs.length:
+            raise GGUFConfigError("rope_freqs.weight runs past the end of the file (truncated?)")
         factors = list(struct.unpack(f"<{freqs.shape[0]}f", raw))
     plain = {t.dtype for t in header.tensors if t.dtype in ("F16", "BF16")}
     dtype = "bfloat16" if plain == {"BF16"} else "float32"

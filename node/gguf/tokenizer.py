@@ -22,14 +22,15 @@ family splits every digit (and any other numeric character, like "²") apart fir
 SentencePiece vocabulary gets its "▁" prefix before every stretch of text, also one that
 starts with a space or follows a special token, and not at all when add_space_prefix is false.
 
-Only metadata goes in (plain dicts, as ``node.gguf.files.read_header`` returns) and bytes come
+Only metadata goes in (a dict, arrays as ``GGUFArray`` or lists, as ``read_header`` returns) and bytes come
 out; nothing here reads files, and transformers is not needed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,10 @@ from tokenizers import (
 )
 from tokenizers import Tokenizer as HFTokenizer
 
+from protocol.gguf import GGUFArray
+
 __all__ = [
+    "MAX_MERGES",
     "SUPPORTED_MODELS",
     "SUPPORTED_PRE_TOKENIZERS",
     "GGUFTokenizerError",
@@ -56,6 +60,10 @@ __all__ = [
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 SUPPORTED_MODELS = ("gpt2", "llama")
+# Merges recovered from a SentencePiece vocabulary: about 2 per token (Llama 2's 32k tokens imply
+# 61k; SmolLM2's 49k, cut every way, 107k), so 4M is room for 8 times Gemma's 262k tokens.
+MAX_MERGES = 1 << 22
+_SHORT = 64  # characters; longer tokens are cut by hashing (see _LongPieces)
 
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -140,8 +148,16 @@ SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_PRE_TOKENIZERS))
 # --- reading and checking the metadata ----------------------------------------------------------
 
 
+def _list(value: Any) -> Any:
+    """A metadata array (GGUFArray, as the parser returns it, or a list) as a list; anything
+    else as it is."""
+    if isinstance(value, GGUFArray):
+        return value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _str_list(md: Mapping[str, Any], key: str) -> list[str] | None:
-    value = md.get(key)
+    value = _list(md.get(key))
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -157,7 +173,7 @@ def _kind(value: Any) -> str:
 
 
 def _number_list(md: Mapping[str, Any], key: str, n: int, kind: type) -> list[Any] | None:
-    value = md.get(key)
+    value = _list(md.get(key))
     if value is None:
         return None
     ok = (int,) if kind is int else (int, float)
@@ -237,7 +253,8 @@ def _merges(md: Mapping[str, Any], vocab: Mapping[str, int]) -> list[tuple[str, 
 
 
 def merges_from_scores(
-    tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int] | None
+    tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int] | None, *,
+    short: int = _SHORT, max_merges: int = MAX_MERGES,
 ) -> list[tuple[str, str]]:
     """The BPE merges a SentencePiece vocabulary implies, best first.
 
@@ -245,22 +262,87 @@ def merges_from_scores(
     joined text is a vocabulary piece with the highest score. So every way of cutting a piece
     into two pieces is a merge, ranked by the joined piece's score; ties go to the lower id
     (the more frequent piece). Control, unknown and byte tokens are not text and take no part.
+
+    A token of up to ``short`` characters is cut every way; a longer one (never in a real
+    vocabulary, but a file may hold one of megabytes) in time linear in its length
+    (``_LongPieces``). More than ``max_merges`` merges is refused.
     """
     skip = {CONTROL, UNKNOWN, BYTE}
     usable = [
         (i, t) for i, t in enumerate(tokens) if token_types is None or token_types[i] not in skip
     ]
     vocab = {t: i for i, t in usable}
+    long_pieces: _LongPieces | None = None
     ranked: list[tuple[float, int, int, str, str]] = []
     for i, token in usable:
         if vocab[token] != i:  # a duplicate text: only the id the lookup returns counts
             continue
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-float(scores[i]), i, cut, left, right))
+        score = -float(scores[i])
+        if len(token) <= short:
+            for c in range(1, len(token)):
+                left, right = token[:c], token[c:]
+                if left in vocab and right in vocab:
+                    ranked.append((score, i, c, left, right))
+        else:
+            if long_pieces is None:
+                long_pieces = _LongPieces(vocab, short)
+            ranked.extend((score, i, c, left, right) for c, left, right in long_pieces.cuts(token))
+        if len(ranked) > max_merges:
+            raise GGUFTokenizerError(
+                f"tokenizer.ggml.tokens implies more than {max_merges} merges (a real SentencePiece "
+                "vocabulary implies a few per token); the vocabulary is damaged or hostile"
+            )
     ranked.sort()
     return [(left, right) for _, _, _, left, right in ranked]
+
+
+_HASH_MOD = (1 << 61) - 1  # a prime
+
+
+class _LongPieces:
+    """Where a long token can be cut into two vocabulary pieces, in time linear in its length.
+
+    Cutting a token of n characters every way and looking both halves up costs n slices of up
+    to n characters (a 100,000-character token took 6 s). Pieces of up to ``short``
+    characters are still looked up by slicing (at most ``short`` of each, short ones); longer
+    pieces are found by polynomial hashes of the token's prefixes and suffixes (one pass each,
+    only as far as the longest piece shorter than the token) against those of the vocabulary's
+    long pieces, each match then checked by comparing the text. The base is random, so no file
+    can be made to collide on purpose.
+    """
+
+    def __init__(self, vocab: Mapping[str, int], short: int) -> None:
+        self.vocab, self.short = vocab, short
+        self.base = secrets.randbelow(_HASH_MOD - (1 << 16)) + (1 << 16)
+        self.by_length: dict[int, dict[int, list[str]]] = {}
+        for piece in vocab:
+            if len(piece) > short:
+                h = 0
+                for ch in piece:
+                    h = (h * self.base + ord(ch)) % _HASH_MOD
+                self.by_length.setdefault(len(piece), {}).setdefault(h, []).append(piece)
+
+    def cuts(self, token: str) -> list[tuple[int, str, str]]:
+        n, short, vocab, base = len(token), self.short, self.vocab, self.base
+        lefts = {c: token[:c] for c in range(1, min(short, n - 1) + 1) if token[:c] in vocab}
+        rights = {c: token[c:] for c in range(max(1, n - short), n) if token[c:] in vocab}
+        reach = max((k for k in self.by_length if k < n), default=0)
+        h = 0
+        for k in range(1, reach + 1):  # token[:k]
+            h = (h * base + ord(token[k - 1])) % _HASH_MOD
+            if k > short and (found := self._piece(k, h, token.startswith)) is not None:
+                lefts[k] = found
+        h, power = 0, 1
+        for k in range(1, reach + 1):  # token[n - k:]
+            h = (ord(token[n - k]) * power + h) % _HASH_MOD
+            power = power * base % _HASH_MOD
+            if k > short and (found := self._piece(k, h, token.endswith)) is not None:
+                rights[n - k] = found
+        return [(c, lefts[c], rights[c]) for c in sorted(lefts.keys() & rights.keys())]
+
+    def _piece(self, length: int, h: int, matches: Callable[[str], bool]) -> str | None:
+        bucket = self.by_length.get(length, {}).get(h)
+        return next((p for p in bucket if matches(p)), None) if bucket else None
 
 
 # --- building the tokenizer ---------------------------------------------------------------------
