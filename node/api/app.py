@@ -20,6 +20,7 @@ from node.api.guard import RequestGuard, error_response
 from node.api.models import add_model_routes
 from node.api.openai import add_openai_routes
 from node.api.show import add_show_routes
+from node.api.templates import TemplateRenderer
 from node.cluster.ping import PeerNotFound, PeerUnreachable
 from node.pipeline.models import LoadedModels
 from node.pipeline.session import Sessions
@@ -83,6 +84,12 @@ def build_app(
         add_model_routes(app, models, models.dht.node_id)
         add_show_routes(app, models, loaded)
     if models is not None and loaded is not None and sessions is not None:
-        add_generate_routes(app, loaded, sessions)
-        add_openai_routes(app, loaded, sessions, models)
+        renderer = TemplateRenderer()
+
+        async def stop_renderer(_: web.Application) -> None:
+            await renderer.close()
+
+        app.on_cleanup.append(stop_renderer)
+        add_generate_routes(app, loaded, sessions, renderer)
+        add_openai_routes(app, loaded, sessions, models, renderer)
     return app

@@ -17,6 +17,8 @@ ignored (Ollama warns and ignores them too) while known ones with a wrong type a
 400; ``logprobs`` gives each token's log-probability (``top_logprobs`` is refused). ``think`` (true, or "low"/"medium"/"high") sends a reasoning model's
 ``<think>`` block to ``thinking`` (``message.thinking`` in chat) and the answer to
 ``content``; ``think: false`` asks the template not to think and drops any reasoning.
+The chat template renders in a capped process (node/api/templates.py): one that goes past
+its budget is a 400 that names the model, and the model's next requests fail at once.
 ``/api/embed`` (and the older ``/api/embeddings``) answer 501: no embeddings yet.
 Refused with a clear 400 because enjambre cannot do them yet: ``format`` (JSON
 output), ``images``, ``template`` overrides, ``suffix``, ``context`` and ``tools``.
@@ -36,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from node.api.guard import error_response
+from node.api.templates import RenderError, TemplateRenderer
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
 from node.config_schema import WEIGHT_FORMATS
 from node.pipeline.models import (
@@ -57,6 +60,8 @@ __all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_option
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
 MAX_STOP = 8
 MAX_PROMPT_CHARS = 4 * 2**20
+# Shorter texts tokenize in well under a millisecond; a thread costs more than that.
+_ENCODE_ON_LOOP_CHARS = 16 * 2**10
 
 
 class BadRequest(ValueError):
@@ -193,19 +198,24 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _prompt_ids(m: Model, body: dict[str, Any], chat: bool, think: bool | None = None) -> tuple[list[int], str]:
+async def _prompt_ids(m: Model, body: dict[str, Any], chat: bool, renderer: TemplateRenderer,
+                      think: bool | None = None) -> tuple[list[int], str]:
     """(token ids, the prompt's text) of a request; ``think`` reaches the chat template
-    as ``enable_thinking`` (Qwen3's and DeepSeek-R1's name for it)."""
+    as ``enable_thinking`` (Qwen3's and DeepSeek-R1's name for it). The template runs in
+    ``renderer``'s process and a long text is tokenized in a thread: neither holds the loop."""
     from node.engine.tokenizer import TokenizerError  # loaded with the model, never at start-up
 
     try:
-        text, special = _render(m, body, chat, think)
-        return m.tokenizer.encode(text, add_special_tokens=special), text
-    except TokenizerError as exc:
+        text, special = await _render(m, body, chat, think, renderer)
+        if len(text) <= _ENCODE_ON_LOOP_CHARS:
+            return m.tokenizer.encode(text, add_special_tokens=special), text
+        return await asyncio.to_thread(m.tokenizer.encode, text, special), text
+    except (TokenizerError, RenderError) as exc:
         raise BadRequest(str(exc)) from None
 
 
-def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None) -> tuple[str, bool]:
+async def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None,
+                  renderer: TemplateRenderer) -> tuple[str, bool]:
     """(prompt text, whether the tokenizer adds its special tokens: only for plain text)."""
     tok = m.tokenizer
     extra = {} if think is None else {"enable_thinking": think}
@@ -213,7 +223,7 @@ def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None) -> t
         messages = _messages(body.get("messages"))
         if tok.chat_template is None:
             return "\n".join(x["content"] for x in messages), True
-        return tok.apply_chat_template(messages, **extra), False
+        return await renderer.render(m.name, tok.chat_template, tok.chat_variables(messages, **extra)), False
     prompt, system = body.get("prompt", ""), body.get("system")
     if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
         raise BadRequest("prompt must be a string")
@@ -225,7 +235,7 @@ def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None) -> t
     if raw or tok.chat_template is None:
         return prompt, True
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tok.apply_chat_template(messages, **extra), False
+    return await renderer.render(m.name, tok.chat_template, tok.chat_variables(messages, **extra)), False
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -256,7 +266,8 @@ def error_for(exc: DriverError) -> tuple[int, str]:
     return 503, str(exc)
 
 
-def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Sessions) -> None:
+def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Sessions,
+                        renderer: TemplateRenderer) -> None:
     async def run(request: web.Request, chat: bool) -> web.StreamResponse:
         t_start = time.monotonic()
         try:
@@ -277,7 +288,7 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             if empty:
                 unloaded = keep_alive == 0 and await release_if_idle(m)
                 return load_only(body["model"], chat, "unload" if unloaded else "load", load_ns)
-            prompt, prompt_text = _prompt_ids(m, body, chat, think)
+            prompt, prompt_text = await _prompt_ids(m, body, chat, renderer, think)
             context = min(m.max_context, num_ctx or m.max_context)
             if len(prompt) + 1 > context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {context}")

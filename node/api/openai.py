@@ -34,6 +34,7 @@ from node.api.generate import (
     error_for,
     read_body,
 )
+from node.api.templates import TemplateRenderer
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
 from node.pipeline.models import DriverError, LoadedModels, Model, ModelNotFound, QueueFull
 from node.pipeline.session import Request, Sessions, Token
@@ -126,7 +127,7 @@ def _model_entry(name: str, created: int) -> dict[str, Any]:
 
 
 def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sessions,
-                      service: ModelService) -> None:
+                      service: ModelService, renderer: TemplateRenderer) -> None:
     async def completion(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             body = await read_body(request, "model is required")
@@ -138,7 +139,8 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
             m = await loaded.get(body["model"])
-            prompt, prompt_text = _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, think)
+            prompt, prompt_text = await _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, renderer,
+                                                     think)
             if len(prompt) + 1 > m.max_context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context holds {m.max_context}")
             room = m.max_context - len(prompt)

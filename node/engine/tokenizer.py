@@ -4,7 +4,9 @@ Owns `Tokenizer` (a Hugging Face tokenizer.json driven by the `tokenizers` libra
 special tokens, stop tokens and chat template from tokenizer_config.json and
 generation_config.json) and `IncrementalDecoder` (token ids in, text out, never a broken
 UTF-8 character). Chat templates are rendered the way transformers renders them, so a prompt
-built here is the prompt the model was trained on. No JAX and no networking here.
+built here is the prompt the model was trained on; the sandbox and its bounds are
+node/engine/chat_template.py's (the API renders there, in a capped process, from
+`chat_variables`). No JAX and no networking here.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ import json
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
+
+from node.engine import chat_template
 
 __all__ = ["IncrementalDecoder", "Tokenizer", "TokenizerError"]
 
@@ -33,6 +34,7 @@ _SPECIAL_TOKEN_KEYS = (
     "cls_token",
     "mask_token",
 )
+_HOLD_GIL_CHARS = 16 * 2**10
 
 
 class TokenizerError(Exception):
@@ -80,41 +82,13 @@ def _int_ids(value: Any, source: str) -> list[int]:
     raise TokenizerError(f"{source} must be an integer or a list of integers, got {value!r}")
 
 
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson escapes HTML characters, which would change prompts; match transformers.
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
 def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers uses (sandboxed, same helpers)."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+    """Compile a chat template in the environment transformers uses (sandboxed, same helpers,
+    sizes bounded: node/engine/chat_template.py)."""
     try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise TokenizerError(
-            f"chat template has a syntax error at line {exc.lineno}: {exc.message}"
-        ) from exc
+        return chat_template.compile_chat_template(source)
+    except chat_template.TemplateRenderError as exc:
+        raise TokenizerError(str(exc)) from exc
 
 
 def _plain_messages(messages: Any) -> list[dict[str, Any]]:
@@ -235,6 +209,10 @@ class Tokenizer:
         """Token ids of `text`; add_special_tokens adds what the post-processor adds (e.g. BOS)."""
         if not isinstance(text, str):
             raise TokenizerError(f"can only encode text (str), got {type(text).__name__}")
+        if len(text) > _HOLD_GIL_CHARS:
+            # encode_batch lets go of the GIL, so a long text in a thread leaves the others
+            # (an event loop) running; encode holds it for the whole call (a second per MiB).
+            return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -269,20 +247,26 @@ class Tokenizer:
             )
         if self._compiled is None:
             self._compiled = compile_chat_template(self.chat_template)
-        plain = _plain_messages(messages)
+        variables = self.chat_variables(messages, add_generation_prompt, **extra)
+        try:
+            return chat_template.render_chat(self._compiled, variables)
+        except chat_template.TemplateRenderError as exc:
+            raise TokenizerError(str(exc)) from exc
+
+    def chat_variables(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """What the chat template sees for `messages`: the special tokens, `extra` over them,
+        tools and documents (None unless given), messages and add_generation_prompt."""
         variables: dict[str, Any] = {**self.special_tokens, **extra}
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
-        try:
-            return self._compiled.render(
-                messages=plain, add_generation_prompt=add_generation_prompt, **variables
-            )
-        except jinja2.exceptions.TemplateError as exc:
-            raise TokenizerError(f"chat template refused the messages: {exc}") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise TokenizerError(
-                f"chat template failed on these messages: {type(exc).__name__}: {exc}"
-            ) from exc
+        variables["messages"] = _plain_messages(messages)
+        variables["add_generation_prompt"] = add_generation_prompt
+        return variables
 
     def encode_chat(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True

@@ -82,6 +82,17 @@ def test_encode_matches_tokenizers_library(
     assert llama.decode(llama.encode(text)) == text
 
 
+def test_long_text_encodes_the_same_without_holding_the_gil(
+    llama_dir: pathlib.Path, llama: Tokenizer
+) -> None:
+    """Past 16 KiB encode goes through encode_batch (which lets go of the GIL): same ids."""
+    ref = HFTokenizer.from_file(str(llama_dir / "tokenizer.json"))
+    text = "¿Sí? the world's 1234567 thing 🎉\n" * 2000
+    assert len(text) > 16 * 2**10
+    for special in (True, False):
+        assert llama.encode(text, special) == ref.encode(text, add_special_tokens=special).ids
+
+
 def test_bos_added_only_where_the_model_uses_one(llama: Tokenizer, qwen: Tokenizer) -> None:
     assert llama.bos_token_id == llama.token_to_id("<|begin_of_text|>")
     ids = llama.encode("hi there")
