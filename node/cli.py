@@ -246,6 +246,9 @@ def render_status(data: dict[str, Any]) -> str:
                 f"{_printable(n.get('name', '?'))}  {e.get('sessions', 0)} session(s)"
             )
     for n in nodes:
+        for doubt in (n.get("doubtful") or [])[:4]:
+            lines.append(f"warning: {_printable(n.get('name', '?'))} {_printable(str(doubt), 200)}; "
+                         "planners count it capped (cluster.deny keeps a node from serving)")
         offset = n.get("clock_offset_s")
         if isinstance(offset, int | float) and abs(offset) >= 10:
             side = "ahead of" if offset > 0 else "behind"

@@ -187,6 +187,23 @@ class ClusterSection:
             example="cluster.secret",
         )
     )
+    allow: tuple[str, ...] = field(
+        metadata=key(
+            v.node_names,
+            "Nodes (names or ids) that may serve layers of a model this node plans or "
+            "adopts; empty = every member. Every member holds the secret: this is how an "
+            "operator keeps a machine it does not trust out of the pipelines it drives.",
+            default=[],
+        )
+    )
+    deny: tuple[str, ...] = field(
+        metadata=key(
+            v.node_names,
+            "Nodes (names or ids) that never serve layers of a model this node plans or "
+            "adopts (a plan naming one is re-planned without it).",
+            default=[],
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ __all__ = [
     "listen_address",
     "multicast_group",
     "node_name",
+    "node_names",
     "path",
     "port",
     "positive_seconds",
@@ -157,6 +158,21 @@ def node_name(value: Any, ctx: Ctx) -> str:
     if len(text) > 64 or not text.isprintable():
         raise Invalid(f"must be at most 64 printable characters, got {value!r}")
     return text
+
+
+def node_names(value: Any, ctx: Ctx) -> tuple[str, ...]:
+    """Node names or node ids (64 hex digits), as `nodectl status` shows them."""
+    if not isinstance(value, list):
+        raise _type_error('a list of node names or ids such as ["workstation-1"]', value)
+    if len(value) > 1024:
+        raise Invalid(f"lists at most 1024 nodes, got {len(value)}")
+    out: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            out.append(node_name(item, ctx))
+        except Invalid as exc:
+            raise Invalid(f"entry {index}: {exc}") from None
+    return tuple(out)
 
 
 def listen_address(value: Any, ctx: Ctx) -> str:

@@ -210,7 +210,7 @@ class Daemon:
         self.worker.register(self.transport)
         self.loaded = LoadedModels(self.key.node_id, self.models, self.peers, members=self._members,
                                    engine=cfg.engine, data_dir=cfg.node.data_dir,
-                                   record_ttl=cfg.dht.record_ttl)
+                                   record_ttl=cfg.dht.record_ttl, allow=cfg.cluster.allow, deny=cfg.cluster.deny)
         self.sessions = Sessions(self.loaded, self.peers, step_timeout=cfg.engine.step_timeout,
                                  queue=cfg.engine.queue)
         await self._start_api()

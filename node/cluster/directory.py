@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from node.cluster.claims import doubtful
 from node.cluster.rtt import rtt_problem
 from node.dht.node import DHTNode
 from node.dht.routing import RecordSet
@@ -199,6 +200,9 @@ def status_view(
         entry["id"] = node_id
         entry["last_seen_s"] = round(max(0.0, now - float(value.get("ts", now))), 1)
         entry["self"] = node_id == self_id
+        doubts = doubtful(value)
+        if doubts:  # what planners here do not believe (claims.py)
+            entry["doubtful"] = doubts
         nodes.append(entry)
     nodes.sort(key=lambda n: (not n["self"], n.get("name", ""), n["id"]))
     return {"self": self_id, "cluster": cluster_id, "nodes": nodes}

@@ -37,11 +37,12 @@ import structlog
 
 from node.cluster.peers import Peers, PeerUnknown
 from node.net.errors import RemoteError, RequestRefused, TransportError
+from node.pipeline import trust
 from node.pipeline.builder import config_of
 from node.pipeline.cost import cost_from_lines, model_cost
 from node.pipeline.failures import FailureMarks
 from node.pipeline.finder import LEASE_TTL, PlanFinder
-from node.pipeline.planner import ModelCost, NodeOffer, Pin, PlanError, make_plan
+from node.pipeline.planner import ModelCost, Pin, PlanError, make_plan
 from node.pipeline.plans import new_epoch, publish_plan, read_plans, withdraw_plan
 from node.pipeline.verdict import Verdict, judge
 from node.store.pieces import StoreError
@@ -147,8 +148,10 @@ class Model:
 
 class LoadedModels:
     def __init__(self, node_id: str, service: ModelService, peers: Peers, *, members: Members,
-                 engine: EngineSection, data_dir: Path, record_ttl: float) -> None:
+                 engine: EngineSection, data_dir: Path, record_ttl: float, allow: tuple[str, ...] = (),
+                 deny: tuple[str, ...] = ()) -> None:
         self.node_id = node_id
+        self.allow, self.deny = allow, deny  # cluster.allow / cluster.deny: who may serve (trust.py)
         self.service = service
         self.peers = peers
         self.members = members
@@ -276,6 +279,10 @@ class LoadedModels:
                 survivors: tuple[Pin, ...] = pins
             else:
                 views = await self._probe(record, m)
+                barred = await self._barred(record)
+                if barred:  # a stage this operator does not let serve: re-planned without it
+                    views = [None if s.node_id in barred else view for s, view in zip(record.plan.stages, views,
+                                                                                        strict=True)]
                 v = self._verdict(m, record, views, first_seen_none)
                 verdict, survivors = v.kind, v.keep
                 if verdict == "newer":  # its record may not have reached the DHT yet: ask its stages
@@ -328,6 +335,20 @@ class LoadedModels:
                     progress({"status": "waiting", "detail": m.status})
                 await asyncio.sleep(1.0)
 
+    async def _barred(self, record: PlanRecord) -> set[str]:
+        """The stages of ``record`` on nodes cluster.allow / cluster.deny keep from serving."""
+        if not self.allow and not self.deny:
+            return set()
+        records = await self.members()
+        out = set()
+        for s in record.plan.stages:
+            name = str(records.get(s.node_id, {}).get("name", s.node_id[:12]))
+            if not trust.may_serve(s.node_id, name, self.allow, self.deny):
+                out.add(s.node_id)
+        if out:
+            log.info("plan_stage_barred", model=record.model_id[:12], epoch=record.epoch, nodes=[n[:12] for n in out])
+        return out
+
     async def _newest(self, m: Model, current: PlanRecord | None) -> PlanRecord | None:
         return await self.finder.newest(m.model_id, weights=m.weights, layers=m.config.num_layers, current=current)
 
@@ -360,7 +381,7 @@ class LoadedModels:
         cost = await self._cost(m)
         records = await self.members()
         names = {nid: str(r.get("name", nid[:12])) for nid, r in records.items()}
-        offers = _offers(records, m.model_id)
+        offers = trust.offers(records, m.model_id, allow=self.allow, deny=self.deny)
         failed = m.failed.active()
         plan = None
         tries = [(pins, failed), (pins, set()), ((), failed), ((), set())]
@@ -555,15 +576,3 @@ class LoadedModels:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _offers(records: Mapping[str, Mapping[str, Any]], model_id: str) -> list[NodeOffer]:
-    """The ready members, each offering what it lends less what its other models' layers
-    hold (a second model is planned around the first, not onto a full node)."""
-
-    def held(r: Mapping[str, Any]) -> int:
-        return sum(int(e.get("memory", 0)) for e in r.get("serving") or [] if e.get("model") != model_id)
-
-    return [NodeOffer(pid, str(r.get("name", pid[:12])), max(0, int(r.get("memory_allowed", 0)) - held(r)),
-                      float(r.get("tflops", 0.0)), dict(r.get("rtt_ms") or {}))
-            for pid, r in records.items() if r.get("state") == "ready"]

@@ -221,3 +221,15 @@ def test_status_table_brackets_ipv6() -> None:
     data = {"self": "", "cluster": "c", "nodes": [{"id": "a" * 64, "name": "v6", "addresses": ["fd00::2"],
                                                    "peer_port": 7420}]}
     assert "[fd00::2]:7420" in render_status(data)
+
+
+def test_render_status_flags_claims_planners_do_not_believe() -> None:
+    from node.cluster.directory import status_view
+
+    liar = {"name": "mallory", "state": "ready", "memory_allowed": 2**40, "memory_total": 8 * 2**30,
+            "tflops": 1000.0, "cpu_count": 2, "device_kind": "cpu", "ts": 100.0, "addresses": ["10.0.0.9"],
+            "peer_port": 7420}
+    view = status_view({"e" * 64: liar}, self_id="a" * 64, cluster_id="c", now=100.0)
+    text = render_status(view)
+    assert "warning: mallory claims 1000 TFLOPS" in text and "capped" in text
+    assert "warning: mallory lends" in text

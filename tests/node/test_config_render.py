@@ -199,7 +199,7 @@ def test_example_documents_every_key_and_sets_only_fixed_defaults() -> None:
         for name, spec in keys(cls).items():
             assert f"\n{name} = " in text or f"\n# {name} = " in text, f"{section}.{name}"
             assert " ".join(spec.doc.split()[:6]) in " ".join(text.replace("# ", " ").split())
-    assert document["cluster"] == {"secret_file": "cluster.secret"}
+    assert document["cluster"] == {"secret_file": "cluster.secret", "allow": [], "deny": []}
     assert document == example_values()
     for absent in ("name", "data_dir", "key_file"):
         assert absent not in document["node"]  # machine-dependent: shown commented out
