@@ -5,6 +5,13 @@ owner of a range gets two loads of different epochs for the same layers; the sec
 for the first one's build instead of fetching, loading and compiling it again (and the
 newest epoch installs the result; worker.py decides that). ``on_state`` tells each waiting
 load what the build is doing (fetching, loading, compiling).
+
+Budgets, since any member may ask for a load: a build reserves its memory against what the
+node lends (every model's stages and every other build together) before it fetches a byte
+(the plan's figure) and again once the model's config gives the real one; a driver has at
+most MAX_BUILDS_PER_PEER new builds here at once and the node MAX_BUILDS (others are refused
+``busy``, and the driver tries again); loading and compiling run on their own thread, so a
+build never holds the engine thread that runs the stages' steps.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from protocol.plan import LoadRequest
 if TYPE_CHECKING:
     from node.pipeline.stage import StageRunner
 
-__all__ = ["Built", "StageBuilder", "config_of", "shape_of"]
+__all__ = ["MAX_BUILDS", "MAX_BUILDS_PER_PEER", "Built", "StageBuilder", "config_of", "shape_of"]
+
+MAX_BUILDS = 4  # new stages being built on this node at once
+MAX_BUILDS_PER_PEER = 2  # of those, asked for by one driver
 
 Shape = tuple[str, int, int, bool, bool, int, int, str, int, str]
 
@@ -58,6 +68,9 @@ class Built:
 @dataclass
 class _Build:
     task: asyncio.Task[Built]
+    peer: str
+    model_id: str
+    reserved: int = 0  # bytes held back for it until it ends
     watchers: list[Callable[[str], None]] = field(default_factory=list)
 
     def state(self, value: str) -> None:
@@ -74,14 +87,20 @@ class StageBuilder:
         self.memory_allowed = memory_allowed
         self.used = used
         self._building: dict[Shape, _Build] = {}
+        # Loading and compiling, off the engine thread that runs the stages' steps.
+        self.build_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="build")
 
-    async def build(self, req: LoadRequest, on_state: Callable[[str], None]) -> Built:
+    async def build(self, req: LoadRequest, on_state: Callable[[str], None], peer: str = "") -> Built:
         key = shape_of(req)
         entry = self._building.get(key)
         if entry is None:
+            mine = sum(1 for b in self._building.values() if b.peer == peer)
+            if mine >= MAX_BUILDS_PER_PEER or len(self._building) >= MAX_BUILDS:
+                raise RequestRefused("busy", f"this node is building {len(self._building)} stages "
+                                             f"({mine} for this driver); try again shortly")
             holder: list[_Build] = []
-            task = asyncio.ensure_future(self._build(req, lambda s: holder[0].state(s)))
-            entry = _Build(task)
+            task = asyncio.ensure_future(self._build(req, lambda s: holder[0].state(s), key))
+            entry = _Build(task, peer, req.record.model_id)
             holder.append(entry)
             self._building[key] = entry
 
@@ -96,10 +115,28 @@ class StageBuilder:
     def cancel(self) -> None:
         for entry in self._building.values():
             entry.task.cancel()
+        self.build_executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _build(self, req: LoadRequest, state: Callable[[str], None]) -> Built:
+    def _reserve(self, key: Shape, need: int, what: str) -> None:
+        """Hold ``need`` bytes for the build of ``key``, or refuse when the node's stages and
+        the other builds (of other models: one of a model's builds replaces another) leave
+        too little of what it lends."""
+        entry = self._building.get(key)
+        model_id = key[0]
+        used = self.used(model_id) + sum(b.reserved for k, b in self._building.items()
+                                         if k != key and b.model_id != model_id)
+        if need + used > self.memory_allowed:
+            raise RequestRefused("out_of_memory", (
+                f"{what} need {need / 2**20:.0f} MiB; this node lends "
+                f"{self.memory_allowed / 2**20:.0f} MiB and {used / 2**20:.0f} MiB are in use or reserved"))
+        if entry is not None:
+            entry.reserved = need
+
+    async def _build(self, req: LoadRequest, state: Callable[[str], None], key: Shape) -> Built:
         stage, rec = req.stage, req.record
         t0 = time.monotonic()
+        what = f"layers {stage.start}-{stage.end}"
+        self._reserve(key, stage.memory, what)  # the plan's figure, before fetching anything
         manifest = await self.service.manifest(rec.model_id)
         wanted = pieces_for_layers(manifest, stage.start, stage.end, has_embedding=req.first, has_head=req.last)
         await self.service.ensure(manifest, wanted)
@@ -118,25 +155,21 @@ class StageBuilder:
         spec = PartitionSpec(stage.start, stage.end, req.first, req.last)
         need = max(stage.memory, resident_bytes(config, spec, rec.dtype, rec.max_context, rec.slots,
                                                 prefill_chunk=rec.prefill_chunk, weights=rec.weights))
-        used = self.used(rec.model_id)
-        if need + used > self.memory_allowed:
-            raise RequestRefused("out_of_memory", (
-                f"layers {stage.start}-{stage.end} need {need / 2**20:.0f} MiB; this node lends "
-                f"{self.memory_allowed / 2**20:.0f} MiB and {used / 2**20:.0f} MiB are in use"))
+        self._reserve(key, need, what)
         files = [f.path for f in manifest.files if f.data_start is not None]
         reader = self.service.store.range_reader(manifest)
         source = WeightSource(reader, files, read_into=reader.read_into,
                               sizes={f.path: f.size for f in manifest.files},
                               headers={f.path: f.data_start for f in manifest.files if f.data_start is not None})
         loop = asyncio.get_running_loop()
-        part = await loop.run_in_executor(self.executor, lambda: load_partition(
+        part = await loop.run_in_executor(self.build_executor, lambda: load_partition(
             source, config, spec, dtype=rec.dtype, max_context=rec.max_context, prefill_chunk=rec.prefill_chunk,
             weights=rec.weights))
         load_s = time.monotonic() - t0
         state("compiling")
         runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=2 * req.step_timeout)
         t1 = time.monotonic()
-        await loop.run_in_executor(self.executor, _warm, runner)
+        await loop.run_in_executor(self.build_executor, _warm, runner)
         return Built(runner, need, load_s, time.monotonic() - t1)
 
 

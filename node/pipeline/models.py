@@ -419,6 +419,8 @@ class LoadedModels:
             except (RemoteError, RequestRefused) as exc:
                 if exc.code == "stale_epoch":
                     raise _Overtaken(exc.message) from None
+                if exc.code == "busy":  # building other stages: try again shortly
+                    raise _Unreachable(f"node {node} is busy: {exc.message}") from None
                 raise DriverError(f"node {node} could not load layers {stage.start}-{stage.end}: "
                                   f"{exc.message}") from None
             except (TransportError, PeerUnknown, OSError, TimeoutError) as exc:

@@ -15,7 +15,7 @@ A step number is processed once: a repeated step gets the stored answer again.
 
 Each session belongs to the driver whose prefill opened it (its ``owner``, the node id
 the worker vouches for): a step or a close naming another driver's session is refused,
-a driver holds at most ``owner_cap()`` sessions at once (the others wait as ``busy``),
+a driver holds at most ``owner_cap(driver)`` sessions at once (the others wait as ``busy``),
 and a slot is zeroed when a new session takes it.
 """
 
@@ -67,7 +67,7 @@ class _Pending:
 class StageRunner:
     def __init__(self, partition: Partition, *, slots: int, executor: ThreadPoolExecutor,
                  session_idle: float, clock: Callable[[], float] = time.monotonic,
-                 owner_cap: Callable[[], int] | None = None) -> None:
+                 owner_cap: Callable[[str], int] | None = None) -> None:
         self.partition = partition
         self.slots = slots
         self.cache = partition.new_cache(slots)
@@ -76,7 +76,7 @@ class StageRunner:
         self._executor = executor
         self._idle = session_idle
         self._clock = clock
-        self.owner_cap = owner_cap or (lambda: slots)
+        self.owner_cap = owner_cap or (lambda _owner: slots)
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -231,10 +231,10 @@ class StageRunner:
             if s is None:
                 if not self._free:
                     raise StageBusy("busy", f"all {self.slots} sessions of this stage are in use")
-                cap = self.owner_cap()
+                cap = self.owner_cap(p.owner)
                 if self.owned_by(p.owner) >= cap:
                     raise StageBusy("busy", f"this driver already holds {cap} sessions of this stage "
-                                            "(its share while other drivers use it)")
+                                            "(its share while other drivers use it too)")
                 slot = self._free.pop(0)
                 try:
                     self.cache = self.partition.clear_slot(self.cache, slot)

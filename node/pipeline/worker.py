@@ -18,7 +18,7 @@ certificate):
   The first stage takes steps only from a driver holding a lease on it (or owning the
   session); every other stage only from the plan's previous stage, which names the
   session's driver (``driver``). A session belongs to the driver that opened it, and
-  a driver holds at most its share of the slots while other drivers lease the stage.
+  no driver takes the last slots from other drivers with sessions on the stage.
   When the next stage cannot be reached the answer is ``stage_failed`` naming it, so
   the driver knows which node to check.
 - ``pipe.close`` {model, session}: the session's driver frees its cache. ``pipe.state``: every stage.
@@ -204,7 +204,7 @@ class StageWorker:
                 def state(value: str) -> None:
                     loaded.state = value
 
-                built = await self.builder.build(req, state)
+                built = await self.builder.build(req, state, peer)
                 runner, need, loaded.load_s, loaded.compile_s = built.runner, built.need, built.load_s, built.compile_s
             self._still_wanted(loaded)
             old = self.stages.pop(model_id, None)
@@ -239,7 +239,7 @@ class StageWorker:
     def _ready(self, loaded: Loaded, runner: StageRunner, need: int) -> dict[str, Any]:
         stage = loaded.request.stage
         loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
-        runner.owner_cap = lambda: self._share(loaded)
+        runner.owner_cap = lambda driver: self._share(loaded, driver)
         self.stages[loaded.model_id] = loaded
         runner.start()
         self.on_change()
@@ -364,11 +364,14 @@ class StageWorker:
 
     # ------------------------------------------------------------------ steps
 
-    def _share(self, loaded: Loaded) -> int:
-        """Sessions one driver may hold on a stage: every slot while it is the only driver
-        leasing it, half of them (at least one) while others do."""
+    def _share(self, loaded: Loaded, driver: str) -> int:
+        """Sessions ``driver`` may hold on a stage: every slot but one for each other driver
+        with a session on it now (at most half of them kept so), so that no driver, an
+        insider included, can take every slot from the others in use."""
         slots = loaded.request.record.slots
-        return slots if loaded.live_leases(self._clock()) <= 1 else max(1, slots // 2)
+        runner = loaded.runner
+        others = {s.owner for s in runner.sessions.values() if s.owner != driver} if runner is not None else set()
+        return max(1, slots - min(len(others), slots // 2))
 
     def _driver_of(self, loaded: Loaded, peer: str, body: dict[str, Any]) -> str:
         """The driver a step is sent for, when ``peer`` is entitled to send it here."""

@@ -38,7 +38,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def runner_for(part, slots: int = 2, cap: int | None = None) -> StageRunner:  # type: ignore[no-untyped-def]
     r = StageRunner(part, slots=slots, executor=ThreadPoolExecutor(1), session_idle=60,
-                    owner_cap=(lambda: cap) if cap else None)
+                    owner_cap=(lambda _o: cap) if cap else None)
     r.start()
     return r
 
