@@ -262,10 +262,10 @@ class StageWorker:
         for m in self.stages.values():
             if m.state == "ready" and m.runner is not None and not m.draining:
                 stage, rec = m.request.stage, m.request.record
-                entry = {"model": m.model_id, "name": rec.name[:128], "start": stage.start, "end": stage.end,
+                entry = {"model": m.model_id, "name": _printable(rec.name, 128), "start": stage.start, "end": stage.end,
                          "epoch": m.epoch, "sessions": len(m.runner.sessions), "memory": m.memory,
                          "layers": rec.plan.num_layers, "context": rec.max_context, "weights": rec.weights,
-                         "family": str(m.runner.partition.config.architecture)[:32],
+                         "family": _printable(str(m.runner.partition.config.architecture), 32),
                          "drivers": m.live_leases(self._clock())}
                 expires = m.expires_at()
                 if expires is not None:
@@ -451,6 +451,12 @@ class StageWorker:
                 if not runner.sessions and (loaded.draining or not loaded.live_leases(self._clock())):
                     with contextlib.suppress(Exception):
                         await self._unload_if_unused(model_id)
+
+
+def _printable(text: str, limit: int) -> str:
+    """Text a peer chose, fit for this node's own record (one control character in it would
+    make the record invalid everywhere, and the node would vanish from the cluster)."""
+    return "".join(c for c in text if c.isprintable())[:limit]
 
 
 def _remote(fn: Handler) -> Any:
