@@ -26,6 +26,7 @@ from node import __version__
 from node.api.app import build_app
 from node.cluster.capabilities import Capabilities, collect
 from node.cluster.directory import (
+    RecentMembers,
     member_problem,
     member_record,
     publish_member,
@@ -133,6 +134,7 @@ class Daemon:
         self.metrics = new_registry()
         self.clock_offsets = ClockOffsets()
         self.counters = Counters(by_reason=("members_invalid",))
+        self._recent = RecentMembers(grace=config.dht.record_ttl)  # members a lossy read missed
         self.swarm_counters = Counters(("pieces_served", "pieces_fetched", "bytes_served", "bytes_fetched"),
                                        by_reason=("refused",))
         self.models: ModelService | None = None
@@ -397,6 +399,7 @@ class Daemon:
                 found[pid] = rec.value
             else:  # one member's bad record must not break the view for everyone
                 self.counters.inc("members_invalid", reason=problem)
+        found = self._recent.merge(found)
         found[self.key.node_id] = self.record()
         return found
 

@@ -33,6 +33,7 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +60,7 @@ __all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_option
 # Ollama's defaults.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
 MAX_STOP = 8
+PIN_WAIT = 10.0  # seconds /api/load waits for a pinned node missing from the directory
 MAX_PROMPT_CHARS = 4 * 2**20
 # Shorter texts tokenize in well under a millisecond; a thread costs more than that.
 _ENCODE_ON_LOOP_CHARS = 16 * 2**10
@@ -452,6 +454,17 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
     app.router.add_post("/api/unload", unload)
 
 
+def _find_nodes(texts: list[str], members: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Each node name or id prefix in ``texts`` that names a member -> its node id."""
+    by_name = {str(r.get("name")): nid for nid, r in members.items()}
+    out = {}
+    for text in texts:
+        node = by_name.get(text) or next((n for n in members if n.startswith(text.lower())), None)
+        if node is not None:
+            out[text] = node
+    return out
+
+
 async def _pins(value: Any, loaded: LoadedModels) -> tuple[Pin, ...]:
     """``pins`` of /api/load: [{"node": name or id, "layers": [start, end]}] (layers optional)
     places a model by hand, as the planner's pins: a pinned node always serves, a pinned
@@ -460,15 +473,21 @@ async def _pins(value: Any, loaded: LoadedModels) -> tuple[Pin, ...]:
         return ()
     if not isinstance(value, list) or len(value) > 64:
         raise BadRequest('pins must be a list of {"node": NAME, "layers": [START, END]}')
-    members = await loaded.members()
-    by_name = {str(r.get("name")): nid for nid, r in members.items()}
+    if not all(isinstance(pin, dict) and isinstance(pin.get("node"), str) for pin in value):
+        raise BadRequest('each pin needs "node": a node name or id')
+    # A member whose record is late (a lossy link, a busy machine) is waited for a moment.
+    give_up = time.monotonic() + PIN_WAIT
+    while True:
+        found = _find_nodes([pin["node"] for pin in value], await loaded.members())
+        missing = [pin["node"] for pin in value if pin["node"] not in found]
+        if not missing:
+            break
+        if time.monotonic() > give_up:
+            raise BadRequest(f"pins: no node called {missing[0][:64]!r} in the cluster (see nodectl status)")
+        await asyncio.sleep(1.0)
     out = []
     for pin in value:
-        if not isinstance(pin, dict) or not isinstance(pin.get("node"), str):
-            raise BadRequest('each pin needs "node": a node name or id')
-        node = by_name.get(pin["node"]) or next((n for n in members if n.startswith(pin["node"].lower())), None)
-        if node is None:
-            raise BadRequest(f"pins: no node called {pin['node'][:64]!r} in the cluster (see nodectl status)")
+        node = found[pin["node"]]
         layers = pin.get("layers")
         if layers is None:
             out.append(Pin(node))

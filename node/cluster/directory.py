@@ -28,6 +28,7 @@ from node.dht.routing import RecordSet
 __all__ = [
     "DIRECTORY_PREFIX",
     "DIRECTORY_SHARDS",
+    "RecentMembers",
     "member_key",
     "member_problem",
     "member_record",
@@ -182,6 +183,32 @@ def _serving_problem(serving: Any) -> str | None:
         if entry["start"] >= entry["end"]:
             return "bad_serving"
     return None
+
+
+class RecentMembers:
+    """Members seen in a recent read, kept for ``grace`` seconds when a read misses them: a
+    DHT read over a lossy link can come back without a shard's answer, and a member that
+    blinks out of one read must not vanish from pins, plans and status (a node that leaves
+    says so: its "leaving" record ends it at once). Bounded (``limit`` members)."""
+
+    def __init__(self, grace: float, *, limit: int = 4096, clock: Any = time.monotonic) -> None:
+        self.grace = grace
+        self.limit = limit
+        self._clock = clock
+        self._seen: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def merge(self, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        now = self._clock()
+        for pid, value in found.items():
+            self._seen.pop(pid, None)
+            self._seen[pid] = (now, value)
+        for pid in [p for p, (at, v) in self._seen.items() if now - at > self.grace or v.get("state") == "leaving"]:
+            del self._seen[pid]
+        while len(self._seen) > self.limit:
+            del self._seen[next(iter(self._seen))]
+        out = {pid: value for pid, (_at, value) in self._seen.items()}
+        out.update(found)
+        return out
 
 
 def status_view(

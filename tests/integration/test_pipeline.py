@@ -324,6 +324,57 @@ def test_an_insider_cannot_drive_a_stage_it_does_not_lease_nor_take_every_slot(s
     split.wait_until(lambda: metric(head, "enjambre_pipeline_sessions") == 0, 30, "the insider's sessions freed")
 
 
+def test_an_unload_during_a_stream_drains_and_the_next_request_still_answers(split: LocalCluster,
+                                                                            tiny: Path) -> None:
+    """Any driver may stop a model (Ollama's stop), an insider leasing a stage included: the
+    stage finishes the sessions it holds before it unloads (the stream answers in full), and
+    the next request loads the model again instead of failing or hanging."""
+    driver = split.nodes[2]
+    entry = json.loads(nodectl(driver, "ps", "--json").stdout)["models"][0]
+    model_id, epoch, plan = entry["digest"], int(entry["epoch"]), entry["plan"]
+    head = next(n for n in split.nodes if n.node_id == plan[0]["node_id"])
+    tok = Tokenizer.from_model_dir(tiny)
+    user: dict[str, Any] = {}
+
+    started = threading.Event()
+
+    def stream() -> None:
+        req = urllib.request.Request(f"http://{driver.api}/api/generate", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "pipe-model", "prompt": "la casa", "raw": True,
+                                                      "options": {"temperature": 0, "num_predict": 120}}).encode())
+        lines = []
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            for raw in resp:
+                lines.append(json.loads(raw))
+                if len(lines) == 3:
+                    started.set()
+            user["out"] = (resp.status, lines)
+        started.set()
+
+    async def unload() -> dict[str, Any]:
+        transport = Transport(NodeKey.generate(), cluster_keys(split), name="insider", software_version="test")
+        try:
+            conn = await transport.connect("127.0.0.1", int(head.runtime["peer_port"]), expect_node_id=head.node_id)
+            await conn.request("pipe.lease", {"model": model_id, "epoch": epoch, "ttl": 30.0}, timeout=30)
+            return dict(await conn.request("pipe.unload", {"model": model_id}, timeout=60))
+        finally:
+            await transport.close()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(120)
+    assert asyncio.run(unload()) == {"unloaded": False}  # draining: the live session first
+    thread.join(timeout=300)
+    status, lines = user["out"]
+    assert status == 200, lines
+    assert "".join(x.get("response", "") for x in lines) == tok.decode(reference(tiny, tok.encode("la casa"), 120))
+    status, lines = post(driver, "/api/generate", {"model": "pipe-model", "prompt": "el sol", "raw": True,
+                                                   "options": {"temperature": 0, "num_predict": 8}})
+    assert status == 200, lines
+    assert "".join(x.get("response", "") for x in lines) == tok.decode(reference(tiny, tok.encode("el sol"), 8))
+
+
 def test_middle_node_killed_mid_generation_stream_completes_unchanged(split: LocalCluster, tiny: Path) -> None:
     plan = json.loads(nodectl(split.nodes[1], "ps", "--json").stdout)["models"][0]["plan"]
     middle = next(n for n in split.nodes if n.node_id == plan[1]["node_id"])

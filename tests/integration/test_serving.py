@@ -151,6 +151,11 @@ def test_gguf_split_loads_with_the_importer_at_each_position(cluster: LocalClust
         assert status == 200 and text_of(out) == want, (position, out[-2:])
     for node in cluster.nodes:
         assert "is not on this node" not in node.log_path.read_text(errors="replace")
+    # A pin naming no member is waited for a moment (a record late over a lossy link), then refused.
+    t0 = time.monotonic()
+    status, lines = post(importer, "/api/load", {"model": MODEL, "pins": [{"node": "nobody", "layers": [0, 2]}]})
+    assert status == 400 and "no node called 'nobody'" in lines[-1]["error"], lines
+    assert 9 <= time.monotonic() - t0 < 30
 
 
 def test_two_entry_nodes_share_one_plan(cluster: LocalCluster, gguf: tuple[Path, Path]) -> None:

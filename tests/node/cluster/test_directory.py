@@ -116,3 +116,21 @@ def test_member_problem_accepts_a_real_record_and_names_what_is_wrong() -> None:
     # and a valid record always renders
     view = status_view({pid: _good(pid)}, self_id=pid, cluster_id="c", now=20.0)
     assert view["nodes"][0]["last_seen_s"] == 10.0
+
+
+def test_a_member_a_read_missed_is_kept_for_the_grace_then_dropped() -> None:
+    from node.cluster.directory import RecentMembers
+
+    now = [100.0]
+    recent = RecentMembers(grace=6.0, limit=3, clock=lambda: now[0])
+    a, b = {"name": "a", "state": "ready"}, {"name": "b", "state": "ready"}
+    assert recent.merge({"a" * 64: a, "b" * 64: b}) == {"a" * 64: a, "b" * 64: b}
+    now[0] = 104.0
+    assert set(recent.merge({"a" * 64: a})) == {"a" * 64, "b" * 64}  # b blinked out of one read
+    now[0] = 111.0
+    assert set(recent.merge({"a" * 64: a})) == {"a" * 64}  # gone for longer than the grace
+    leaving = {"name": "a", "state": "leaving"}
+    assert recent.merge({"a" * 64: leaving}) == {"a" * 64: leaving}  # said it leaves: not kept
+    assert recent.merge({}) == {}
+    many = {str(i) * 64: a for i in range(5)}
+    assert len(recent.merge(many)) == 5 and len(recent.merge({})) == 3  # bounded
