@@ -12,6 +12,9 @@ Three rules keep it out (Ollama had exactly this hole, CVE-2024-28224):
   only listed origins get CORS headers (and preflight answers).
 * **Body type.** A cross-site form or ``fetch`` with ``text/plain`` needs no
   preflight, so every POST must say ``Content-Type: application/json``; 415 else.
+  A POST with no Content-Type at all is read as JSON, as Ollama does (litellm and
+  ``curl -d`` send none), but only without an Origin: a browser names the page on
+  every POST, and a page's body without a type (a Blob) stays refused.
 
 Then the bearer token, when one is configured: every path but ``/healthz`` and the web
 console's page and files (``/``, ``/console/<name>``), which carry no data; the page asks
@@ -42,6 +45,12 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _UNGUARDED = frozenset({"/healthz", "/"})
 # One plain file name under /console/ (the console's static files): no data behind it.
 _UNGUARDED_ASSET = re.compile(r"/console/[a-z]+\.[a-z]+")
+
+
+def _json_body(request: web.Request, origin: str | None) -> bool:
+    if "Content-Type" not in request.headers:
+        return origin is None
+    return request.content_type == "application/json"
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -119,7 +128,7 @@ class RequestGuard:
             )
         if request.method == "OPTIONS":
             return None if origin is not None else refusal(request, 405, "OPTIONS is for CORS preflights")
-        if request.method in _BODY_METHODS and request.content_type != "application/json":
+        if request.method in _BODY_METHODS and not _json_body(request, origin):
             return refusal(request, 415, "send the request body as JSON (Content-Type: application/json)")
         if self.token is not None and not _unguarded(request.path):
             given = request.headers.get("Authorization", "")

@@ -109,10 +109,18 @@ async def test_foreign_pages_and_simple_posts_are_refused() -> None:
         # A cross-site form / fetch with text/plain needs no preflight: refused by its type.
         resp = await client.post("/api/cluster/ping/abcd", data="x", headers={"Content-Type": "text/plain"})
         assert resp.status == 415
-        resp = await client.post("/api/cluster/ping/abcd")
-        assert resp.status == 415
-        # The same origin (a page the node serves itself) is fine, and gets no CORS headers.
+        # No Content-Type at all is JSON, as Ollama reads it (litellm, curl -d) — but not from a page,
+        # which names itself in Origin (a Blob body has no type and needs no preflight).
         same = f"http://127.0.0.1:{client.port}"
+        resp = await client.post("/api/cluster/ping/abcd", data=b"{}", skip_auto_headers=("Content-Type",),
+                                 headers={"Origin": same})
+        assert resp.status == 415
+        resp = await client.post("/api/cluster/ping/abcd", data=b"{}", skip_auto_headers=("Content-Type",))
+        assert resp.status != 415
+        resp = await client.post("/api/cluster/ping/abcd", data=b"{}", skip_auto_headers=("Content-Type",),
+                                 headers={"Origin": "http://evil.example"})
+        assert resp.status == 403
+        # The same origin (a page the node serves itself) is fine, and gets no CORS headers.
         resp = await client.get("/api/cluster/status", headers={"Origin": same})
         assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
         resp = await client.options("/api/cluster/status", headers={"Origin": "http://evil.example"})
