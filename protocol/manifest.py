@@ -11,7 +11,14 @@ anything in it is used.
 
 Pieces are per file (BitTorrent v2 style): a piece never spans two files, so a
 file can be served as verified byte ranges of itself where it lies (``--in-place``)
-and exported byte for byte. Pure: bytes in, manifests out.
+and exported byte for byte.
+
+A manifest comes from any member, so its cost is proportional to its bytes and
+bounded by them: it is at most ``MAX_MANIFEST_BYTES``, parsed in one pass, and the
+piece list, each file's first piece and the index of paths are built once, when the
+manifest is (a node receiving a peer's manifest parses it off its event loop), so
+every lookup after that (a piece by index, a file by path) is O(1). Which sizes of
+files a node will fetch is protocol/model_limits.py. Pure: bytes in, manifests out.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
 
 from protocol.safetensors import TensorInfo
 
@@ -32,6 +40,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestFile",
+    "PieceList",
     "PieceRef",
     "build_manifest",
     "check_path",
@@ -42,7 +51,9 @@ MANIFEST_VERSION = 1
 # A 70B model in 4 MiB pieces is ~35,000 pieces (2.3 MB of hashes) and ~800 tensors.
 MAX_MANIFEST_BYTES = 32 * 2**20
 MAX_FILES = 4096
-MAX_PIECES = 1 << 21
+# What MAX_MANIFEST_BYTES of hashes can hold (67 bytes a piece); a 1 TB model in 4 MiB
+# pieces is 250k.
+MAX_PIECES = 1 << 19
 MAX_TENSORS = 1 << 18
 MIN_PIECE_SIZE = 16 * 1024
 MAX_PIECE_SIZE = 64 * 2**20
@@ -71,6 +82,47 @@ class PieceRef:
     digest: str
 
 
+class PieceList(Sequence[PieceRef]):
+    """A model's pieces in order, each made when it is asked for: by index in O(log files)
+    (a bisection of each file's first piece), and no object kept per piece (half a million
+    of them took 0.6 s to build, most of it the garbage collector's)."""
+
+    __slots__ = ("_files", "_first", "_size")
+
+    def __init__(self, files: tuple[ManifestFile, ...], first: tuple[int, ...], piece_size: int) -> None:
+        self._files, self._first, self._size = files, first, piece_size
+
+    def __len__(self) -> int:
+        return self._first[-1]
+
+    @overload
+    def __getitem__(self, index: int) -> PieceRef: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[PieceRef]: ...
+    def __getitem__(self, index: int | slice) -> PieceRef | list[PieceRef]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        count = self._first[-1]
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError(f"piece {index} of {count}")
+        # The last file that starts at or before the piece (files without pieces share a start).
+        f = bisect_right(self._first, index, 0, len(self._files)) - 1
+        return self._ref(index, f, index - self._first[f])
+
+    def __iter__(self) -> Iterator[PieceRef]:
+        index = 0
+        for f, entry in enumerate(self._files):
+            for j in range(len(entry.pieces)):
+                yield self._ref(index, f, j)
+                index += 1
+
+    def _ref(self, index: int, f: int, j: int) -> PieceRef:
+        entry, offset = self._files[f], j * self._size
+        return PieceRef(index, f, offset, min(self._size, entry.size - offset), entry.pieces[j])
+
+
 @dataclass(frozen=True)
 class Manifest:
     piece_size: int
@@ -79,44 +131,44 @@ class Manifest:
     summary: Mapping[str, Any]  # architecture, layers, parameters... (for listings)
     encoded: bytes
     model_id: str
+    # Derived once in __post_init__ (see the module's docstring), never compared.
+    pieces: PieceList = field(init=False, repr=False, compare=False)
+    total_size: int = field(init=False, repr=False, compare=False)
+    _first: tuple[int, ...] = field(init=False, repr=False, compare=False)  # each file's first piece, and the count
+    _paths: Mapping[str, int] = field(init=False, repr=False, compare=False)
 
-    @property
-    def pieces(self) -> list[PieceRef]:
-        out: list[PieceRef] = []
-        for f, entry in enumerate(self.files):
-            for j, digest in enumerate(entry.pieces):
-                offset = j * self.piece_size
-                out.append(PieceRef(len(out), f, offset, min(self.piece_size, entry.size - offset), digest))
-        return out
+    def __post_init__(self) -> None:
+        first = [0]
+        for entry in self.files:
+            first.append(first[-1] + len(entry.pieces))
+        object.__setattr__(self, "_first", tuple(first))
+        object.__setattr__(self, "pieces", PieceList(self.files, self._first, self.piece_size))
+        object.__setattr__(self, "total_size", sum(f.size for f in self.files))
+        object.__setattr__(self, "_paths", {f.path: i for i, f in enumerate(self.files)})
 
     @property
     def num_pieces(self) -> int:
-        return sum(len(f.pieces) for f in self.files)
-
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
+        return len(self.pieces)
 
     def file_index(self, path: str) -> int:
-        for i, entry in enumerate(self.files):
-            if entry.path == path:
-                return i
-        raise ManifestError(f"model {self.model_id[:12]} has no file {path!r}")
+        index = self._paths.get(path)
+        if index is None:
+            raise ManifestError(f"model {self.model_id[:12]} has no file {path!r}")
+        return index
+
+    def file_pieces(self, f: int) -> range:
+        """The indices (in the whole model) of file ``f``'s pieces, in order."""
+        return range(self._first[f], self._first[f + 1])
 
     def pieces_for_ranges(self, ranges: Iterable[tuple[str, int, int]]) -> set[int]:
         """The pieces that hold the byte ranges ``(file, offset, length)``."""
-        first: list[int] = []
-        total = 0
-        for entry in self.files:
-            first.append(total)
-            total += len(entry.pieces)
         out: set[int] = set()
         for path, offset, length in ranges:
             f = self.file_index(path)
             if length <= 0:
                 continue
             lo, hi = offset // self.piece_size, (offset + length - 1) // self.piece_size
-            out.update(first[f] + j for j in range(lo, min(hi, len(self.files[f].pieces) - 1) + 1))
+            out.update(self._first[f] + j for j in range(lo, min(hi, len(self.files[f].pieces) - 1) + 1))
         return out
 
 

@@ -23,6 +23,7 @@ from node.store.importer import ImportError_, Progress, hash_file
 from node.store.models import ModelStore
 from protocol.gguf import GGUFError, GGUFHeader, hf_name
 from protocol.manifest import Manifest, ManifestError, ManifestFile, build_manifest, check_path
+from protocol.model_limits import ModelTooLarge, check_files
 from protocol.safetensors import TensorInfo
 
 __all__ = ["import_gguf", "is_gguf"]
@@ -81,6 +82,11 @@ def import_gguf(
         check_path(rel)
         header, small = read_sidecars(path)
         small.update(extra or {})
+        # What peers would refuse to fetch (a header or a sidecar over its cap) is refused here.
+        check_files([*((f, len(b), None) for f, b in small.items()), (rel, path.stat().st_size, header.data_start)],
+                    gguf=True, model=str(path))
+    except ModelTooLarge as exc:
+        raise ImportError_(str(exc)) from None
     except (GGUFError, GGUFConfigError, GGUFTokenizerError, ManifestError) as exc:
         raise ImportError_(f"{path}: {exc}") from None
     config = json.loads(small["config.json"])

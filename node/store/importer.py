@@ -24,6 +24,7 @@ from typing import Any
 from node.store.models import ModelStore
 from node.store.pieces import StoreError
 from protocol.manifest import Manifest, ManifestError, ManifestFile, build_manifest, check_path
+from protocol.model_limits import ModelTooLarge, check_files
 from protocol.safetensors import SafetensorsError, TensorInfo, header_length, parse_header
 
 __all__ = ["ImportError_", "hash_file", "import_directory", "model_files"]
@@ -143,6 +144,11 @@ def import_directory(
         except SafetensorsError as exc:
             raise ImportError_(f"{root}: {exc}") from None
         tensors.extend(found.values())
+    try:  # what peers would refuse to fetch is refused here, before anything is stored
+        check_files([(w, (root / w).stat().st_size, data_starts[w]) for w in weights]
+                    + [(o, (root / o).stat().st_size, None) for o in others], gguf=False, model=str(root))
+    except ModelTooLarge as exc:
+        raise ImportError_(str(exc)) from None
     summary = _summary(root, tensors)
     if in_place:
         keep = None

@@ -48,6 +48,7 @@ class ModelStore:
         self.root = Path(data_dir) / "models"
         self.pieces = PieceStore(Path(data_dir) / "pieces", reserve=reserve)
         self._manifests: dict[str, Manifest] = {}
+        self._sources: dict[str, dict[str, Any] | None] = {}  # in-place sources, read once
 
     # ------------------------------------------------------------------ manifests and names
 
@@ -57,13 +58,20 @@ class ModelStore:
         atomic_write(self.root / f"{manifest.model_id}.json", manifest.encoded)
         if in_place is not None:
             atomic_write(self.root / f"{manifest.model_id}.inplace.json", json.dumps(in_place))
+        self._sources.pop(manifest.model_id, None)
         self._manifests[manifest.model_id] = manifest
         if name is not None:
             names = self.names()
             names[normalize_name(name)] = manifest.model_id
             atomic_write(self.root / "names.json", json.dumps(names, sort_keys=True, indent=1))
 
+    def loaded(self, model_id: str) -> Manifest | None:
+        """The manifest if it is already parsed (a dict lookup: never reads or hashes)."""
+        return self._manifests.get(model_id)
+
     def manifest(self, model_id: str) -> Manifest:
+        """The manifest, read, hashed and parsed from disk the first time (a large one takes
+        a fraction of a second: on the event loop, ask ``loaded`` first, else a thread)."""
         cached = self._manifests.get(model_id)
         if cached is not None:
             return cached
@@ -125,11 +133,16 @@ class ModelStore:
     # ------------------------------------------------------------------ pieces
 
     def _in_place(self, model_id: str) -> dict[str, Any] | None:
+        # Read once per model (serving a piece used to read and parse this file each time).
+        if model_id in self._sources:
+            return self._sources[model_id]
         try:
             data = json.loads((self.root / f"{model_id}.inplace.json").read_text())
         except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+            data = None
+        source = data if isinstance(data, dict) else None
+        self._sources[model_id] = source
+        return source
 
     def has_piece(self, manifest: Manifest, piece: PieceRef) -> bool:
         if self.pieces.has(piece.digest):
@@ -192,11 +205,11 @@ class ModelStore:
         entry = manifest.files[f]
         if offset < 0 or length < 0 or offset + length > entry.size:
             raise StoreError(f"{file} has {entry.size} bytes; {length} at {offset} is outside it")
-        pieces = [p for p in manifest.pieces if p.file == f]
+        pieces = manifest.file_pieces(f)
         out = bytearray()
         size = manifest.piece_size
         for j in range(offset // size, (offset + length - 1) // size + 1 if length else 0):
-            data = self.read_piece(manifest, pieces[j])
+            data = self.read_piece(manifest, manifest.pieces[pieces[j]])
             lo = max(offset - j * size, 0)
             hi = min(offset + length - j * size, len(data))
             out += data[lo:hi]
@@ -210,10 +223,8 @@ class ModelStore:
 
     def file_chunks(self, manifest: Manifest, file: str) -> Iterator[bytes]:
         """A whole file, piece by piece, verified (for export and for serving it)."""
-        f = manifest.file_index(file)
-        for piece in manifest.pieces:
-            if piece.file == f:
-                yield self.read_piece(manifest, piece)
+        for index in manifest.file_pieces(manifest.file_index(file)):
+            yield self.read_piece(manifest, manifest.pieces[index])
 
     def export(self, manifest: Manifest, dest: Path) -> None:
         """Write the model's original files into ``dest``, byte for byte."""
@@ -241,6 +252,7 @@ class ModelStore:
             (self.root / f"{model_id}.inplace.json").unlink(missing_ok=True)
             (self.root / f"{model_id}.imported").unlink(missing_ok=True)
             self._manifests.pop(model_id, None)
+            self._sources.pop(model_id, None)
             self.collect_garbage()
         return removed
 
@@ -265,9 +277,6 @@ class RangeReader:
 
     def __init__(self, store: ModelStore, manifest: Manifest, cached: int) -> None:
         self.store, self.manifest, self.cached = store, manifest, max(1, cached)
-        self._pieces: dict[int, list[PieceRef]] = {}
-        for p in manifest.pieces:
-            self._pieces.setdefault(p.file, []).append(p)
         self._cache: dict[int, bytes] = {}
 
     def _piece(self, ref: PieceRef) -> bytes:
@@ -285,9 +294,9 @@ class RangeReader:
         length = len(buffer)
         if offset < 0 or offset + length > entry.size:
             raise StoreError(f"{file} has {entry.size} bytes; {length} at {offset} is outside it")
-        size, pieces, done = self.manifest.piece_size, self._pieces.get(f, []), 0
+        size, pieces, done = self.manifest.piece_size, self.manifest.file_pieces(f), 0
         for j in range(offset // size, (offset + length - 1) // size + 1 if length else 0):
-            data = memoryview(self._piece(pieces[j]))
+            data = memoryview(self._piece(self.manifest.pieces[pieces[j]]))
             lo = max(offset - j * size, 0)
             hi = min(offset + length - j * size, len(data))
             buffer[done : done + hi - lo] = data[lo:hi]

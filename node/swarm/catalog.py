@@ -105,15 +105,20 @@ async def publish_holdings(
 
 
 async def read_holders(dht: DHTNode, manifest: Manifest) -> dict[str, set[int]]:
-    """node id -> pieces it says it holds (invalid records are skipped)."""
+    """node id -> pieces it says it holds (invalid records are skipped). The bitfields are
+    decoded off the loop: a model may have hundreds of thousands of pieces."""
     records = await dht.get(model_key(manifest.model_id))
-    out: dict[str, set[int]] = {}
-    for publisher, record in records.items():
-        value = record.value
-        bits = decode_bits(value.get("bits"), manifest.num_pieces) if isinstance(value, dict) else None
-        if bits:
-            out[publisher] = bits
-    return out
+    values = {publisher: record.value for publisher, record in records.items()}
+
+    def decode() -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for publisher, value in values.items():
+            bits = decode_bits(value.get("bits"), manifest.num_pieces) if isinstance(value, dict) else None
+            if bits:
+                out[publisher] = bits
+        return out
+
+    return await asyncio.to_thread(decode)
 
 
 async def read_name(dht: DHTNode, name: str) -> dict[str, set[str]]:

@@ -1,13 +1,16 @@
 """The node's models, as the daemon and the API use them: pull, list, remove, serve, fetch ranges.
 
 ``ModelService`` joins the store (node/store/), the DHT records (catalog.py), the
-piece server and the fetcher. ``pull`` takes a local directory or GGUF file (imported), ``ollama:NAME[:TAG]``
-(the GGUF blob of a local Ollama store, imported), an ``hf:org/repo[@revision]``
-(downloaded with huggingface_hub, then imported), a model name or id already in
-the cluster (its manifest and pieces fetched from the peers that hold it), or a
-name of the built-in catalogue (node/gguf/catalog.py: downloaded, verified, imported); it reports progress as Ollama's pull does. ``ensure`` fetches
-just the pieces a node needs (a layer range, for the pipeline). After every change
-the node republishes what it holds, at most once a second while a fetch runs.
+piece server and the fetcher. ``pull`` takes a local directory or GGUF file
+(imported), ``ollama:NAME[:TAG]`` (the GGUF blob of a local Ollama store, imported),
+an ``hf:org/repo[@revision]`` (downloaded with huggingface_hub, then imported), a
+model name or id already in the cluster (its manifest and pieces fetched from the
+peers that hold it), or a name of the built-in catalogue (node/gguf/catalog.py:
+downloaded, verified, imported); it reports progress as Ollama's pull does.
+``ensure`` fetches just the pieces a node needs (a layer range, for the pipeline).
+Holders that sent wrong pieces or failed lately are remembered across downloads
+(``book``, peerbook.py). After every change the node republishes what it holds, at
+most once a second while a fetch runs.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ from node.swarm.catalog import (
 from node.swarm.fetcher import FetchError, FetchProgress, PieceFetcher
 from node.swarm.layers import pieces_for_layers
 from node.swarm.names import NameBook, NameConflict
+from node.swarm.peerbook import PeerBook
 from node.swarm.server import PieceServer, UploadLimiter
 from node.system.counters import Counters
 from protocol.manifest import Manifest, ManifestError, parse_manifest
+from protocol.model_limits import ModelTooLarge, check_model
 
 __all__ = ["BadModelName", "ModelService", "ModelUnknown", "PullError"]
 
@@ -93,6 +98,7 @@ class ModelService:
         self._tasks: set[asyncio.Task[None]] = set()
         self.peers = Peers(dht.node_id, transport, members, on_unreachable=dht.forget)
         self.names = NameBook()  # which model each cluster name first stood for here
+        self.book = PeerBook()  # holders that sent wrong pieces or failed lately, for every download
         self._last_publish = 0.0
 
     # ------------------------------------------------------------------ publishing
@@ -101,8 +107,8 @@ class ModelService:
         """Tell the cluster what this node holds (bitfields, names, catalog entries)."""
         held = {}
         for model_id in self.store.model_ids():
-            try:
-                manifest = self.store.manifest(model_id)
+            try:  # parsed once, off the loop (after a start, none is yet)
+                manifest = await self._stored(model_id)
             except StoreError:
                 continue
             if not self.share and not self.store.imported(model_id):
@@ -267,29 +273,43 @@ class ModelService:
         """The manifest for ``model_id``: from the store, else from a holder, checked against
         the id. Holders are asked in turn, again and again with a growing pause, until
         ``deadline`` seconds have passed: right after an import the holder records may not
-        have spread yet, and on a busy machine one request may time out."""
+        have spread yet, and on a busy machine one request may time out. A peer's manifest is
+        parsed off the loop and refused (PullError, naming the file and the cap) if the model
+        is over the limits on what a node fetches besides weights (protocol/model_limits.py)."""
         with contextlib.suppress(StoreError):
-            return self.store.manifest(model_id)
+            return await self._stored(model_id)
         give_up = time.monotonic() + deadline
         pause, asked, said = 0.25, 0, ""
         while True:
             records = await self.dht.get(model_key(model_id))
-            holders = [h for h in records if h != self.dht.node_id]
+            now = time.monotonic()
+            holders = [h for h in records if h != self.dht.node_id and not self.book.banned(h, now)]
+            holders.sort(key=lambda h: self.book.on_probation(h, now))  # those that failed lately last
             for holder in holders:
                 asked += 1
                 try:
                     data = await self._ask(holder, "swarm.manifest", {"id": model_id})
-                    manifest = parse_manifest(data, expected_id=model_id)
-                    # Kept (without a name): this node can now serve the manifest and the
-                    # pieces it fetches, and its bitfield is published with the others.
-                    self.store.add(manifest)
-                    return manifest
+                    # Up to 32 MiB to hash and parse: off the event loop.
+                    manifest = await asyncio.to_thread(_checked_manifest, data, model_id)
+                except ModelTooLarge as exc:  # the manifest is the model's: every holder's is the same
+                    self.counters.inc("models_refused")
+                    log.warning("a model over the limits was refused", model=model_id[:12], error=str(exc))
+                    raise PullError(str(exc)) from None
                 except ManifestError as exc:
                     self.counters.inc("bad_manifests")
+                    self.book.corrupt(holder, time.monotonic())
                     log.warning("a holder sent a manifest that is not the model asked for", peer=holder[:12],
                                 error=str(exc))
+                    continue
                 except Exception as exc:  # gone, refused, timed out: try the next holder
+                    self.book.failed(holder, time.monotonic())
                     log.info("manifest request failed", peer=holder[:12], error=f"{type(exc).__name__}: {exc}")
+                    continue
+                self.book.answered(holder, time.monotonic())
+                # Kept (without a name): this node can now serve the manifest and the pieces
+                # it fetches, and its bitfield is published with the others.
+                await asyncio.to_thread(self.store.add, manifest)
+                return manifest
             if time.monotonic() + pause > give_up:
                 raise PullError(f"no reachable node holds model {model_id[:12]} (asked {asked} times, "
                                 f"{len(holders)} holders known, for {deadline:.0f} s); is a node that holds it "
@@ -301,6 +321,11 @@ class ModelService:
                 progress({"status": why})
             await asyncio.sleep(pause)
             pause = min(pause * 2, 4.0)
+
+    async def _stored(self, model_id: str) -> Manifest:
+        """A manifest in the store (StoreError if not), parsed off the loop the first time."""
+        known = self.store.loaded(model_id)
+        return known if known is not None else await asyncio.to_thread(self.store.manifest, model_id)
 
     async def ensure(
         self, manifest: Manifest, wanted: set[int], *, progress: Callable[[Event], None] = lambda _: None
@@ -317,7 +342,7 @@ class ModelService:
             return found
 
         fetcher = PieceFetcher(
-            self.store, manifest, counters=self.counters, holders=holders,
+            self.store, manifest, counters=self.counters, holders=holders, book=self.book,
             ask=self._ask_piece,
             on_piece=lambda _: self.publish_soon(),
         )
@@ -345,7 +370,7 @@ class ModelService:
 
         async def refetch() -> None:
             try:
-                await self.ensure(self.store.manifest(model_id), {index})
+                await self.ensure(await self._stored(model_id), {index})
                 log.info("damaged piece fetched again", model=model_id[:12], piece=index)
             except Exception as exc:  # repairs are best effort; the next pull finishes it
                 log.warning("damaged piece could not be fetched again", model=model_id[:12], piece=index,
@@ -361,13 +386,13 @@ class ModelService:
         catalog = await read_catalog(self.dht)
         for model_id in self.store.model_ids():
             with contextlib.suppress(StoreError):
-                manifest = self.store.manifest(model_id)
+                manifest = await self._stored(model_id)
                 entry = catalog.setdefault(model_id, {
                     "names": [], "size": manifest.total_size, "pieces": manifest.num_pieces,
                     "summary": dict(manifest.summary), "holders": {},
                 })
                 entry["names"] = sorted(set(entry["names"]) | set(self.store.names_of(model_id)))
-                entry["holders"][self.dht.node_id] = len(self.store.held(manifest))
+                entry["holders"][self.dht.node_id] = len(await asyncio.to_thread(self.store.held, manifest))
         return catalog
 
     async def find(self, name: str) -> str | None:
@@ -414,7 +439,7 @@ class ModelService:
 
     async def _remove_model(self, model_id: str) -> Event:
         manifest = self.store.manifest(model_id)
-        held = self.store.held(manifest)
+        held = await asyncio.to_thread(self.store.held, manifest)
         others = await read_holders(self.dht, manifest)
         others.pop(self.dht.node_id, None)
         elsewhere = set().union(*others.values()) if others else set()
@@ -424,6 +449,14 @@ class ModelService:
             await asyncio.gather(self.dht.delete(model_key(model_id)), *(self.dht.delete(name_key(n)) for n in removed))
         await self.publish()
         return {"id": model_id, "names": removed, "last_copy_pieces": len(last)}
+
+
+def _checked_manifest(data: bytes, model_id: str) -> Manifest:
+    """A peer's manifest for ``model_id``, parsed and within the limits on what a node
+    fetches besides weights (protocol/model_limits.py); ManifestError (ModelTooLarge) if not."""
+    manifest = parse_manifest(data, expected_id=model_id)
+    check_model(manifest)
+    return manifest
 
 
 def _name_or_none(text: str) -> str | None:

@@ -44,6 +44,24 @@ def test_round_trip_id_and_pieces() -> None:
         parse_manifest(m.encoded, expected_id="0" * 64)  # type: ignore[attr-defined]
 
 
+def test_pieces_are_built_once_and_found_by_index_or_path() -> None:
+    """The piece list was rebuilt on every use: 0.8 s for a 480k-piece manifest, on every
+    piece a peer asked for. Now it is made once; a piece is found by index, in any file
+    (empty files included), without building the others."""
+    m = manifest_of({"empty": b"", "a": b"a" * (PIECE + 1), "also-empty": b"", "b": b"b" * 3, "c": b"c" * PIECE})
+    pieces = m.pieces  # type: ignore[attr-defined]
+    assert pieces is m.pieces and len(pieces) == m.num_pieces == 4  # type: ignore[attr-defined]
+    listed = list(pieces)
+    assert [pieces[i] for i in range(4)] == listed and pieces[-1] == listed[3] and pieces[1:3] == listed[1:3]
+    assert [(p.file, p.offset, p.length) for p in listed] == [(1, 0, PIECE), (1, PIECE, 1), (3, 0, 3), (4, 0, PIECE)]
+    assert [p.digest for p in listed] == [h(b"a" * PIECE), h(b"a"), h(b"bbb"), h(b"c" * PIECE)]
+    assert list(m.file_pieces(m.file_index("a"))) == [0, 1] and not m.file_pieces(m.file_index("empty"))  # type: ignore[attr-defined]
+    with pytest.raises(IndexError):
+        pieces[4]
+    with pytest.raises(ManifestError, match="no file 'nope'"):
+        m.file_index("nope")  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../b", "a//b", "a\\b", "", ".", "a/./b", "x\x00"])
 def test_paths_must_stay_inside_the_model(path: str) -> None:
     with pytest.raises(ManifestError):

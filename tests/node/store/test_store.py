@@ -143,3 +143,18 @@ def test_range_reader_reads_each_piece_once_and_equals_the_file(tiny: Path, tmp_
     assert bytes(buf) == data[5:15]
     with pytest.raises(StoreError, match="outside it"):
         reader(weights.path, len(data) - 2, 4)
+
+
+def test_an_import_that_peers_would_refuse_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    """A config.json over its cap (protocol/model_limits.py) would be refused by every peer:
+    the import says so, naming the file and the cap, and stores nothing."""
+    import json
+
+    model = make_tiny_model(tmp_path / "m", layers=1)
+    config = json.loads((model / "config.json").read_text())
+    config["padding"] = "x" * (2 * 2**20)
+    (model / "config.json").write_text(json.dumps(config))
+    store = ModelStore(tmp_path / "data", reserve=0)
+    with pytest.raises(ImportError_, match=r"config\.json is 2\.0 MiB; a config\.json may have 1\.0 MiB at most"):
+        import_directory(store, model, name="m", piece_size=PIECE)
+    assert store.model_ids() == [] and not list(store.pieces)

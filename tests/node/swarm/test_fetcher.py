@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import filecmp
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,44 @@ async def test_a_disk_that_fills_mid_fetch_stops_it_clearly_and_leaves_a_consist
     for index in held:  # every piece that is there is whole and right
         store.read_piece(manifest, manifest.pieces[index])
     assert not list((tmp_path / "copy" / "pieces").glob("*/.*"))  # no temporary files left
+
+
+async def test_holders_that_never_answer_cost_a_short_wait_not_a_request_timeout(
+    seeded: tuple[Path, ModelStore, Manifest], tmp_path: Path
+) -> None:
+    """Three holders take requests and never answer (a request timeout is 60 s): each of
+    their pieces is asked of another holder once it is overdue, and they are remembered."""
+    _, seed, manifest = seeded
+
+    async def silent(i: int) -> bytes:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    store = ModelStore(tmp_path / "copy", reserve=0)
+    store.add(manifest)
+    peers = {"good": lambda i: _read(seed, manifest, i), "s1": silent, "s2": silent, "s3": silent}
+    fetcher = fetcher_for(store, manifest, peers, [], hedge_after=0.05)
+    await asyncio.wait_for(fetcher.run(set(range(manifest.num_pieces))), 10)
+    assert store.held(manifest) == set(range(manifest.num_pieces))
+    now = time.monotonic()
+    assert all(fetcher.book.on_probation(p, now) for p in ("s1", "s2", "s3")) and not fetcher.banned
+    assert fetcher.book.trusted("good", now)
+
+
+async def test_a_slow_holder_that_answers_is_never_banned(
+    seeded: tuple[Path, ModelStore, Manifest], tmp_path: Path
+) -> None:
+    """Serving must hold on a busy machine: a holder slower than the hedge time is used
+    (alone, it serves everything), and beside a faster one it rests, never banned."""
+    _, seed, manifest = seeded
+
+    async def slow(i: int) -> bytes:
+        await asyncio.sleep(0.05)
+        return await _read(seed, manifest, i)
+
+    for peers in ({"slow": slow}, {"slow": slow, "fast": lambda i: _read(seed, manifest, i)}):
+        store = ModelStore(tmp_path / f"copy{len(peers)}", reserve=0)
+        store.add(manifest)
+        fetcher = fetcher_for(store, manifest, peers, [], hedge_after=0.01)
+        await asyncio.wait_for(fetcher.run(set(range(manifest.num_pieces))), 30)
+        assert store.held(manifest) == set(range(manifest.num_pieces)) and not fetcher.banned
