@@ -184,7 +184,9 @@ async def test_a_renderer_that_dies_mid_render_is_a_refusal(patient: TemplateRen
     task = asyncio.create_task(renderer.render("evil", NESTED_LOOPS, variables))
     await asyncio.sleep(0.1)
     os.kill(pid, signal.SIGTERM)
-    with pytest.raises(TemplateOverBudget, match=r"the renderer process died \(exit code -15\)"):
+    # The exit code is -15, or 255 where another waiter reaped the child
+    # first (asyncio's child watcher then says "unknown child process").
+    with pytest.raises(TemplateOverBudget, match=r"the renderer process died \(exit code (-15|255)\)"):
         await task
     assert await renderer.render("plain", "hello", variables) == "hello"
     assert renderer.pid not in (None, pid)
