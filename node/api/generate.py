@@ -19,9 +19,11 @@ ignored (Ollama warns and ignores them too) while known ones with a wrong type a
 ``content``; ``think: false`` asks the template not to think and drops any reasoning.
 The chat template renders in a capped process (node/api/templates.py): one that goes past
 its budget is a 400 that names the model, and the model's next requests fail at once.
+``tools`` on /api/chat reach the model's chat template and its calls come back as
+``message.tool_calls`` (node/api/tools.py); a model whose template has no tools is a 400.
 ``/api/embed`` (and the older ``/api/embeddings``) answer 501: no embeddings yet.
 Refused with a clear 400 because enjambre cannot do them yet: ``format`` (JSON
-output), ``images``, ``template`` overrides, ``suffix``, ``context`` and ``tools``.
+output), ``images``, ``template`` overrides, ``suffix`` and ``context``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ from aiohttp import web
 from node.api.guard import error_response
 from node.api.templates import RenderError, TemplateRenderer
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
+from node.api.tools import (
+    CallParser,
+    ToolCall,
+    ToolError,
+    chat_messages,
+    parse_tools,
+    style_of,
+    template_knows_tools,
+)
 from node.config_schema import WEIGHT_FORMATS
 from node.pipeline.models import (
     DriverError,
@@ -121,7 +132,6 @@ NOT_SUPPORTED = {
     "suffix": "suffix (fill-in-the-middle) is not supported",
     "context": "context (the deprecated token list of /api/generate) is not supported; "
                "send the conversation to /api/chat as messages",
-    "tools": "tools (function calling) are not supported yet",
 }
 
 
@@ -177,38 +187,32 @@ def _logprob_entry(m: Model, token: Any) -> dict[str, Any]:
 
 def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     """A clear 400 for the request fields enjambre cannot honour (never silently ignored)."""
-    fields = ("format", "template", "tools") if chat else ("format", "images", "template", "suffix", "context")
+    fields = ("format", "template") if chat else ("format", "images", "template", "suffix", "context")
     for key in fields:
         if body.get(key) not in (None, "", [], {}):
             raise BadRequest(NOT_SUPPORTED[key])
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value or len(value) > 4096:
-        raise BadRequest("messages must be a non-empty list of {role, content}")
-    out = []
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRequest("every message needs a string role and content")
-        if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise BadRequest(f"unknown message role {m['role'][:32]!r}")
-        if m.get("images") not in (None, []):
-            raise BadRequest(NOT_SUPPORTED["images"])
-        out.append({"role": m["role"], "content": m["content"]})
-    if sum(len(m["content"]) for m in out) > MAX_PROMPT_CHARS:
-        raise BadRequest("the messages are too long")
-    return out
+def request_tools(m: Model, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tools a chat request offers (tools.py), refused for a model whose template has none."""
+    try:
+        tools = parse_tools(body.get("tools"))
+    except ToolError as exc:
+        raise BadRequest(str(exc)) from None
+    if tools and not template_knows_tools(m.tokenizer.chat_template):
+        raise BadRequest(f"model {m.name!r} does not support tools: its chat template has no place for them")
+    return tools
 
 
 async def _prompt_ids(m: Model, body: dict[str, Any], chat: bool, renderer: TemplateRenderer,
-                      think: bool | None = None) -> tuple[list[int], str]:
+                      think: bool | None = None, tools: list[dict[str, Any]] | None = None) -> tuple[list[int], str]:
     """(token ids, the prompt's text) of a request; ``think`` reaches the chat template
     as ``enable_thinking`` (Qwen3's and DeepSeek-R1's name for it). The template runs in
     ``renderer``'s process and a long text is tokenized in a thread: neither holds the loop."""
     from node.engine.tokenizer import TokenizerError  # loaded with the model, never at start-up
 
     try:
-        text, special = await _render(m, body, chat, think, renderer)
+        text, special = await _render(m, body, chat, think, renderer, tools)
         if len(text) <= _ENCODE_ON_LOOP_CHARS:
             return m.tokenizer.encode(text, add_special_tokens=special), text
         return await asyncio.to_thread(m.tokenizer.encode, text, special), text
@@ -217,12 +221,17 @@ async def _prompt_ids(m: Model, body: dict[str, Any], chat: bool, renderer: Temp
 
 
 async def _render(m: Model, body: dict[str, Any], chat: bool, think: bool | None,
-                  renderer: TemplateRenderer) -> tuple[str, bool]:
+                  renderer: TemplateRenderer, tools: list[dict[str, Any]] | None = None) -> tuple[str, bool]:
     """(prompt text, whether the tokenizer adds its special tokens: only for plain text)."""
     tok = m.tokenizer
-    extra = {} if think is None else {"enable_thinking": think}
+    extra: dict[str, Any] = {} if think is None else {"enable_thinking": think}
+    if tools:
+        extra["tools"] = tools
     if chat:
-        messages = _messages(body.get("messages"))
+        try:
+            messages = chat_messages(body.get("messages"), max_chars=MAX_PROMPT_CHARS)
+        except ToolError as exc:
+            raise BadRequest(str(exc)) from None
         if tok.chat_template is None:
             return "\n".join(x["content"] for x in messages), True
         return await renderer.render(m.name, tok.chat_template, tok.chat_variables(messages, **extra)), False
@@ -290,7 +299,8 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             if empty:
                 unloaded = keep_alive == 0 and await release_if_idle(m)
                 return load_only(body["model"], chat, "unload" if unloaded else "load", load_ns)
-            prompt, prompt_text = await _prompt_ids(m, body, chat, renderer, think)
+            tools = request_tools(m, body) if chat else []
+            prompt, prompt_text = await _prompt_ids(m, body, chat, renderer, think, tools)
             context = min(m.max_context, num_ctx or m.max_context)
             if len(prompt) + 1 > context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {context}")
@@ -307,6 +317,8 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
         t_first = time.monotonic()
         name = body["model"]
         splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if think is not None else None
+        calls = CallParser(style_of(m.tokenizer.chat_template), {t["function"]["name"] for t in tools}) \
+            if tools else None
         sent = 0
 
         def line(text: str, thinking: str = "") -> dict[str, Any]:
@@ -325,9 +337,18 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             return {"model": name, "created_at": _now(), **piece, **extra, "done": False}
 
         def split(text: str, last: bool = False) -> tuple[str, str]:
-            """(answer, reasoning) of a piece; ``think: false`` drops the reasoning."""
+            """(answer, reasoning) of a piece; ``think: false`` drops the reasoning; a tool call
+            being written is held back (``called`` says what it was at the end)."""
             content, thinking = split_piece(splitter, text, last)
+            if calls is not None:
+                content = calls.feed(content)
+                if last:
+                    rest, found = calls.finish()
+                    content += rest
+                    called.extend(found)
             return content, thinking if think else ""
+
+        called: list[ToolCall] = []
 
         reason, count = "stop", 0
         if not stream:
@@ -339,6 +360,8 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             except DriverError as exc:
                 return error_response(500, str(exc))
             final = {**line(*split(text, last=True)), "done": True}
+            if called:
+                final["message"]["tool_calls"] = _ollama_calls(called)
         else:
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
@@ -354,6 +377,10 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
                 await gen.aclose()
                 return response
             final = {**line(*split("", last=True)), "done": True}
+            if called:  # as Ollama streams them: a piece with the calls, then the end
+                calls_line = line("")
+                calls_line["message"]["tool_calls"] = _ollama_calls(called)
+                await response.write(json.dumps(calls_line).encode() + b"\n")
         t_end = time.monotonic()
         final.update({
             "done_reason": reason, "total_duration": int((t_end - t_start) * 1e9), "load_duration": load_ns,
@@ -452,6 +479,10 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
     app.router.add_post("/api/load", load)
     app.router.add_get("/api/ps", ps)
     app.router.add_post("/api/unload", unload)
+
+
+def _ollama_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 def _find_nodes(texts: list[str], members: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

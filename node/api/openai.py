@@ -6,9 +6,12 @@ final ``data: [DONE]``; ``stream: false`` one object with ``usage``. Sampling fo
 OpenAI's defaults (temperature 1, top_p 1, no top_k, no repeat penalty), with
 ``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop``, ``logprobs`` (the
 chosen token's) and ``stream_options.include_usage``. ``n`` other than 1 and
-``top_logprobs`` above 0 are refused, saying so, as are ``response_format`` other
-than text and ``tools``; unknown fields are ignored, as OpenAI's own server ignores
-ones it does not use. A reasoning model's ``<think>`` block goes to
+``top_logprobs`` above 0 are refused, saying so, as is ``response_format`` other
+than text; unknown fields are ignored, as OpenAI's own server ignores ones it does
+not use. ``tools`` reach the model's chat template; its calls come back as
+``tool_calls`` (with ids; streamed as deltas) and ``finish_reason: "tool_calls"``;
+``tool_choice`` ``auto`` (the default) and ``none`` are honoured, ``required`` and a
+named function are refused until the output can be constrained (node/api/tools.py). A reasoning model's ``<think>`` block goes to
 ``reasoning_content`` beside ``content``, as DeepSeek's API does; ``reasoning_effort``
 (or vLLM's ``chat_template_kwargs.enable_thinking``) turns the template's thinking on
 or off where it has the switch. Errors have OpenAI's shape
@@ -33,9 +36,11 @@ from node.api.generate import (
     _prompt_ids,
     error_for,
     read_body,
+    request_tools,
 )
 from node.api.templates import TemplateRenderer
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
+from node.api.tools import CallParser, ToolCall, style_of
 from node.pipeline.models import DriverError, LoadedModels, Model, ModelNotFound, QueueFull
 from node.pipeline.session import Request, Sessions, Token
 from node.swarm.service import ModelService
@@ -107,8 +112,6 @@ def _think(body: dict[str, Any]) -> bool | None:
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise BadRequest("response_format other than text: " + NOT_SUPPORTED["format"])
-    if body.get("tools") not in (None, []):
-        raise BadRequest(NOT_SUPPORTED["tools"])
     effort = body.get("reasoning_effort")
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict) or not isinstance(kwargs.get("enable_thinking", False), bool):
@@ -120,6 +123,24 @@ def _think(body: dict[str, Any]) -> bool | None:
     if effort not in ("none", "minimal", "low", "medium", "high"):
         raise BadRequest('reasoning_effort must be "none", "minimal", "low", "medium" or "high"')
     return effort != "none"
+
+
+def _tools(m: Model, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tools of a chat request as its ``tool_choice`` allows them to reach the model."""
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return []
+    if choice not in (None, "auto"):
+        if choice == "required" or isinstance(choice, dict):
+            raise BadRequest('tool_choice "required" or a named function needs constrained output, which '
+                             'enjambre does not do yet; use "auto"')
+        raise BadRequest('tool_choice must be "auto", "none", "required" or {"type": "function", ...}')
+    return request_tools(m, body)
+
+
+def _openai_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
 
 
 def _model_entry(name: str, created: int) -> dict[str, Any]:
@@ -139,8 +160,9 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
             m = await loaded.get(body["model"])
+            tools = _tools(m, body) if chat else []
             prompt, prompt_text = await _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, renderer,
-                                                     think)
+                                                     think, tools)
             if len(prompt) + 1 > m.max_context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context holds {m.max_context}")
             room = m.max_context - len(prompt)
@@ -160,9 +182,19 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
         seen = gen.tokens
         kind = "chat.completion" if chat else "text_completion"
         splitter = ThinkSplitter(thinking=opens_thinking(prompt_text)) if chat else None
+        calls = CallParser(style_of(m.tokenizer.chat_template), {t["function"]["name"] for t in tools}) \
+            if tools else None
+        called: list[dict[str, Any]] = []
 
         def split(text: str, last: bool = False) -> tuple[str, str]:
-            return split_piece(splitter, text, last)
+            content, reasoning = split_piece(splitter, text, last)
+            if calls is not None:
+                content = calls.feed(content)
+                if last:
+                    rest, found = calls.finish()
+                    content += rest
+                    called.extend(_openai_call(c) for c in found)
+            return content, reasoning
 
         def choice(text: str, reason: str | None, tokens_now: list[Any], delta: bool,
                    reasoning: str = "") -> dict[str, Any]:
@@ -189,9 +221,13 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             except DriverError as exc:
                 return _error(500, str(exc), "server_error")
             text, reasoning = split(text, last=True)
+            one = choice(text, _FINISH[reason], seen, False, reasoning)
+            if called:
+                one["message"]["tool_calls"] = called
+                one["message"]["content"] = text or None
+                one["finish_reason"] = "tool_calls"
             return web.json_response({"id": ident, "object": kind, "created": created, "model": name,
-                                      "choices": [choice(text, _FINISH[reason], seen, False, reasoning)],
-                                      "usage": usage(count)})
+                                      "choices": [one], "usage": usage(count)})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -214,7 +250,11 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             content, reasoning = split("", last=True)
             if content or reasoning:
                 await send({**base, "choices": [choice(content, None, [], True, reasoning)]})
-            await send({**base, "choices": [choice("", _FINISH[reason], [], True)]})
+            if called:
+                deltas = [{"index": i, **c} for i, c in enumerate(called)]
+                await send({**base, "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None,
+                                                 "logprobs": None}]})
+            await send({**base, "choices": [choice("", "tool_calls" if called else _FINISH[reason], [], True)]})
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(count)})
         except DriverError as exc:

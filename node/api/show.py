@@ -3,7 +3,7 @@
 ``/api/show`` {model} (older clients: {name}; ``verbose`` is accepted, there are no
 token lists to add) answers Ollama's shape: ``modelfile``, ``parameters``,
 ``template``, ``details`` (as /api/tags), ``model_info`` (GGUF-style keys from
-config.json), ``capabilities``, ``license`` (when the model has a LICENSE file) and
+config.json), ``capabilities`` (``tools`` and ``thinking`` where the chat template has them), ``license`` (when the model has a LICENSE file) and
 ``modified_at``. It reads the model's small files (config.json, tokenizer_config.json,
 generation_config.json, chat_template.jinja, a LICENSE) verified from the store; the
 pieces of them this node lacks are fetched from their holders first, as loading a
@@ -30,6 +30,7 @@ from aiohttp import web
 from node.api.generate import BadRequest, read_json
 from node.api.guard import error_response
 from node.api.models import model_details, ollama_time
+from node.api.tools import template_knows_tools
 from node.pipeline.models import LoadedModels
 from node.pipeline.views import ps_entries
 from node.store.models import normalize_name
@@ -157,7 +158,8 @@ def show_view(name: str, manifest: Manifest, files: Mapping[str, bytes], *, modi
     stops = stop_strings(files) if stops is None else stops
     path = license_path(manifest)
     license_text = files[path].decode("utf-8", "replace") if path is not None and path in files else None
-    capabilities = ["completion"] + (["thinking"] if "<think>" in template else [])
+    capabilities = ["completion"] + (["tools"] if template_knows_tools(template) else []) \
+        + (["thinking"] if "<think>" in template else [])
     view: dict[str, Any] = {
         "modelfile": _modelfile(name, template, stops, license_text),
         "parameters": _parameters_text(stops, loaded_context),

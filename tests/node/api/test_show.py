@@ -42,10 +42,10 @@ def test_model_info_uses_gguf_names_and_the_text_config() -> None:
     assert nested == {"general.architecture": "gemma3_text", "gemma3_text.embedding_length": 8}
 
 
-def test_show_view_has_ollamas_shape_with_the_license_and_thinking() -> None:
+def test_show_view_has_ollamas_shape_with_the_license_tools_and_thinking() -> None:
     texts = {
         "config.json": json.dumps({"model_type": "qwen3", "hidden_size": 8, "eos_token_id": 2}).encode(),
-        "tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>", "chat_template": "{{ m }}<think>"}).encode(),
+        "tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>", "chat_template": "{{ tools }}<think>"}).encode(),
         "LICENSE": b"Apache License\nVersion 2.0\n",
     }
     files = [ManifestFile(path, len(data), ("0" * 64,)) for path, data in texts.items()]
@@ -54,13 +54,13 @@ def test_show_view_has_ollamas_shape_with_the_license_and_thinking() -> None:
     view = show_view("qwen3:latest", manifest, texts, modified=0.0)
     assert view["details"] == {"parent_model": "", "format": "safetensors", "family": "qwen3", "families": ["qwen3"],
                                "parameter_size": "600.0M", "quantization_level": "bfloat16"}
-    assert view["capabilities"] == ["completion", "thinking"] and view["template"] == "{{ m }}<think>"
+    assert view["capabilities"] == ["completion", "tools", "thinking"] and view["template"] == "{{ tools }}<think>"
     assert view["parameters"] == 'stop                           "<|im_end|>"'
     assert view["license"] == "Apache License\nVersion 2.0\n" and view["modified_at"] == "1970-01-01T00:00:00Z"
     assert view["model_info"] == {"general.architecture": "qwen3", "general.parameter_count": 600_000_000,
                                   "qwen3.embedding_length": 8}
     modelfile = view["modelfile"]
-    for line in ("FROM qwen3:latest", 'TEMPLATE """{{ m }}<think>"""', 'PARAMETER stop "<|im_end|>"',
+    for line in ("FROM qwen3:latest", 'TEMPLATE """{{ tools }}<think>"""', 'PARAMETER stop "<|im_end|>"',
                  'LICENSE """Apache License'):
         assert line in modelfile, modelfile
     bare = show_view("x:latest", build_manifest([files[0]], [], piece_size=16384), {}, modified=0.0)
