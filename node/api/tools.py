@@ -57,10 +57,10 @@ def parse_tools(value: Any) -> list[dict[str, Any]]:
     for i, tool in enumerate(value):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ToolError(f'tool {i} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+            raise ToolError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
         name = fn.get("name")
         if not isinstance(name, str) or _NAME.match(name) is None:
-            raise ToolError(f"tool {i} needs a name of 1 to 64 letters, digits, _ . : or -")
+            raise ToolError(f"tools[{i}] needs a name of 1 to 64 letters, digits, _ . : or -")
         if name in seen:
             raise ToolError(f"tool {name!r} is listed twice")
         seen.add(name)

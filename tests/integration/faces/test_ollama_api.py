@@ -130,7 +130,9 @@ def test_keep_alive_and_empty_prompts_load_and_unload(faces: Faces, tmp_path: Pa
      "images"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "template": "{{ .Prompt }}"}, 400, "template"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
-    ("/api/chat", {"model": MODEL, "messages": HOLA, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/api/chat", {"model": MODEL, "messages": HOLA, "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ("/api/chat", {"model": MODEL, "messages": HOLA, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "does not support tools"),  # the tiny model's template has no tools
     ("/api/chat", {"model": MODEL, "messages": HOLA, "keep_alive": "soon"}, 400, "keep_alive"),
     ("/api/chat", {"model": MODEL, "messages": HOLA, "think": "maybe"}, 400, "think"),
     ("/api/chat", {"model": MODEL, "messages": HOLA, "options": {"temperature": "hot"}}, 400, "temperature"),
