@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "MAX_GRAMMAR_CHARS",
     "MAX_STEP_TOKENS",
     "ModelRef",
     "PipelineMessageError",
@@ -39,6 +40,7 @@ __all__ = [
 MAX_STEP_TOKENS = 8192
 MAX_STOP_TOKENS = 64
 MAX_SEEN_TOKENS = 1 << 20
+MAX_GRAMMAR_CHARS = 1 << 20  # a JSON schema or the tools' (256 KiB of them) in a grammar
 _SESSION = re.compile(r"^[0-9a-f]{8,64}$")
 _MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
 KINDS = ("prefill", "decode", "forced")
@@ -85,6 +87,10 @@ class Step:
     after a resumed prefill the tail samples nothing (the driver knows the next token).
     ``seen``: the token ids the repetition penalty counts (the prompt, plus the emitted
     tokens on resume), sent with the last prefill chunk when the penalty is on.
+    ``grammar`` (last prefill chunk only): a constraint the tail applies to every token it
+    samples for the session (an llguidance grammar, node/pipeline/grammar.py), with the
+    ``stops`` that end the answer once the grammar is complete; on resume, ``emitted``
+    holds the tokens already given so the grammar's state is rebuilt from them.
     """
 
     model_id: str
@@ -99,6 +105,9 @@ class Step:
     resume_step: int
     seen: np.ndarray | None
     timeout: float
+    grammar: str | None = None
+    stops: tuple[int, ...] = ()
+    emitted: np.ndarray | None = None
 
 
 def _int(body: dict[str, Any], key: str, low: int, high: int) -> int:
@@ -203,9 +212,40 @@ def parse_step(body: Any, *, first: bool, hidden_size: int, vocab_size: int, max
         if seen.size and (int(seen.min()) < 0 or int(seen.max()) >= vocab_size):
             raise PipelineMessageError(f"seen token ids must be in [0, {vocab_size})")
     timeout = _float(body, "timeout", 60.0, 0.5, 3600.0)
+    grammar, stops, emitted = _grammar(body, sampling is not None, vocab_size, max_context)
     return Step(
-        model_id, epoch, session, step, kind, start, inputs, last, sampling, resume_step, seen, timeout
+        model_id, epoch, session, step, kind, start, inputs, last, sampling, resume_step, seen, timeout,
+        grammar, stops, emitted,
     )
+
+
+def _token_ids(value: Any, what: str, most: int, vocab_size: int) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in "iu":
+        raise PipelineMessageError(f"{what} must be a 1-d integer tensor")
+    if value.size > most:
+        raise PipelineMessageError(f"{what} holds at most {most} tokens")
+    value = value.astype(np.int64)
+    if value.size and (int(value.min()) < 0 or int(value.max()) >= vocab_size):
+        raise PipelineMessageError(f"{what} token ids must be in [0, {vocab_size})")
+    return value
+
+
+def _grammar(body: dict[str, Any], sampling: bool, vocab_size: int,
+             max_context: int) -> tuple[str | None, tuple[int, ...], np.ndarray | None]:
+    grammar = body.get("grammar")
+    if grammar is None:
+        return None, (), None
+    if not sampling:
+        raise PipelineMessageError("a grammar comes with the sampling settings (the prompt's last chunk)")
+    if not isinstance(grammar, str) or not 0 < len(grammar) <= MAX_GRAMMAR_CHARS:
+        raise PipelineMessageError(f"grammar must be a text of 1 to {MAX_GRAMMAR_CHARS} characters")
+    stops = _token_ids(body.get("stops", np.zeros(0, np.int64)), "stops", MAX_STOP_TOKENS, vocab_size)
+    if not stops.size:
+        raise PipelineMessageError("a grammar needs the stop tokens that end the answer")
+    emitted = body.get("emitted")
+    if emitted is not None:
+        emitted = _token_ids(emitted, "emitted", max_context, vocab_size)
+    return grammar, tuple(int(t) for t in stops), emitted
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ The chat template renders in a capped process (node/api/templates.py): one that 
 its budget is a 400 that names the model, and the model's next requests fail at once.
 ``tools`` on /api/chat reach the model's chat template and its calls come back as
 ``message.tool_calls`` (node/api/tools.py); a model whose template has no tools is a 400.
+``format`` ("json" or a JSON schema) holds the answer to it: the tail samples only what
+the schema allows (node/api/formats.py); a schema that cannot be followed is a 400.
 ``/api/embed`` (and the older ``/api/embeddings``) answer 501: no embeddings yet.
-Refused with a clear 400 because enjambre cannot do them yet: ``format`` (JSON
-output), ``images``, ``template`` overrides, ``suffix`` and ``context``.
+Refused with a clear 400 because enjambre cannot do them yet: ``images``, ``template``
+overrides, ``suffix`` and ``context``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
+from node.api.formats import FormatError, check, ollama_format
 from node.api.guard import error_response
 from node.api.templates import RenderError, TemplateRenderer
 from node.api.thinking import ThinkSplitter, opens_thinking, split_piece
@@ -124,8 +127,6 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 EMBEDDINGS_REFUSED = ("embeddings are not supported yet: enjambre serves generation only "
                       "(use an embedding server beside it)")
 NOT_SUPPORTED = {
-    "format": "format (JSON output) is not supported yet: enjambre cannot constrain the output; "
-              "ask for JSON in the prompt instead",
     "images": "images are not supported: enjambre serves text-only models",
     "template": "template overrides are not supported: the model's own chat template is used "
                 "(send raw: true with a prompt you formatted yourself)",
@@ -187,10 +188,23 @@ def _logprob_entry(m: Model, token: Any) -> dict[str, Any]:
 
 def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     """A clear 400 for the request fields enjambre cannot honour (never silently ignored)."""
-    fields = ("format", "template") if chat else ("format", "images", "template", "suffix", "context")
+    fields = ("template",) if chat else ("images", "template", "suffix", "context")
     for key in fields:
         if body.get(key) not in (None, "", [], {}):
             raise BadRequest(NOT_SUPPORTED[key])
+
+
+async def constrained(build: Callable[[], str | None], what: str) -> str | None:
+    """The grammar a request's answer must follow (formats.py), checked in a thread (a big
+    schema takes a while to compile); BadRequest saying why when it cannot be followed."""
+    def make() -> str | None:
+        grammar = build()
+        return None if grammar is None else check(grammar, what)
+
+    try:
+        return await asyncio.to_thread(make)
+    except FormatError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def request_tools(m: Model, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -300,12 +314,13 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
                 unloaded = keep_alive == 0 and await release_if_idle(m)
                 return load_only(body["model"], chat, "unload" if unloaded else "load", load_ns)
             tools = request_tools(m, body) if chat else []
+            grammar = await constrained(lambda: ollama_format(body.get("format")), "format")
             prompt, prompt_text = await _prompt_ids(m, body, chat, renderer, think, tools)
             context = min(m.max_context, num_ctx or m.max_context)
             if len(prompt) + 1 > context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {context}")
             limit = context - len(prompt) if num_predict < 0 else min(num_predict, context - len(prompt))
-            gen = sessions.open(m, Request(tuple(prompt), sampling, limit, tuple(stop)))
+            gen = sessions.open(m, Request(tuple(prompt), sampling, limit, tuple(stop), grammar))
             t_prompt = time.monotonic()
             await gen.start()  # errors before any output are HTTP errors
         except BadRequest as exc:

@@ -6,12 +6,13 @@ final ``data: [DONE]``; ``stream: false`` one object with ``usage``. Sampling fo
 OpenAI's defaults (temperature 1, top_p 1, no top_k, no repeat penalty), with
 ``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop``, ``logprobs`` (the
 chosen token's) and ``stream_options.include_usage``. ``n`` other than 1 and
-``top_logprobs`` above 0 are refused, saying so, as is ``response_format`` other
-than text; unknown fields are ignored, as OpenAI's own server ignores ones it does
-not use. ``tools`` reach the model's chat template; its calls come back as
-``tool_calls`` (with ids; streamed as deltas) and ``finish_reason: "tool_calls"``;
-``tool_choice`` ``auto`` (the default) and ``none`` are honoured, ``required`` and a
-named function are refused until the output can be constrained (node/api/tools.py). A reasoning model's ``<think>`` block goes to
+``top_logprobs`` above 0 are refused, saying so; unknown fields are ignored, as
+OpenAI's own server ignores ones it does not use. ``response_format`` ``json_object``
+and ``json_schema`` hold the answer to JSON (node/api/formats.py). ``tools`` reach the
+model's chat template; its calls come back as ``tool_calls`` (with ids; streamed as
+deltas) and ``finish_reason: "tool_calls"``; ``tool_choice`` ``auto`` (the default),
+``none``, ``required`` and a named function are honoured, the last two by a grammar that
+makes the answer a call of an offered function with arguments that match its parameters. A reasoning model's ``<think>`` block goes to
 ``reasoning_content`` beside ``content``, as DeepSeek's API does; ``reasoning_effort``
 (or vLLM's ``chat_template_kwargs.enable_thinking``) turns the template's thinking on
 or off where it has the switch. Errors have OpenAI's shape
@@ -28,12 +29,13 @@ from typing import Any
 
 from aiohttp import web
 
+from node.api.formats import openai_format, tool_grammar
 from node.api.generate import (
     EMBEDDINGS_REFUSED,
     MAX_STOP,
-    NOT_SUPPORTED,
     BadRequest,
     _prompt_ids,
+    constrained,
     error_for,
     read_body,
     request_tools,
@@ -109,9 +111,6 @@ def _request(body: dict[str, Any]) -> tuple[SamplingSpec, int | None, list[str],
 def _think(body: dict[str, Any]) -> bool | None:
     """Whether to ask the chat template to think (None: the template's default); refuses
     what cannot be honoured."""
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise BadRequest("response_format other than text: " + NOT_SUPPORTED["format"])
     effort = body.get("reasoning_effort")
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict) or not isinstance(kwargs.get("enable_thinking", False), bool):
@@ -125,17 +124,32 @@ def _think(body: dict[str, Any]) -> bool | None:
     return effort != "none"
 
 
-def _tools(m: Model, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tools of a chat request as its ``tool_choice`` allows them to reach the model."""
-    choice = body.get("tool_choice", "auto")
-    if choice == "none":
-        return []
-    if choice not in (None, "auto"):
-        if choice == "required" or isinstance(choice, dict):
-            raise BadRequest('tool_choice "required" or a named function needs constrained output, which '
-                             'enjambre does not do yet; use "auto"')
-        raise BadRequest('tool_choice must be "auto", "none", "required" or {"type": "function", ...}')
-    return request_tools(m, body)
+def _tool_choice(body: dict[str, Any]) -> tuple[str, str | None]:
+    """("auto" | "none" | "required", the function a named choice must call)."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice or "auto", None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(fn, dict) \
+            and isinstance(fn.get("name"), str):
+        return "required", fn["name"]
+    raise BadRequest('tool_choice must be "auto", "none", "required" or '
+                     '{"type": "function", "function": {"name": ...}}')
+
+
+async def _constraint(m: Model, body: dict[str, Any], chat: bool) -> tuple[list[dict[str, Any]], str | None]:
+    """(the tools the model is offered, the grammar its answer must follow): a call when
+    ``tool_choice`` requires one, else ``response_format``'s JSON (node/api/formats.py)."""
+    mode, named = _tool_choice(body) if chat else ("none", None)
+    tools = request_tools(m, body) if chat and mode != "none" else []
+    if mode != "required":
+        return tools, await constrained(lambda: openai_format(body.get("response_format")), "response_format")
+    if not tools:
+        raise BadRequest("tool_choice requires a call, but the request offers no tools")
+    if openai_format(body.get("response_format")) is not None:
+        raise BadRequest("tool_choice that requires a call and a JSON response_format cannot both hold")
+    style = style_of(m.tokenizer.chat_template)
+    return tools, await constrained(lambda: tool_grammar(tools, style, named), "tool_choice")
 
 
 def _openai_call(call: ToolCall) -> dict[str, Any]:
@@ -160,14 +174,14 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
             m = await loaded.get(body["model"])
-            tools = _tools(m, body) if chat else []
+            tools, grammar = await _constraint(m, body, chat)
             prompt, prompt_text = await _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, renderer,
                                                      think, tools)
             if len(prompt) + 1 > m.max_context:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context holds {m.max_context}")
             room = m.max_context - len(prompt)
             limit = room if limit is None else min(limit, room)
-            gen = sessions.open(m, Request(tuple(prompt), sampling, limit, tuple(stop)))
+            gen = sessions.open(m, Request(tuple(prompt), sampling, limit, tuple(stop), grammar))
             await gen.start()
         except BadRequest as exc:
             return _error(400, str(exc))

@@ -49,7 +49,7 @@ from node.engine.quant import (
     default_kernel,
     quantized_bytes,
 )
-from node.engine.samplers import DEFAULT_CANDIDATES, RowSettings
+from node.engine.samplers import DEFAULT_CANDIDATES, RowSettings, mask_words
 from node.engine.steps import OUT_HIDDEN, OUT_LAST, StepShape, forward, tail
 from node.engine.weights import LayerParams, PartitionParams, PartitionSpec, head_shares_embedding
 
@@ -244,6 +244,7 @@ def _step_temporaries(
             arr(jnp.bool_, width, vocab),
             arr(u32, width),
             arr(u32, width),
+            arr(jnp.int32, width, mask_words(vocab)),
         )
         lowered.append(
             tail.lower(

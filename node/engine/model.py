@@ -460,6 +460,9 @@ class Partition:
             )
         if steps < 1:
             raise PartitionError(f"decode_steps needs steps >= 1, got {steps}")
+        if any(s is not None and s.allowed is not None for s in states):
+            raise PartitionError("decode_steps cannot follow a constraint that changes every step; "
+                                 "use tail_step one step at a time")
         k = len(np.asarray(slots).reshape(-1))
         x, slot_w, pos_w, w, key_len = self._step_rows(
             cache, tokens, slots, positions, width, steps

@@ -55,6 +55,9 @@ class RowSettings:
     seen: jax.Array | np.ndarray
     seed: jax.Array | np.ndarray
     step: jax.Array | np.ndarray
+    # The tokens each row may take, as a bitmask [B, ceil(V / 32)] int32 (bit t % 32 of
+    # word t // 32; all ones when unconstrained): a grammar's mask (node/pipeline/grammar.py).
+    allowed: jax.Array | np.ndarray
 
 
 def candidate_count(top_ks: list[int], vocab: int) -> int:
@@ -69,6 +72,18 @@ def apply_repetition_penalty(
     """transformers' rule: seen tokens' logits are divided by `penalty` if positive, else multiplied."""
     penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
     return jnp.where(seen, penalised, logits)
+
+
+def mask_words(vocab: int) -> int:
+    """Words of an ``allowed`` bitmask row for a vocabulary of ``vocab`` tokens."""
+    return (vocab + 31) // 32
+
+
+def apply_allowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Logits [B, V] with the tokens a row's bitmask [B, W] leaves out at -inf."""
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    words = jnp.asarray(allowed, jnp.int32)[:, ids >> 5]
+    return jnp.where(((words >> (ids & 31)) & 1) != 0, logits, -jnp.inf)
 
 
 def greedy_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -174,6 +189,7 @@ def sample_rows(
     temperature = jnp.asarray(rows.temperature)
     greedy = temperature <= 0
     x = apply_repetition_penalty(logits, jnp.asarray(rows.seen), jnp.asarray(rows.penalty)[:, None])
+    x = apply_allowed(x, jnp.asarray(rows.allowed))
     xs = x / jnp.where(greedy, 1.0, temperature)[:, None]
     step = jnp.asarray(rows.step, jnp.uint32) + jnp.asarray(step_offset, jnp.uint32)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from node.engine.errors import SamplingError
-from node.engine.samplers import RowSettings, candidate_count, greedy_rows, sample_rows
+from node.engine.samplers import RowSettings, candidate_count, greedy_rows, mask_words, sample_rows
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class SamplerState:
     seed: int = -1
     step: int = 0
     seen: np.ndarray | None = field(default=None, repr=False)
+    # The next token's allowed set as a bitmask [ceil(V / 32)] int32, set before each step
+    # by whoever constrains the session (a grammar); None: every token.
+    allowed: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -80,7 +83,8 @@ _IDLE = SamplerState(SamplingParams(), 1, seed=0)
 def is_plain_greedy(states: Sequence[SamplerState | None]) -> bool:
     """True when every row is greedy without repetition penalty: argmax alone will do."""
     return all(
-        s is None or (s.params.temperature == 0 and s.params.repetition_penalty == 1.0)
+        s is None
+        or (s.params.temperature == 0 and s.params.repetition_penalty == 1.0 and s.allowed is None)
         for s in states
     )
 
@@ -93,9 +97,12 @@ def row_settings(states: Sequence[SamplerState | None], vocab: int) -> RowSettin
     """
     rows = [s if s is not None else _IDLE for s in states]
     seen = np.zeros((len(rows), vocab), dtype=bool)
+    allowed = np.full((len(rows), mask_words(vocab)), -1, dtype=np.int32)
     for i, s in enumerate(rows):
         if s.seen is not None:
             seen[i] = s.seen
+        if s.allowed is not None:
+            allowed[i] = s.allowed
     return RowSettings(
         temperature=np.asarray([s.params.temperature for s in rows], np.float32),
         top_k=np.asarray([s.params.top_k for s in rows], np.int32),
@@ -105,6 +112,7 @@ def row_settings(states: Sequence[SamplerState | None], vocab: int) -> RowSettin
         seen=seen,
         seed=np.asarray([s.seed for s in rows], np.uint32),
         step=np.asarray([s.step for s in rows], np.uint32),
+        allowed=allowed,
     )
 
 

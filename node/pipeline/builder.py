@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 from node.net.errors import RequestRefused
 from node.swarm.layers import pieces_for_layers
 from node.swarm.service import ModelService
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, ManifestFile
 from protocol.plan import LoadRequest
 
 if TYPE_CHECKING:
+    from node.pipeline.grammar import Grammars
     from node.pipeline.stage import StageRunner
 
 __all__ = ["MAX_BUILDS", "MAX_BUILDS_PER_PEER", "Built", "StageBuilder", "config_of", "shape_of"]
@@ -132,6 +133,17 @@ class StageBuilder:
         if entry is not None:
             entry.reserved = need
 
+    def _grammars(self, manifest: Manifest, vocab_size: int) -> Grammars | None:
+        """The tail's grammars, reading the model's tokenizer.json (a small file every stage
+        fetched, bounded by the model's limits) when the first constrained session comes."""
+        from node.pipeline.grammar import Grammars
+
+        f = _tokenizer_file(manifest)
+        if f is None:
+            return None
+        store = self.service.store
+        return Grammars(lambda: store.read_range(manifest, f.path, 0, f.size).decode("utf-8", "replace"), vocab_size)
+
     async def _build(self, req: LoadRequest, state: Callable[[str], None], key: Shape) -> Built:
         stage, rec = req.stage, req.record
         t0 = time.monotonic()
@@ -167,10 +179,16 @@ class StageBuilder:
             weights=rec.weights))
         load_s = time.monotonic() - t0
         state("compiling")
-        runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=2 * req.step_timeout)
+        runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=2 * req.step_timeout,
+                             grammars=self._grammars(manifest, config.vocab_size) if req.last else None)
         t1 = time.monotonic()
         await loop.run_in_executor(self.build_executor, _warm, runner)
         return Built(runner, need, load_s, time.monotonic() - t1)
+
+
+def _tokenizer_file(manifest: Manifest) -> ManifestFile | None:
+    return next((f for f in manifest.files if f.data_start is None and f.path.rsplit("/", 1)[-1] == "tokenizer.json"),
+                None)
 
 
 def _warm(runner: StageRunner) -> None:

@@ -62,6 +62,7 @@ class Request:
     sampling: SamplingSpec
     max_tokens: int
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # what the answer must follow (node/api/formats.py), applied at the tail
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Sessions:
         return Generation(self, m, request)
 
     async def tokens(self, m: Model, prompt: list[int], sampling: SamplingSpec, max_tokens: int,
-                     stop_ids: frozenset[int]) -> AsyncIterator[Token]:
+                     stop_ids: frozenset[int], grammar: str | None = None) -> AsyncIterator[Token]:
         """Stream the tokens after ``prompt`` (stop tokens are not yielded)."""
         if len(prompt) + 1 > m.max_context:
             raise DriverError(f"the prompt has {len(prompt)} tokens; the context holds {m.max_context}")
@@ -115,7 +116,7 @@ class Sessions:
                 m.sessions.add(session)
                 epoch, before = m.epoch, len(emitted)
                 try:
-                    async for tok in self._run(m, session, prompt, sampling, max_tokens, stop_ids, emitted):
+                    async for tok in self._run(m, session, prompt, sampling, max_tokens, stop_ids, emitted, grammar):
                         yield tok
                     return
                 except _Busy as exc:
@@ -145,7 +146,7 @@ class Sessions:
             self.models.close_session(m, session)
 
     async def _run(self, m: Model, session: str, prompt: list[int], sampling: SamplingSpec, max_tokens: int,
-                   stop_ids: frozenset[int], emitted: list[int]) -> AsyncIterator[Token]:
+                   stop_ids: frozenset[int], emitted: list[int], grammar: str | None) -> AsyncIterator[Token]:
         """One attempt on the current plan; ``emitted`` holds what the client already has
         (replayed, not re-sampled) and grows as tokens are yielded."""
         step = 0
@@ -166,6 +167,10 @@ class Sessions:
                     body["resume_step"] = resume
                 if seen is not None:
                     body["seen"] = seen
+                if grammar is not None:
+                    body.update(grammar=grammar, stops=np.asarray(sorted(stop_ids), np.int64))
+                    if resume:
+                        body["emitted"] = np.asarray(emitted, np.int64)
             reply = await self._step(m, head, body)
             step += 1
         pos = len(prompt)
@@ -250,7 +255,8 @@ class Generation:
 
     async def start(self) -> None:
         m, r = self.model, self.request
-        self._stream = self.sessions.tokens(m, list(r.prompt), r.sampling, r.max_tokens, m.tokenizer.stop_token_ids)
+        self._stream = self.sessions.tokens(m, list(r.prompt), r.sampling, r.max_tokens, m.tokenizer.stop_token_ids,
+                                            r.grammar)
         self._first = await anext(self._stream, None)
 
     async def aclose(self) -> None:

@@ -11,6 +11,7 @@ be used by one call at a time).
 The last stage samples: a decode step gives a token (tail_step: decode and sampling in
 one compiled call), the final prefill chunk gives the first token (sampled on the host
 from the prompt's last logits), a "forced" step (replay after a failure) gives none.
+A session sent with a grammar samples only what the grammar allows (grammar.py).
 A step number is processed once: a repeated step gets the stored answer again.
 
 Each session belongs to the driver whose prefill opened it (its ``owner``, the node id
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from node.engine import Partition, SamplerState, SamplingParams, sample_batch
+from node.pipeline.grammar import Constraint, GrammarError, Grammars
 from node.pipeline.stage_errors import StageBusy, StageError
 from protocol.pipeline import SamplingSpec, Step
 
@@ -52,6 +54,7 @@ class _Session:
     owner: str = ""
     pos: int = 0
     state: SamplerState | None = None
+    constraint: Constraint | None = None  # a grammar the tail's tokens follow
     last_step: int = -1
     last_result: StageResult | None = None
     used_at: float = field(default_factory=time.monotonic)
@@ -67,8 +70,9 @@ class _Pending:
 class StageRunner:
     def __init__(self, partition: Partition, *, slots: int, executor: ThreadPoolExecutor,
                  session_idle: float, clock: Callable[[], float] = time.monotonic,
-                 owner_cap: Callable[[str], int] | None = None) -> None:
+                 owner_cap: Callable[[str], int] | None = None, grammars: Grammars | None = None) -> None:
         self.partition = partition
+        self.grammars = grammars
         self.slots = slots
         self.cache = partition.new_cache(slots)
         self.sessions: dict[str, _Session] = {}
@@ -243,7 +247,7 @@ class StageRunner:
                     raise
                 s = _Session(slot, p.owner)
                 self.sessions[step.session] = s
-            s.pos, s.state, s.last_step = 0, None, -1
+            s.pos, s.state, s.constraint, s.last_step = 0, None, None, -1
         if s is None:
             raise StageError("unknown_session", "this stage holds no such session (start it with a prefill)")
         if step.start != s.pos:
@@ -261,10 +265,25 @@ class StageRunner:
         if not step.last:
             return [StageResult()]
         s.state = self._state(step)
+        s.constraint = self._constraint(step)
         if step.resume_step:
             return [StageResult()]  # rebuilt after a failure: the driver knows the next token
+        if s.constraint is not None:
+            s.state.allowed = s.constraint.mask()
         tokens, logprobs = sample_batch(out[None], [s.state])
+        if s.constraint is not None:
+            s.constraint.consume(int(tokens[0]))
         return [StageResult(token=int(tokens[0]), logprob=float(logprobs[0]))]
+
+    def _constraint(self, step: Step) -> Constraint | None:
+        if step.grammar is None:
+            return None
+        if self.grammars is None:
+            raise StageError("bad_grammar", "this stage cannot follow a grammar (it has no tokenizer)")
+        try:
+            return self.grammars.start(step.grammar, step.stops, () if step.emitted is None else step.emitted.tolist())
+        except GrammarError as exc:
+            raise StageError("bad_grammar", str(exc)) from None
 
     def _state(self, step: Step) -> SamplerState:
         spec = step.sampling or SamplingSpec()
@@ -309,9 +328,16 @@ class StageRunner:
             self.cache, _ = self.partition.decode(
                 self.cache, inputs[keep], [slots[i] for i in keep], [positions[i] for i in keep])
         idx = [i for i, f in enumerate(forced) if not f]
+        for i in idx:  # a grammar's mask for this token (the constraint takes the token below)
+            c, state = sessions[i].constraint, sessions[i].state
+            if c is not None and state is not None:
+                state.allowed = c.mask()
         self.cache, out = self.partition.tail_step(
             self.cache, inputs[idx], [slots[i] for i in idx], [positions[i] for i in idx],
             [sessions[i].state for i in idx])
         for j, i in enumerate(idx):
             results[i] = StageResult(token=int(out.tokens[j]), logprob=float(out.logprobs[j]))
+            c = sessions[i].constraint
+            if c is not None:
+                c.consume(int(out.tokens[j]))
         return results

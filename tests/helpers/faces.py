@@ -94,10 +94,19 @@ class Faces:
 THINK_SWITCH = "{%- if add_generation_prompt and enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- endif %}"
 
 
+# Qwen2.5-like: offered tools, the template names them and teaches Hermes-style calls
+# (names only, not their schemas: the tiny model's context is 256 tokens).
+TOOLS_BLOCK = (
+    "{%- if tools %}{{- '<|im_start|>system\\nTools:' }}{%- for tool in tools %}{{- ' ' + tool.function.name }}"
+    "{%- endfor %}{{- '\\nCall one as <tool_call>\\n{...}\\n</tool_call><|im_end|>\\n' }}{%- endif %}"
+)
+
+
 def _with_think_switch(model_dir: Path) -> None:
+    """The tiny model's template, with tools (before it) and the thinking switch (after it)."""
     path = model_dir / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
-    cfg["chat_template"] += THINK_SWITCH
+    cfg["chat_template"] = TOOLS_BLOCK + cfg["chat_template"] + THINK_SWITCH
     path.write_text(json.dumps(cfg))
 
 

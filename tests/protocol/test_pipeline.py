@@ -8,7 +8,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from protocol.pipeline import MAX_STEP_TOKENS, PipelineMessageError, parse_sampling, parse_step
+from protocol.pipeline import (
+    MAX_GRAMMAR_CHARS,
+    MAX_STEP_TOKENS,
+    PipelineMessageError,
+    parse_sampling,
+    parse_step,
+)
 
 H, V, CTX = 8, 100, 64
 MODEL = "ab" * 32
@@ -67,6 +73,17 @@ def test_hidden_states_at_later_stages() -> None:
     ({"sampling": {"repetition_penalty": 0}}, True, "repetition_penalty"),
     ({"sampling": {"seed": 2**40}}, True, "seed"),
     ({"sampling": "greedy"}, True, "sampling must be"),
+    ({"grammar": "start: x", "stops": np.array([1])}, True, "comes with the sampling"),
+    ({"sampling": {}, "grammar": ""}, True, "grammar must be a text"),
+    ({"sampling": {}, "grammar": 5}, True, "grammar must be a text"),
+    ({"sampling": {}, "grammar": "x" * (MAX_GRAMMAR_CHARS + 1), "stops": np.array([1])}, True, "grammar must be"),
+    ({"sampling": {}, "grammar": "start: x"}, True, "needs the stop tokens"),
+    ({"sampling": {}, "grammar": "start: x", "stops": np.array([V])}, True, "stops token ids"),
+    ({"sampling": {}, "grammar": "start: x", "stops": np.arange(65) % V}, True, "at most 64"),
+    ({"sampling": {}, "grammar": "start: x", "stops": np.array([1]), "emitted": np.arange(CTX + 1) % V}, True,
+     f"at most {CTX}"),
+    ({"sampling": {}, "grammar": "start: x", "stops": np.array([1]), "emitted": np.array([1.5])}, True,
+     "emitted must be"),
 ])
 def test_bad_steps_are_refused_with_a_reason(over: dict[str, Any], first: bool, needle: str) -> None:
     with pytest.raises(PipelineMessageError) as info:
@@ -88,3 +105,10 @@ def test_token_count_is_bounded_before_any_work() -> None:
 def test_sampling_defaults_are_greedy() -> None:
     spec = parse_sampling({})
     assert spec.temperature == 0.0 and spec.top_k == 0 and spec.top_p == 1.0 and spec.repetition_penalty == 1.0
+
+
+def test_a_grammar_rides_with_the_last_chunk() -> None:
+    step = parse(body(sampling={}, grammar="start: x", stops=np.array([3, 1]), emitted=np.array([4, 5], np.int32)))
+    assert step.grammar == "start: x" and step.stops == (3, 1)
+    assert step.emitted is not None and step.emitted.tolist() == [4, 5] and step.emitted.dtype == np.int64
+    assert parse(body()).grammar is None

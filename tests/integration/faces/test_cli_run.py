@@ -128,6 +128,12 @@ def test_interactive_chat_on_a_terminal(faces: Faces) -> None:
         assert term.line("/set parameter num_predict 8") == "Set parameter 'num_predict' to '8'\n"
         assert "unknown parameter 'nonsense'" in term.line("/set parameter nonsense 1")
         assert term.line("hola") == hola + "\n\n"
+        assert term.line("/set format json") == "Set format to 'json' mode.\n"
+        term.line("/set parameter num_predict 200")
+        answer = term.line("hola")
+        assert isinstance(json.loads(answer), dict), answer  # a random model, held to JSON
+        term.line("/set noformat")
+        term.line("/set parameter num_predict 8")
         assert term.line("/clear") == "Cleared session context\n"
         term.line('"""', wait=b"... ")
         term.line("hola", wait=b"... ")
@@ -223,7 +229,7 @@ def test_run_loads_a_model_first_showing_its_progress(faces: Faces, tmp_path: Pa
 
 
 def test_run_errors_are_one_line(faces: Faces) -> None:
-    for args in (("run", "no-such-model", "hola"), ("run", MODEL, "hola", "--format", "json")):
+    for args in (("run", "no-such-model", "hola"), ("run", MODEL, "hola", "--format", "yaml")):
         out = faces.nodectl(*args, check=False)
         assert out.returncode == 1 and out.stdout.strip() == "", out
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("nodectl: "), out.stderr
@@ -240,13 +246,14 @@ def test_show(faces: Faces) -> None:
     info = data["model_info"]
     assert info["general.architecture"] == "llama" and info["llama.block_count"] == 3
     assert info["llama.embedding_length"] == 64 and info["general.parameter_count"] == listed["parameters"]
-    # The faces template opens <think> when asked to (tests/helpers/faces.py).
-    assert data["template"] == faces.tokenizer.chat_template and data["capabilities"] == ["completion", "thinking"]
+    # The faces template takes tools and opens <think> when asked to (tests/helpers/faces.py).
+    assert data["template"] == faces.tokenizer.chat_template
+    assert data["capabilities"] == ["completion", "tools", "thinking"]
     assert '"<|eot_id|>"' in data["parameters"] and data["modelfile"].startswith("# Modelfile")
     assert f"FROM {MODEL}:latest" in data["modelfile"] and "license" not in data
     text = faces.nodectl("show", MODEL, node=faces.nodes[2]).stdout  # a node that holds only its layers
     for word in ("Model", "architecture", "llama", "context length", "4096", "embedding length", "Capabilities",
-                 "completion", "Parameters", "<|eot_id|>"):
+                 "completion", "tools", "Parameters", "<|eot_id|>"):
         assert word in text, text
     assert faces.nodectl("show", MODEL, "--template").stdout == f"{faces.tokenizer.chat_template}\n"
     missing = faces.nodectl("show", "no-such-model", check=False)

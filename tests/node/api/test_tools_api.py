@@ -69,9 +69,11 @@ class ScriptedSessions:
 
     answer: str = ""
     prompts: list[str] = field(default_factory=list)
+    grammars: list[str | None] = field(default_factory=list)
 
     def open(self, m: FakeModel, request: Request) -> Generation:
         self.prompts.append(m.tokenizer.decode(list(request.prompt)))
+        self.grammars.append(request.grammar)
         return Generation(self, m, request)  # type: ignore[arg-type]
 
     async def tokens(self, m: FakeModel, *_: Any) -> AsyncGenerator[Token, None]:
@@ -183,9 +185,51 @@ async def test_tool_choice(api: tuple[str, ScriptedSessions]) -> None:
                                                  tool_choice="none")
     assert "<tools>" not in sessions.prompts[-1]  # the model was not offered the tools
     assert reply.choices[0].message.content == CALL and not reply.choices[0].message.tool_calls
-    with pytest.raises(openai.BadRequestError, match="constrained output"):
-        await client.chat.completions.create(model="qwen", messages=ASK, tools=[WEATHER],
-                                             tool_choice="required")
+    # required, or a named function: a grammar goes with the request to the tail (the
+    # real cluster's tests show it holds: tests/integration/faces/test_structured.py)
+    reply = await client.chat.completions.create(model="qwen", messages=ASK, tools=[WEATHER],
+                                                 tool_choice="required")
+    assert sessions.grammars[-1] is not None and "<tool_call>" in sessions.grammars[-1]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    await client.chat.completions.create(model="qwen", messages=ASK, tools=[WEATHER], tool_choice=named)
+    assert sessions.grammars[-1] is not None and "get_weather" in sessions.grammars[-1]
+    for choice, needle in [({"type": "function", "function": {"name": "nope"}}, "not among the request's tools"),
+                           ("sometimes", "tool_choice must be"), ("required", "offers no tools")]:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            await client.chat.completions.create(model="qwen", messages=ASK, tool_choice=choice,
+                                                 tools=[] if needle == "offers no tools" else [WEATHER])
+    before = len(sessions.prompts)
+    with pytest.raises(openai.BadRequestError, match="cannot both hold"):
+        await client.chat.completions.create(model="qwen", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                             response_format={"type": "json_object"})
+    assert len(sessions.prompts) == before
+
+
+async def test_formats_reach_the_tail_as_grammars(api: tuple[str, ScriptedSessions]) -> None:
+    url, sessions = api
+    sessions.answer = '{"a": 1}'
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    reply = await ollama.AsyncClient(host=url).chat(model="qwen", messages=ASK, format=schema, stream=False)
+    assert reply.message.content == '{"a": 1}' and '"required":["a"]' in (sessions.grammars[-1] or "")
+    await ollama.AsyncClient(host=url).generate(model="qwen", prompt="x", format="json", stream=False)
+    assert '"type":"object"' in (sessions.grammars[-1] or "")
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none")
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    await client.chat.completions.create(model="qwen", messages=ASK, response_format=fmt)
+    assert '"required":["a"]' in (sessions.grammars[-1] or "")
+    await client.chat.completions.create(model="qwen", messages=ASK, response_format={"type": "text"})
+    assert sessions.grammars[-1] is None
+    before = len(sessions.prompts)
+    for bad, needle in [({"type": "nonsense"}, "Invalid type"),
+                        ({"type": "object", "properties": {"a": {"pattern": "("}}}, "cannot be followed")]:
+        with pytest.raises(ollama.ResponseError, match=needle):
+            await ollama.AsyncClient(host=url).chat(model="qwen", messages=ASK, format=bad, stream=False)
+    for rf, needle in [({"type": "xml"}, "response_format type"), ({"type": "json_schema"}, "needs"),
+                       ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 3}}}, "cannot")]:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            await client.chat.completions.create(model="qwen", messages=ASK, response_format=rf)
+    assert len(sessions.prompts) == before  # refused before any node did work
 
 
 async def test_a_call_to_a_function_not_offered_stays_text(api: tuple[str, ScriptedSessions]) -> None:

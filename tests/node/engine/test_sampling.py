@@ -261,3 +261,41 @@ def test_state_count_must_match_rows() -> None:
 def test_stop_tokens() -> None:
     state = SamplerState(SamplingParams(stop_token_ids=frozenset({3, 9})), V)
     assert state.is_stop(9) and not state.is_stop(4)
+
+
+def _bitmask(allowed: set[int], vocab: int = V) -> np.ndarray:
+    bits = np.zeros(((vocab + 31) // 32) * 32, dtype=np.uint8)
+    bits[list(allowed)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(),  # greedy
+    SamplingParams(temperature=1.0, seed=3),  # the whole vocabulary (Gumbel-max)
+    SamplingParams(temperature=2.0, top_k=40, top_p=0.95, seed=4),  # candidates
+    SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=5),
+])
+def test_an_allowed_mask_restricts_every_path(params: SamplingParams) -> None:
+    """A grammar's bitmask: only its tokens are ever drawn, even the least likely ones,
+    and the logprob stays the model's."""
+    worst = set(np.argsort(np.asarray(LOGITS))[:3].tolist())  # far outside any top-k
+    states = [SamplerState(params, V, seed=params.seed or 0, step=i) for i in range(200)]
+    for s in states:
+        s.allowed = _bitmask(worst)
+    assert not is_plain_greedy(states)
+    tokens, logprobs = sample_batch(jnp.tile(LOGITS[None], (200, 1)), states)
+    assert set(tokens.tolist()) <= worst
+    expected = np.asarray(jax.nn.log_softmax(LOGITS))[tokens]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5)
+    if params.temperature == 0:
+        assert set(tokens.tolist()) == {max(worst, key=lambda t: float(LOGITS[t]))}
+
+
+def test_rows_without_a_mask_are_untouched() -> None:
+    free = SamplerState(SamplingParams(), V)
+    held = SamplerState(SamplingParams(), V)
+    held.allowed = _bitmask({7})
+    tokens, _ = sample_batch(jnp.tile(LOGITS[None], (2, 1)), [free, held])
+    assert tokens.tolist() == [int(np.argmax(np.asarray(LOGITS))), 7]
+    rows = row_settings([free, None], V)
+    assert rows.allowed.shape == (2, 2) and (rows.allowed == -1).all()
