@@ -22,7 +22,14 @@ import jax.numpy as jnp
 from node.engine.cache import CacheGeometry, KVCache
 from node.engine.config import ModelConfig
 from node.engine.samplers import RowSettings, greedy_rows, sample_rows, top_alternatives
-from node.engine.transformer import Rows, embed, head_logits, layer_forward, pooled_last, rope_tables
+from node.engine.transformer import (
+    Rows,
+    embed,
+    head_logits,
+    layer_forward,
+    pooled_last,
+    rope_tables,
+)
 from node.engine.weights import PartitionParams
 
 OUT_HIDDEN, OUT_LAST, OUT_ALL, OUT_EMBED = "hidden", "last", "all", "embed"

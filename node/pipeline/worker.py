@@ -419,6 +419,8 @@ class StageWorker:
         except StageError as exc:
             raise RequestRefused(exc.code, str(exc)) from None
         if runner.is_last:
+            if result.embedding is not None:
+                return {"token": None, "logprob": None, "embedding": result.embedding}
             return {"token": result.token, "logprob": result.logprob}
         plan = loaded.request.record.plan
         nxt = plan.stages[loaded.request.index + 1].node_id
@@ -434,7 +436,7 @@ class StageWorker:
                         error=f"{type(exc).__name__}: {exc}")
             raise RequestRefused("stage_failed", nxt) from exc
         try:
-            return parse_step_reply(reply, vocab_size=cfg.vocab_size).to_dict()
+            return parse_step_reply(reply, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size).to_dict()
         except PipelineMessageError as exc:
             log.warning("next_stage_bad_answer", model=model_id[:12] if model_id else "", node=nxt[:12], error=str(exc))
             raise RequestRefused("stage_failed", nxt) from None
