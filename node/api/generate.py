@@ -21,7 +21,6 @@ The chat template renders in a capped process (node/api/templates.py): one that 
 its budget is a 400 that names the model, and the model's next requests fail at once.
 ``tools`` on /api/chat reach the model's chat template and its calls come back as
 ``message.tool_calls`` (node/api/tools.py); a model whose template has no tools is a 400.
-``/api/embed`` (and the older ``/api/embeddings``) answer 501: no embeddings yet.
 Refused with a clear 400 because enjambre cannot do them yet: ``format`` (JSON
 output), ``images``, ``template`` overrides, ``suffix`` and ``context``.
 """
@@ -121,8 +120,6 @@ def parse_options(options: Any) -> tuple[SamplingSpec, int, int | None, list[str
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-EMBEDDINGS_REFUSED = ("embeddings are not supported yet: enjambre serves generation only "
-                      "(use an embedding server beside it)")
 NOT_SUPPORTED = {
     "format": "format (JSON output) is not supported yet: enjambre cannot constrain the output; "
               "ask for JSON in the prompt instead",
@@ -469,12 +466,7 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             return error_response(404, f"model {body['model']!r} is not loaded")
         return web.json_response({"status": "success"})
 
-    async def embed(_: web.Request) -> web.Response:
-        return error_response(501, EMBEDDINGS_REFUSED)
-
     app.router.add_post("/api/generate", generate)
-    app.router.add_post("/api/embed", embed)
-    app.router.add_post("/api/embeddings", embed)
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/load", load)
     app.router.add_get("/api/ps", ps)

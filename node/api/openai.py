@@ -29,7 +29,6 @@ from typing import Any
 from aiohttp import web
 
 from node.api.generate import (
-    EMBEDDINGS_REFUSED,
     MAX_STOP,
     NOT_SUPPORTED,
     BadRequest,
@@ -286,11 +285,7 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             return _error(404, str(exc), code="model_not_found")
         return web.json_response(_model_entry(name, int(time.time())))
 
-    async def embeddings(_: web.Request) -> web.Response:
-        return _error(501, EMBEDDINGS_REFUSED, code="unsupported")
-
     app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{name:.+}", model)
