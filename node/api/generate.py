@@ -65,7 +65,8 @@ from node.pipeline.session import Request, Sessions
 from node.pipeline.views import ps_entries
 from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
 
-__all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_options", "read_body", "read_json"]
+__all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_options", "read_body", "read_json",
+           "refuse_embedding_model"]
 
 # Ollama's defaults.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
@@ -190,6 +191,13 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
             raise BadRequest(NOT_SUPPORTED[key])
 
 
+def refuse_embedding_model(m: Model) -> None:
+    """An encoder (BERT) only embeds: a generation request for it is a 400 saying so."""
+    if getattr(m.config, "is_encoder", False):
+        raise BadRequest(f"model {m.name!r} is an embedding model: it cannot generate text "
+                         "(use /api/embed or /v1/embeddings)")
+
+
 def request_tools(m: Model, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The tools a chat request offers (tools.py), refused for a model whose template has none."""
     try:
@@ -292,6 +300,7 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             if empty and keep_alive == 0 and not was_loaded:
                 return load_only(body["model"], chat, "unload", 0)
             m = await loaded.get(body["model"], keep_alive=keep_alive)
+            refuse_embedding_model(m)
             load_ns = 0 if was_loaded else int((time.monotonic() - t_start) * 1e9)
             if empty:
                 unloaded = keep_alive == 0 and await release_if_idle(m)

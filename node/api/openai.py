@@ -35,6 +35,7 @@ from node.api.generate import (
     _prompt_ids,
     error_for,
     read_body,
+    refuse_embedding_model,
     request_tools,
 )
 from node.api.templates import TemplateRenderer
@@ -159,6 +160,7 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
             m = await loaded.get(body["model"])
+            refuse_embedding_model(m)
             tools = _tools(m, body) if chat else []
             prompt, prompt_text = await _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, renderer,
                                                      think, tools)

@@ -35,6 +35,7 @@ __all__ = [
     "BERT_ARCHITECTURES",
     "BertConfig",
     "BertEncoder",
+    "encoder_memory",
     "is_bert",
     "load_bert",
     "load_encoder",
@@ -50,7 +51,7 @@ class BertConfig:
     """A BERT encoder's shape (hashable: a static argument of the compiled encoder)."""
 
     hidden_size: int
-    num_layers: int
+    depth: int  # encoder layers (num_hidden_layers)
     num_heads: int
     intermediate_size: int
     vocab_size: int
@@ -65,6 +66,11 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def num_layers(self) -> int:
+        """What the planner splits: one unit, since an encoder runs whole on one node."""
+        return 1
 
 
 def is_bert(raw: Mapping[str, Any]) -> bool:
@@ -96,7 +102,7 @@ def parse_bert_config(raw: Mapping[str, Any]) -> BertConfig:
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     return BertConfig(
         hidden_size=hidden,
-        num_layers=_get(raw, "num_hidden_layers", int, 12),
+        depth=_get(raw, "num_hidden_layers", int, 12),
         num_heads=heads,
         intermediate_size=_get(raw, "intermediate_size", int, 3072),
         vocab_size=_get(raw, "vocab_size", int),
@@ -149,7 +155,7 @@ def bert_tensor_names(config: BertConfig, prefix: str = "") -> list[str]:
     e = prefix + "embeddings."
     names = [e + "word_embeddings.weight", e + "position_embeddings.weight", e + "token_type_embeddings.weight",
              e + "LayerNorm.weight", e + "LayerNorm.bias"]
-    for i in range(config.num_layers):
+    for i in range(config.depth):
         p = f"{prefix}encoder.layer.{i}."
         for part in ("attention.self.query", "attention.self.key", "attention.self.value",
                      "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
@@ -162,7 +168,7 @@ def weight_bytes(config: BertConfig, dtype: str = "float32") -> int:
     H, F = config.hidden_size, config.intermediate_size
     per_layer = 4 * H * H + 4 * H + 2 * H * F + F + H + 4 * H
     total = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size + 2) * H
-    return (total + config.num_layers * per_layer) * int(jnp.dtype(dtype).itemsize)
+    return (total + config.depth * per_layer) * int(jnp.dtype(dtype).itemsize)
 
 
 def load_bert(source: WeightSource, config: BertConfig, dtype: str = "float32") -> BertParams:
@@ -197,7 +203,7 @@ def load_bert(source: WeightSource, config: BertConfig, dtype: str = "float32") 
         positions=get(e + "position_embeddings.weight", (config.max_position_embeddings, H)),
         types=get(e + "token_type_embeddings.weight", (config.type_vocab_size, H)),
         ln_w=ln_w, ln_b=ln_b,
-        layers=tuple(layer(i) for i in range(config.num_layers)),
+        layers=tuple(layer(i) for i in range(config.depth)),
     )
 
 
@@ -240,6 +246,17 @@ def encode(params: BertParams, ids: jax.Array, mask: jax.Array, *, config: BertC
     return pooled / jnp.maximum(norm, 1e-12)
 
 
+def encoder_memory(config: BertConfig, slots: int, context: int, dtype: str = "float32") -> int:
+    """Bytes a loaded encoder holds: its weights, plus the largest step's activations
+    (``slots`` inputs of ``context`` tokens: attention scores and the MLP's rows, twice
+    over for XLA's temporaries)."""
+    n = min(context, config.max_position_embeddings)
+    rows = slots * n
+    scores = slots * config.num_heads * n * n
+    acts = rows * (6 * config.hidden_size + 2 * config.intermediate_size)
+    return weight_bytes(config, dtype) + 2 * 4 * (scores + acts)
+
+
 @dataclass
 class BertEncoder:
     """A loaded BERT model: ``embed(inputs)`` gives one unit vector per token-id list."""
@@ -247,10 +264,12 @@ class BertEncoder:
     config: BertConfig
     params: BertParams
     dtype: str = "float32"
+    context: int | None = None  # at most max_position_embeddings
 
     @property
     def max_context(self) -> int:
-        return self.config.max_position_embeddings
+        limit = self.config.max_position_embeddings
+        return limit if self.context is None else min(limit, self.context)
 
     def _check(self, ids: Any, i: int) -> np.ndarray:
         arr = np.asarray(ids)
@@ -278,6 +297,9 @@ class BertEncoder:
         return np.asarray(out)[: len(rows)].astype(np.float32)
 
 
-def load_encoder(source: WeightSource, config: BertConfig, dtype: str | None = None) -> BertEncoder:
+def load_encoder(source: WeightSource, config: BertConfig, dtype: str | None = None, *,
+                 max_context: int | None = None) -> BertEncoder:
+    """Load an encoder; ``max_context`` caps the tokens of one input (the model's
+    max_position_embeddings at most)."""
     chosen = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
-    return BertEncoder(config, load_bert(source, config, chosen), chosen)
+    return BertEncoder(config, load_bert(source, config, chosen), chosen, max_context)

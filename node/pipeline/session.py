@@ -183,7 +183,9 @@ class Sessions:
         head = m.plan.stages[0].node_id
         base = {"model": m.model_id, "epoch": m.epoch, "session": session, "timeout": self.step_timeout}
         reply: dict[str, Any] = {}
-        for step, (a, b) in enumerate(chunk_spans(0, len(ids), m.prefill_chunk)):
+        # An encoder attends both ways: it takes the whole input in one step.
+        chunk = len(ids) if getattr(m.config, "is_encoder", False) else m.prefill_chunk
+        for step, (a, b) in enumerate(chunk_spans(0, len(ids), chunk)):
             reply = await self._step(m, head, {**base, "step": step, "kind": "embed", "start": a,
                                                "inputs": np.asarray(ids[a:b], np.int64), "last": b == len(ids)})
         vector = reply.get("embedding")

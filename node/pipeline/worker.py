@@ -52,7 +52,10 @@ from protocol.pipeline import PipelineMessageError, parse_model_ref, parse_step,
 from protocol.plan import LoadRequest, PlanFormError, StageView, node_id_ok, parse_load
 
 if TYPE_CHECKING:
+    from node.pipeline.encoder_stage import EncoderRunner
     from node.pipeline.stage import StageRunner
+
+    Runner = StageRunner | EncoderRunner
 
 __all__ = ["Handler", "StageWorker"]
 
@@ -67,7 +70,7 @@ class Loaded:
     request: LoadRequest
     state: str = "fetching"
     error: str = ""
-    runner: StageRunner | None = None
+    runner: Runner | None = None
     memory: int = 0
     load_s: float = 0.0
     compile_s: float = 0.0
@@ -194,11 +197,10 @@ class StageWorker:
             old = self.stages.get(model_id)
             if old is not None and old.runner is not None and shape_of(old.request) == shape_of(req):
                 # A re-plan that keeps this node's range (a recovery elsewhere in the chain):
-                # keep the weights and the compiled steps, start a fresh cache.
-                from node.pipeline.stage import StageRunner
-
-                runner = StageRunner(old.runner.partition, slots=rec.slots, executor=self.executor,
-                                     session_idle=2 * req.step_timeout)
+                # keep the weights and the compiled steps, start a fresh cache (the same kind
+                # of runner: a decoder's StageRunner or an encoder's EncoderRunner).
+                runner = type(old.runner)(old.runner.partition, slots=rec.slots, executor=self.executor,
+                                          session_idle=2 * req.step_timeout)
                 need = old.memory
             else:
                 def state(value: str) -> None:
@@ -236,7 +238,7 @@ class StageWorker:
         if self.loading.get(loaded.model_id) is not loaded:
             raise RequestRefused("stale_epoch", "a newer plan of the model replaced this load")
 
-    def _ready(self, loaded: Loaded, runner: StageRunner, need: int) -> dict[str, Any]:
+    def _ready(self, loaded: Loaded, runner: Runner, need: int) -> dict[str, Any]:
         stage = loaded.request.stage
         loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
         runner.owner_cap = lambda driver: self._share(loaded, driver)
