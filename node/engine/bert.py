@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from node.engine.buckets import MIN_BUCKET, pow2_bucket
+from node.engine.config import BERT_ARCHITECTURES, is_bert
 from node.engine.errors import (
     ContextOverflowError,
     ModelConfigError,
@@ -42,7 +43,6 @@ __all__ = [
     "parse_bert_config",
 ]
 
-BERT_ARCHITECTURES = ("BertModel",)
 _ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
@@ -71,13 +71,6 @@ class BertConfig:
     def num_layers(self) -> int:
         """What the planner splits: one unit, since an encoder runs whole on one node."""
         return 1
-
-
-def is_bert(raw: Mapping[str, Any]) -> bool:
-    archs = raw.get("architectures")
-    if isinstance(archs, list) and len(archs) == 1 and archs[0] in BERT_ARCHITECTURES:
-        return True
-    return not archs and raw.get("model_type") == "bert"
 
 
 def _get(raw: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:

@@ -45,12 +45,13 @@ Shape = tuple[str, int, int, bool, bool, int, int, str, int, str]
 def config_of(store: Any, manifest: Manifest) -> Any:
     """The engine's config from the model's config.json, read from held pieces: a decoder's
     ModelConfig, or an encoder's BertConfig (``is_encoder``: embeddings only, one stage)."""
-    from node.engine.bert import is_bert, parse_bert_config
-    from node.engine.config import parse_config
+    from node.engine.config import is_bert, parse_config
 
     entry = manifest.files[manifest.file_index("config.json")]
     raw = json.loads(store.read_range(manifest, "config.json", 0, entry.size))
     if isinstance(raw, dict) and is_bert(raw):
+        from node.engine.bert import parse_bert_config
+
         return parse_bert_config(raw)
     return parse_config(raw)
 
