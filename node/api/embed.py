@@ -23,6 +23,7 @@ for an unknown model, 503 when busy.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from node.pipeline.session import Sessions
 __all__ = ["MAX_INPUTS", "add_embed_routes", "embed_inputs", "parse_inputs"]
 
 MAX_INPUTS = 2048  # OpenAI's own limit on inputs per request
+_ENCODE_ON_LOOP_CHARS = 16 * 2**10  # longer inputs are tokenized in a thread, off the loop
 
 Input = str | list[int]
 
@@ -132,15 +134,22 @@ async def embed_inputs(sessions: Sessions, m: Model, items: list[Input], *, trun
     if dimensions is not None and dimensions > m.config.hidden_size:
         raise BadRequest(f"dimensions must be at most {m.config.hidden_size} (the model's embedding size)")
     context = m.max_context
-    prompts = []
-    for i, item in enumerate(items):
-        ids = _ids(m, item, i, field)
-        if len(ids) > context:
-            if not truncate:
-                raise BadRequest(f"{field}[{i}] has {len(ids)} tokens; the context holds {context} "
-                                 "(shorten it, or let it be cut with truncate: true)")
-            ids = ids[:context]
-        prompts.append(ids)
+
+    def tokenized() -> list[list[int]]:
+        prompts = []
+        for i, item in enumerate(items):
+            ids = _ids(m, item, i, field)
+            if len(ids) > context:
+                if not truncate:
+                    raise BadRequest(f"{field}[{i}] has {len(ids)} tokens; the context holds {context} "
+                                     "(shorten it, or let it be cut with truncate: true)")
+                ids = ids[:context]
+            prompts.append(ids)
+        return prompts
+
+    chars = sum(len(x) for x in items)
+    prompts = tokenized() if chars <= _ENCODE_ON_LOOP_CHARS else await asyncio.to_thread(tokenized)
+    # One input after another: each is a session of the model's pipeline, like a generation.
     vectors = [_shorten(await sessions.embed(m, ids), dimensions) for ids in prompts]
     return Embedded(vectors, sum(len(p) for p in prompts))
 

@@ -130,7 +130,7 @@ async def test_ollama_embed(api: tuple[str, EngineSessions], tiny: tuple[Path, P
 async def test_ollama_truncates_to_the_context_unless_told_not_to(api: tuple[str, EngineSessions]) -> None:
     url, sessions = api
     client = ollama.AsyncClient(host=url)
-    long = "hola mundo " * 100
+    long = "hola mundo " * 2000  # over 16 KiB: tokenized in a thread
     reply = await client.embed(model="tiny", input=long)
     assert len(sessions.asked[-1]) == CONTEXT and reply.prompt_eval_count == CONTEXT
     before = len(sessions.asked)
