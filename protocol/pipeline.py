@@ -2,7 +2,8 @@
 
 A session's driver sends ``pipe.step`` to the first stage of a plan; each stage runs
 its layers and forwards the step, with its hidden states in place of the token ids,
-to the next; the last stage samples and its answer (``StepReply``: the token) travels
+to the next; the last stage samples and its answer (``StepReply``: the token, or for an
+``embed`` step the input's vector, float32 [hidden], finite and of unit length) travels
 back along the chain, as the reply to each hop's request: one way back, no second
 connection from the tail to the driver. ``pipe.close``, ``pipe.release``,
 ``pipe.unload`` and ``pipe.lease`` name a model (and a session, an epoch, a lease

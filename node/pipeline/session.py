@@ -15,6 +15,10 @@ emitted are replayed as ``forced`` steps (nothing is re-sampled), the sampler re
 the same step with the same seed, and generation goes on; with greedy sampling or a
 fixed seed the text equals the undisturbed run's. A stage whose slots are all taken
 (``busy``: several entry nodes share its cache) is asked again after a pause.
+
+``Sessions.embed`` drives one input to embed the same way: its chunks as ``embed``
+steps (one step for an encoder, which needs the whole input at once), the tail's
+vector as the last answer, the session freed on every stage after it.
 """
 
 from __future__ import annotations

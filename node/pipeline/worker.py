@@ -14,7 +14,9 @@ certificate):
 - ``pipe.unload`` {model}: a lease holder stops the model for everyone: leases are
   dropped, no new session starts, and the stage unloads once its live sessions end.
 - ``pipe.step``: run one step of one session (stage.py) and forward the result to the
-  next stage of the plan; the answer (the tail's token) travels back the same way.
+  next stage of the plan; the answer (the tail's token, or an embed step's vector)
+  travels back the same way. An embedding model's stage is an EncoderRunner
+  (encoder_stage.py): the whole model, whole inputs, nothing kept.
   The first stage takes steps only from a driver holding a lease on it (or owning the
   session); every other stage only from the plan's previous stage, which names the
   session's driver (``driver``). A session belongs to the driver that opened it, and

@@ -125,6 +125,11 @@ async def test_ollama_embed(api: tuple[str, EngineSessions], tiny: tuple[Path, P
     old = await client.embeddings(model="tiny", prompt="hola mundo")
     np.testing.assert_allclose(old.embedding, vecs[0], atol=1e-6)
     assert (await client.embeddings(model="tiny", prompt="")).embedding == []  # loads, embeds nothing
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.post(url + "/api/embed", json={"model": "tiny"}) as resp:
+        loaded = await resp.json()  # no input: loads the model, as Ollama
+    assert resp.status == 200 and loaded["embeddings"] == [] and loaded["prompt_eval_count"] == 0
 
 
 async def test_ollama_truncates_to_the_context_unless_told_not_to(api: tuple[str, EngineSessions]) -> None:
