@@ -453,13 +453,34 @@ _LAYER_NAMES = {
 }
 
 
-def hf_name(name: str) -> str | None:
-    """The Hugging Face name of a llama-family GGUF tensor, None for one without
-    (``rope_freqs.weight``, or a tensor the engine does not use)."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
+# The same for BERT (``bert``: all-MiniLM and other sentence encoders), as BertModel names them.
+_BERT_GLOBAL_NAMES = {
+    "token_embd.weight": "embeddings.word_embeddings.weight",
+    "position_embd.weight": "embeddings.position_embeddings.weight",
+    "token_types.weight": "embeddings.token_type_embeddings.weight",
+    "token_embd_norm.weight": "embeddings.LayerNorm.weight",
+    "token_embd_norm.bias": "embeddings.LayerNorm.bias",
+}
+_BERT_LAYER_NAMES = {
+    f"{gguf}.{kind}": f"{hf}.{kind}"
+    for gguf, hf in (("attn_q", "attention.self.query"), ("attn_k", "attention.self.key"),
+                     ("attn_v", "attention.self.value"), ("attn_output", "attention.output.dense"),
+                     ("attn_output_norm", "attention.output.LayerNorm"), ("ffn_up", "intermediate.dense"),
+                     ("ffn_down", "output.dense"), ("layer_output_norm", "output.LayerNorm"))
+    for kind in ("weight", "bias")
+}
+
+
+def hf_name(name: str, architecture: str | None = None) -> str | None:
+    """The Hugging Face name of a GGUF tensor (llama family, or ``bert``), None for one
+    without (``rope_freqs.weight``, or a tensor the engine does not use)."""
+    bert = architecture == "bert"
+    table, layers, prefix = ((_BERT_GLOBAL_NAMES, _BERT_LAYER_NAMES, "encoder.layer") if bert
+                             else (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
+    if name in table:
+        return table[name]
     if name.startswith("blk."):
         layer, _, rest = name[4:].partition(".")
-        if layer.isdigit() and rest in _LAYER_NAMES:
-            return f"model.layers.{int(layer)}.{_LAYER_NAMES[rest]}"
+        if layer.isdigit() and rest in layers:
+            return f"{prefix}.{int(layer)}.{layers[rest]}"
     return None

@@ -2,7 +2,8 @@
 
 A session's driver sends ``pipe.step`` to the first stage of a plan; each stage runs
 its layers and forwards the step, with its hidden states in place of the token ids,
-to the next; the last stage samples and its answer (``StepReply``: the token) travels
+to the next; the last stage samples and its answer (``StepReply``: the token, or for an
+``embed`` step the input's vector, float32 [hidden], finite and of unit length) travels
 back along the chain, as the reply to each hop's request: one way back, no second
 connection from the tail to the driver. ``pipe.close``, ``pipe.release``,
 ``pipe.unload`` and ``pipe.lease`` name a model (and a session, an epoch, a lease
@@ -22,8 +23,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "KINDS",
     "MAX_GRAMMAR_CHARS",
     "MAX_STEP_TOKENS",
+    "PROMPT_KINDS",
     "ModelRef",
     "PipelineMessageError",
     "SamplingSpec",
@@ -43,7 +46,8 @@ MAX_SEEN_TOKENS = 1 << 20
 MAX_GRAMMAR_CHARS = 1 << 20  # a JSON schema or the tools' (256 KiB of them) in a grammar
 _SESSION = re.compile(r"^[0-9a-f]{8,64}$")
 _MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
-KINDS = ("prefill", "decode", "forced")
+KINDS = ("prefill", "decode", "forced", "embed")
+PROMPT_KINDS = ("prefill", "embed")  # steps that carry a chunk of a prompt
 HIDDEN_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -78,8 +82,10 @@ class Step:
     """One step of one session at one stage.
 
     kind: "prefill" (tokens or hidden rows at positions start.., a chunk of the prompt),
-    "decode" (one token, sampled at the tail) or "forced" (one token replayed after a
-    failure: the tail computes it but samples nothing). ``inputs`` are token ids [n]
+    "decode" (one token, sampled at the tail), "forced" (one token replayed after a
+    failure: the tail computes it but samples nothing) or "embed" (a chunk of an input
+    to embed: a prefill whose last chunk makes the tail answer the input's embedding
+    instead of a token). ``inputs`` are token ids [n]
     (int64) at the first stage, hidden states [n, hidden] elsewhere. ``last`` marks the
     prompt's final chunk, after which the tail samples the first token. ``resume``
     (prefill at position 0 only): the sampler's step count and the tokens already
@@ -189,13 +195,13 @@ def parse_step(body: Any, *, first: bool, hidden_size: int, vocab_size: int, max
     n = int(inputs.shape[0])
     if not 1 <= n <= MAX_STEP_TOKENS:
         raise PipelineMessageError(f"a step carries 1 to {MAX_STEP_TOKENS} tokens, got {n}")
-    if kind != "prefill" and n != 1:
+    if kind not in PROMPT_KINDS and n != 1:
         raise PipelineMessageError(f"a {kind} step carries exactly one token")
     if start + n > max_context:
         raise PipelineMessageError(
             f"positions {start}..{start + n - 1} exceed the context of {max_context} tokens"
         )
-    last = body.get("last", kind != "prefill")
+    last = body.get("last", kind not in PROMPT_KINDS)
     if not isinstance(last, bool):
         raise PipelineMessageError("last must be true or false")
     sampling = None
@@ -251,19 +257,40 @@ def _grammar(body: dict[str, Any], sampling: bool, vocab_size: int,
 @dataclass(frozen=True)
 class StepReply:
     """The answer to a step: the tail's token and its log-probability (None: no token, as
-    after a forced step or a resumed prefill)."""
+    after a forced step or a resumed prefill), or after an embed step's last chunk the
+    input's embedding (float32 [hidden], finite, unit length)."""
 
     token: int | None
     logprob: float | None
+    embedding: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.embedding is not None:
+            return {"token": None, "logprob": None, "embedding": self.embedding}
         return {"token": self.token, "logprob": self.logprob}
 
 
-def parse_step_reply(body: Any, *, vocab_size: int) -> StepReply:
-    """Check a step's answer as the driver (or a stage forwarding it) receives it."""
+def _embedding(value: Any, hidden_size: int) -> np.ndarray:
+    if (not isinstance(value, np.ndarray) or value.ndim != 1 or value.shape[0] != hidden_size
+            or value.dtype != np.float32):
+        raise PipelineMessageError(f"the answer's embedding must be a float32 tensor [{hidden_size}]")
+    if not np.isfinite(value).all():
+        raise PipelineMessageError("the answer's embedding must be finite (no NaN or infinity)")
+    norm = float(np.linalg.norm(value.astype(np.float64)))
+    if abs(norm - 1.0) > 1e-3:
+        raise PipelineMessageError(f"the answer's embedding must have unit length, got {norm:.4g}")
+    return value
+
+
+def parse_step_reply(body: Any, *, vocab_size: int, hidden_size: int | None = None) -> StepReply:
+    """Check a step's answer as the driver (or a stage forwarding it) receives it; an
+    embedding is accepted only when ``hidden_size`` says how long it must be."""
     if not isinstance(body, dict):
         raise PipelineMessageError("a step's answer must be a map")
+    if body.get("embedding") is not None:
+        if hidden_size is None:
+            raise PipelineMessageError("this step's answer cannot carry an embedding")
+        return StepReply(None, None, _embedding(body["embedding"], hidden_size))
     token, logprob = body.get("token"), body.get("logprob")
     if token is None and logprob is None:
         return StepReply(None, None)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from node import __version__
 from node.api.console import add_console_routes
+from node.api.embed import add_embed_routes
 from node.api.generate import add_generate_routes
 from node.api.guard import RequestGuard, error_response
 from node.api.models import add_model_routes
@@ -92,4 +93,5 @@ def build_app(
         app.on_cleanup.append(stop_renderer)
         add_generate_routes(app, loaded, sessions, renderer)
         add_openai_routes(app, loaded, sessions, models, renderer)
+        add_embed_routes(app, loaded, sessions)
     return app

@@ -23,7 +23,6 @@ its budget is a 400 that names the model, and the model's next requests fail at 
 ``message.tool_calls`` (node/api/tools.py); a model whose template has no tools is a 400.
 ``format`` ("json" or a JSON schema) holds the answer to it: the tail samples only what
 the schema allows (node/api/formats.py); a schema that cannot be followed is a 400.
-``/api/embed`` (and the older ``/api/embeddings``) answer 501: no embeddings yet.
 Refused with a clear 400 because enjambre cannot do them yet: ``images``, ``template``
 overrides, ``suffix`` and ``context``.
 """
@@ -69,7 +68,8 @@ from node.pipeline.session import Request, Sessions
 from node.pipeline.views import ps_entries
 from protocol.pipeline import PipelineMessageError, SamplingSpec, parse_sampling
 
-__all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_options", "read_body", "read_json"]
+__all__ = ["add_generate_routes", "error_for", "parse_keep_alive", "parse_options", "read_body", "read_json",
+           "refuse_embedding_model"]
 
 # Ollama's defaults.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
@@ -124,8 +124,6 @@ def parse_options(options: Any) -> tuple[SamplingSpec, int, int | None, list[str
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-EMBEDDINGS_REFUSED = ("embeddings are not supported yet: enjambre serves generation only "
-                      "(use an embedding server beside it)")
 NOT_SUPPORTED = {
     "images": "images are not supported: enjambre serves text-only models",
     "template": "template overrides are not supported: the model's own chat template is used "
@@ -205,6 +203,13 @@ async def constrained(build: Callable[[], str | None], what: str) -> str | None:
         return await asyncio.to_thread(make)
     except FormatError as exc:
         raise BadRequest(str(exc)) from None
+
+
+def refuse_embedding_model(m: Model) -> None:
+    """An encoder (BERT) only embeds: a generation request for it is a 400 saying so."""
+    if getattr(m.config, "is_encoder", False):
+        raise BadRequest(f"model {m.name!r} is an embedding model: it cannot generate text "
+                         "(use /api/embed or /v1/embeddings)")
 
 
 def request_tools(m: Model, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -309,6 +314,7 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             if empty and keep_alive == 0 and not was_loaded:
                 return load_only(body["model"], chat, "unload", 0)
             m = await loaded.get(body["model"], keep_alive=keep_alive)
+            refuse_embedding_model(m)
             load_ns = 0 if was_loaded else int((time.monotonic() - t_start) * 1e9)
             if empty:
                 unloaded = keep_alive == 0 and await release_if_idle(m)
@@ -484,12 +490,7 @@ def add_generate_routes(app: web.Application, loaded: LoadedModels, sessions: Se
             return error_response(404, f"model {body['model']!r} is not loaded")
         return web.json_response({"status": "success"})
 
-    async def embed(_: web.Request) -> web.Response:
-        return error_response(501, EMBEDDINGS_REFUSED)
-
     app.router.add_post("/api/generate", generate)
-    app.router.add_post("/api/embed", embed)
-    app.router.add_post("/api/embeddings", embed)
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/load", load)
     app.router.add_get("/api/ps", ps)

@@ -31,13 +31,13 @@ from aiohttp import web
 
 from node.api.formats import openai_format, tool_grammar
 from node.api.generate import (
-    EMBEDDINGS_REFUSED,
     MAX_STOP,
     BadRequest,
     _prompt_ids,
     constrained,
     error_for,
     read_body,
+    refuse_embedding_model,
     request_tools,
 )
 from node.api.templates import TemplateRenderer
@@ -174,6 +174,7 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             if not isinstance(stream, bool):
                 raise BadRequest("stream must be true or false")
             m = await loaded.get(body["model"])
+            refuse_embedding_model(m)
             tools, grammar = await _constraint(m, body, chat)
             prompt, prompt_text = await _prompt_ids(m, {**body, "raw": True} if not chat else body, chat, renderer,
                                                      think, tools)
@@ -300,11 +301,7 @@ def add_openai_routes(app: web.Application, loaded: LoadedModels, sessions: Sess
             return _error(404, str(exc), code="model_not_found")
         return web.json_response(_model_entry(name, int(time.time())))
 
-    async def embeddings(_: web.Request) -> web.Response:
-        return _error(501, EMBEDDINGS_REFUSED, code="unsupported")
-
     app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{name:.+}", model)

@@ -31,6 +31,7 @@ from node.api.generate import BadRequest, read_json
 from node.api.guard import error_response
 from node.api.models import model_details, ollama_time
 from node.api.tools import template_knows_tools
+from node.engine.config import is_bert
 from node.pipeline.models import LoadedModels
 from node.pipeline.views import ps_entries
 from node.store.models import normalize_name
@@ -160,6 +161,8 @@ def show_view(name: str, manifest: Manifest, files: Mapping[str, bytes], *, modi
     license_text = files[path].decode("utf-8", "replace") if path is not None and path in files else None
     capabilities = ["completion"] + (["tools"] if template_knows_tools(template) else []) \
         + (["thinking"] if "<think>" in template else [])
+    if is_bert(_json_object(files.get("config.json"))):
+        capabilities = ["embedding"]  # as Ollama lists its bert models: no generation
     view: dict[str, Any] = {
         "modelfile": _modelfile(name, template, stops, license_text),
         "parameters": _parameters_text(stops, loaded_context),

@@ -25,6 +25,16 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
 }
 _MODEL_TYPES = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+# Encoder-only embedding models, served by node/engine/bert.py (no JAX imported here).
+BERT_ARCHITECTURES = ("BertModel",)
+
+
+def is_bert(raw: Mapping[str, Any]) -> bool:
+    """Whether a config.json describes a BERT embedding model (BertModel, model_type bert)."""
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and len(archs) == 1 and archs[0] in BERT_ARCHITECTURES:
+        return True
+    return not archs and raw.get("model_type") == "bert"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -43,7 +43,7 @@ class GGUFWeights:
         self.header = header
         self.index: dict[str, TensorInfo] = {}
         for t in header.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, header.architecture)
             if name is not None:
                 self.index[name] = t
         md = header.metadata

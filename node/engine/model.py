@@ -43,7 +43,16 @@ from node.engine.sampling import (
     is_plain_greedy,
     row_settings,
 )
-from node.engine.steps import OUT_ALL, OUT_HIDDEN, OUT_LAST, StepShape, decode_steps, forward, tail
+from node.engine.steps import (
+    OUT_ALL,
+    OUT_EMBED,
+    OUT_HIDDEN,
+    OUT_LAST,
+    StepShape,
+    decode_steps,
+    forward,
+    tail,
+)
 from node.engine.weights import (
     PartitionParams,
     PartitionSpec,
@@ -178,15 +187,18 @@ class Partition:
         start_pos: int = 0,
         slot: int = 0,
         all_logits: bool = False,
+        embed: bool = False,
     ) -> tuple[KVCache, jax.Array]:
         """Process a prompt (or its continuation from start_pos) for the session in `slot`.
 
         inputs: token ids [n] (first partition) or hidden states [n, hidden].
         Returns the cache and hidden states [n, hidden], or on the last partition float32
-        logits of the last position [vocab] ([n, vocab] with all_logits).
+        logits of the last position [vocab] ([n, vocab] with all_logits), or with embed
+        the last position's final-norm hidden state, L2-normalized, float32 [hidden]
+        (the input's embedding: see transformer.pooled_last).
         """
         cache, outs = self.prefill_batch(
-            cache, [inputs], [slot], [start_pos], all_logits=all_logits
+            cache, [inputs], [slot], [start_pos], all_logits=all_logits, embed=embed
         )
         return cache, outs[0]
 
@@ -198,6 +210,7 @@ class Partition:
         start_positions: Sequence[int],
         *,
         all_logits: bool = False,
+        embed: bool = False,
     ) -> tuple[KVCache, list[jax.Array]]:
         """Prefill several sessions' tokens in shared calls: session i's inputs (ids [n_i]
         or hidden [n_i, hidden]) into slots[i] from start_positions[i].
@@ -224,7 +237,9 @@ class Partition:
                     f"{self.max_context} tokens; shorten the prompt or load with a larger max_context"
                 )
             spans.append(chunk_spans(start, n, self.prefill_chunk))
-        out_kind = OUT_HIDDEN if not self.spec.has_head else (OUT_ALL if all_logits else OUT_LAST)
+        out_kind = OUT_HIDDEN
+        if self.spec.has_head:
+            out_kind = OUT_EMBED if embed else (OUT_ALL if all_logits else OUT_LAST)
         pieces: list[list[jax.Array]] = [[] for _ in xs]
         for r in range(max(len(s) for s in spans)):
             members = [i for i, s in enumerate(spans) if r < len(s)]
@@ -233,7 +248,7 @@ class Partition:
             )
         outs = []
         for got in pieces:
-            if out_kind == OUT_LAST:
+            if out_kind in (OUT_LAST, OUT_EMBED):
                 outs.append(got[-1])
             else:
                 outs.append(got[0] if len(got) == 1 else jnp.concatenate(got, axis=0))
@@ -283,7 +298,7 @@ class Partition:
             out=out_kind,
         )
         for row, (i, m) in enumerate(zip(members, lens, strict=True)):
-            pieces[i].append(out[row] if out_kind == OUT_LAST else out[row, :m])
+            pieces[i].append(out[row] if out_kind in (OUT_LAST, OUT_EMBED) else out[row, :m])
         return cache
 
     # -- decode -------------------------------------------------------------------------

@@ -62,9 +62,10 @@ class Chain:
         start_pos: int = 0,
         slot: int = 0,
         all_logits: bool = False,
+        embed: bool = False,
     ) -> tuple[list[KVCache], jax.Array]:
         caches, outs = self.prefill_batch(
-            caches, [tokens], [slot], [start_pos], all_logits=all_logits
+            caches, [tokens], [slot], [start_pos], all_logits=all_logits, embed=embed
         )
         return caches, outs[0]
 
@@ -76,11 +77,14 @@ class Chain:
         start_positions: Sequence[int],
         *,
         all_logits: bool = False,
+        embed: bool = False,
     ) -> tuple[list[KVCache], list[jax.Array]]:
         xs: list[Any] = [np.asarray(p, dtype=np.int64) for p in prompts]
         out_caches = []
         for part, cache in zip(self.partitions, caches, strict=True):
-            cache, xs = part.prefill_batch(cache, xs, slots, start_positions, all_logits=all_logits)
+            cache, xs = part.prefill_batch(
+                cache, xs, slots, start_positions, all_logits=all_logits, embed=embed
+            )
             out_caches.append(cache)
         return out_caches, xs
 

@@ -22,10 +22,17 @@ import jax.numpy as jnp
 from node.engine.cache import CacheGeometry, KVCache
 from node.engine.config import ModelConfig
 from node.engine.samplers import RowSettings, greedy_rows, sample_rows, top_alternatives
-from node.engine.transformer import Rows, embed, head_logits, layer_forward, rope_tables
+from node.engine.transformer import (
+    Rows,
+    embed,
+    head_logits,
+    layer_forward,
+    pooled_last,
+    rope_tables,
+)
 from node.engine.weights import PartitionParams
 
-OUT_HIDDEN, OUT_LAST, OUT_ALL = "hidden", "last", "all"
+OUT_HIDDEN, OUT_LAST, OUT_ALL, OUT_EMBED = "hidden", "last", "all", "embed"
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,8 @@ def forward(
     """B rows of n tokens: inputs [B, n] ids or [B, n, H] hidden; slots, starts, lengths [B].
 
     Returns hidden [B, n, H] (no head), or float32 logits [B, V] of each row's last real
-    token (out="last") or [B, n, V] of every token (out="all").
+    token (out="last") or [B, n, V] of every token (out="all"), or (out="embed") each
+    row's last real token after the final norm, L2-normalized, float32 [B, H].
     """
     B, n = inputs.shape[0], inputs.shape[1]
     rows = _rows(shape.geom, slots, starts, lengths, n)
@@ -109,6 +117,8 @@ def forward(
         return cache, jax.lax.optimization_barrier(x).T.reshape(B, n, -1)
     if out == OUT_ALL:
         return cache, head_logits(shape.config, params, x).reshape(B, n, -1)
+    if out == OUT_EMBED:
+        return cache, pooled_last(shape.config, params, _last_columns(x, lengths, n))
     return cache, head_logits(shape.config, params, _last_columns(x, lengths, n))
 
 

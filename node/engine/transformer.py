@@ -122,6 +122,17 @@ def embed(params: PartitionParams, ids: jax.Array) -> jax.Array:
     return jnp.take(params.embed, ids, axis=0).T
 
 
+def pooled_last(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.Array:
+    """Final norm on x [H, M] (each row's last token) -> L2-normalized float32 [M, H]: a
+    decoder's embedding. The last token is the only one that has attended to the whole
+    input (causal attention), so it is what decoder embedding models (e5-mistral, Qwen3-
+    Embedding, gte-Qwen2) pool."""
+    assert params.final_norm is not None
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(h * h, axis=0, keepdims=True))
+    return (h / jnp.maximum(norm, 1e-12)).T
+
+
 def head_logits(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.Array:
     """Final norm and LM head on x [H, M] -> float32 logits [M, V].
 

@@ -4,7 +4,7 @@ llama.cpp writes the architecture under ``general.architecture`` and its numbers
 under ``<arch>.*`` keys; this maps them to transformers' names for the
 architectures the engine runs (llama: Llama 2/3.x, SmolLM2, DeepSeek-R1's Llama
 distills; qwen2: Qwen2/2.5, DeepSeek-R1's Qwen distills; mistral files say
-``llama``). Written at import next to the GGUF, so a GGUF model is loaded, planned
+``llama``; bert: BertModel embedding models, mean-pooled). Written at import next to the GGUF, so a GGUF model is loaded, planned
 and fetched by layer range exactly like a safetensors one.
 
 Two facts are not metadata: whether the head is tied (no ``output.weight``
@@ -25,7 +25,8 @@ from protocol.gguf import GGUFArray
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_TYPES", "GGUFConfigError", "hf_config"]
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "bert": "BertModel"}
+_MEAN_POOLING = 1  # llama.cpp's pooling_type: 0 none, 1 mean, 2 cls, 3 last
 # The tensor types the engine dequantizes (node/engine/gguf.py).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 _MAX_INT = 2**31 - 1  # sizes and counts become int32 shapes and indices in the engine
@@ -107,6 +108,8 @@ def hf_config(
             f"{', '.join(ARCHITECTURES)})"
         )
     p = f"{arch}."
+    if arch == "bert":
+        return _bert_config(md, dtype)
     heads = _int(md, p + "attention.head_count")
     hidden = _int(md, p + "embedding_length")
     kv_heads = _int(md, p + "attention.head_count_kv", heads)
@@ -158,3 +161,31 @@ def hf_config(
                     f"of {vocab} tokens ({vocab_key})"
                 )
     return config
+
+
+def _bert_config(md: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json of a ``bert`` GGUF (all-MiniLM and its kin): BertModel, mean pooling."""
+    pooling = md.get("bert.pooling_type", _MEAN_POOLING)
+    if pooling != _MEAN_POOLING:
+        raise GGUFConfigError(
+            f"bert.pooling_type {_show(pooling)} is not supported: the engine pools BERT models by the "
+            "mean (pooling_type 1)"
+        )
+    heads, hidden = _int(md, "bert.attention.head_count"), _int(md, "bert.embedding_length")
+    if hidden % heads:
+        raise GGUFConfigError(f"bert.embedding_length {hidden} is not a multiple of bert.attention.head_count {heads}")
+    vocab, _ = _vocab_size(md, "bert.")
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": hidden,
+        "num_hidden_layers": _int(md, "bert.block_count"),
+        "intermediate_size": _int(md, "bert.feed_forward_length"),
+        "num_attention_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": _int(md, "bert.context_length"),
+        "type_vocab_size": _int(md, "bert.token_type_count", 2),
+        "layer_norm_eps": _float(md, "bert.attention.layer_norm_epsilon"),
+        "hidden_act": "gelu",
+        "torch_dtype": dtype,
+    }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from node.gguf.config import SUPPORTED_TYPES, GGUFConfigError, hf_config
 from node.gguf.tokenizer import tokenizer_files
+from node.gguf.wordpiece import bert_tokenizer_files
 from protocol.gguf import GGUFHeader
 
 __all__ = ["check_types", "read_sidecars", "sidecar_files", "write_sidecars"]
@@ -54,7 +55,10 @@ def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict
     dtype = "bfloat16" if plain == {"BF16"} else "float32"
     config = hf_config(header.metadata, tied="output.weight" not in names, rope_factors=factors, dtype=dtype)
     files = {"config.json": json.dumps(config, indent=1).encode()}
-    files.update(tokenizer_files(header.metadata))
+    if header.metadata.get("tokenizer.ggml.model") == "bert":
+        files.update(bert_tokenizer_files(header.metadata))
+    else:
+        files.update(tokenizer_files(header.metadata))
     return files
 
 

@@ -31,6 +31,7 @@ from protocol.manifest import Manifest, ManifestFile
 from protocol.plan import LoadRequest
 
 if TYPE_CHECKING:
+    from node.pipeline.encoder_stage import EncoderRunner
     from node.pipeline.grammar import Grammars
     from node.pipeline.stage import StageRunner
 
@@ -43,12 +44,17 @@ Shape = tuple[str, int, int, bool, bool, int, int, str, int, str]
 
 
 def config_of(store: Any, manifest: Manifest) -> Any:
-    """The engine's ModelConfig from the model's config.json, read from held pieces."""
-    from node.engine.config import parse_config
+    """The engine's config from the model's config.json, read from held pieces: a decoder's
+    ModelConfig, or an encoder's BertConfig (``is_encoder``: embeddings only, one stage)."""
+    from node.engine.config import is_bert, parse_config
 
     entry = manifest.files[manifest.file_index("config.json")]
-    raw = store.read_range(manifest, "config.json", 0, entry.size)
-    return parse_config(json.loads(raw))
+    raw = json.loads(store.read_range(manifest, "config.json", 0, entry.size))
+    if isinstance(raw, dict) and is_bert(raw):
+        from node.engine.bert import parse_bert_config
+
+        return parse_bert_config(raw)
+    return parse_config(raw)
 
 
 def shape_of(req: LoadRequest) -> Shape:
@@ -60,7 +66,7 @@ def shape_of(req: LoadRequest) -> Shape:
 
 @dataclass
 class Built:
-    runner: StageRunner
+    runner: StageRunner | EncoderRunner
     need: int  # bytes it holds, by the stage's own figure
     load_s: float
     compile_s: float
@@ -157,6 +163,8 @@ class StageBuilder:
         if config.num_layers != rec.plan.num_layers:
             raise RequestRefused("bad_plan", f"the plan covers {rec.plan.num_layers} layers; "
                                              f"the model has {config.num_layers}")
+        if getattr(config, "is_encoder", False):
+            return await self._build_encoder(req, config, manifest, key, state, t0)
         # The planner's figure (node/pipeline/cost.py), but never less than the weights and
         # cache themselves: a plan comes from a peer, which may lie. JAX loads here, on
         # first use (the daemon warms it up after start-up, off the loop).
@@ -183,6 +191,34 @@ class StageBuilder:
                              grammars=self._grammars(manifest, config.vocab_size) if req.last else None)
         t1 = time.monotonic()
         await loop.run_in_executor(self.build_executor, _warm, runner)
+        return Built(runner, need, load_s, time.monotonic() - t1)
+
+
+    async def _build_encoder(self, req: LoadRequest, config: Any, manifest: Manifest, key: Shape,
+                             state: Callable[[str], None], t0: float) -> Built:
+        """An encoder (BERT) runs whole on one node: a plan that splits it is refused."""
+        from node.engine import WeightSource
+        from node.engine.bert import encoder_memory, load_encoder
+        from node.pipeline.encoder_stage import EncoderRunner
+
+        stage, rec = req.stage, req.record
+        if not (req.first and req.last and stage.start == 0 and stage.end == config.num_layers):
+            raise RequestRefused("bad_plan", "an embedding model runs whole on one node; the plan splits it")
+        need = max(stage.memory, encoder_memory(config, rec.slots, rec.max_context, rec.dtype))
+        self._reserve(key, need, "the embedding model")
+        files = [f.path for f in manifest.files if f.data_start is not None]
+        reader = self.service.store.range_reader(manifest)
+        source = WeightSource(reader, files, read_into=reader.read_into,
+                              sizes={f.path: f.size for f in manifest.files},
+                              headers={f.path: f.data_start for f in manifest.files if f.data_start is not None})
+        loop = asyncio.get_running_loop()
+        encoder = await loop.run_in_executor(self.build_executor, lambda: load_encoder(
+            source, config, rec.dtype, max_context=rec.max_context))
+        load_s = time.monotonic() - t0
+        state("compiling")
+        t1 = time.monotonic()
+        await loop.run_in_executor(self.build_executor, encoder.embed, [[0]])
+        runner = EncoderRunner(encoder, slots=rec.slots, executor=self.executor, session_idle=2 * req.step_timeout)
         return Built(runner, need, load_s, time.monotonic() - t1)
 
 

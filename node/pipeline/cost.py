@@ -15,8 +15,9 @@ from concurrent.futures import Executor
 from typing import Any
 
 from node.pipeline.planner import ModelCost
+from protocol.plan import MAX_MEMORY
 
-__all__ = ["cost_from_lines", "model_cost"]
+__all__ = ["cost_from_lines", "encoder_cost", "model_cost"]
 
 
 async def model_cost(executor: Executor, config: Any, dtype: str, context: int, slots: int,
@@ -28,6 +29,8 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
     )
 
     layers = config.num_layers
+    if getattr(config, "is_encoder", False):
+        return encoder_cost(config, dtype, context, slots)
 
     def exact(n: int, emb: bool, head: bool) -> int:
         return int(memory_needed(config, 0, n, emb, head, dtype, context, slots, prefill_chunk=prefill_chunk,
@@ -55,6 +58,17 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
 
     table = await asyncio.get_running_loop().run_in_executor(executor, lines)
     return cost_from_lines(layers, tuple((e, h, base, per) for (e, h), (base, per) in table.items()))
+
+
+def encoder_cost(config: Any, dtype: str, context: int, slots: int) -> ModelCost:
+    """An encoder (BERT) runs whole on one node: the whole model costs its figure, any
+    part of it more than any node has, so the planner never splits it."""
+    from node.engine.bert import encoder_memory
+
+    whole = encoder_memory(config, slots, context, dtype)
+    lines = ((False, False, MAX_MEMORY, 0), (True, False, MAX_MEMORY, 0), (False, True, MAX_MEMORY, 0),
+             (True, True, whole, 0))
+    return cost_from_lines(config.num_layers, lines)
 
 
 def cost_from_lines(num_layers: int, lines: tuple[tuple[bool, bool, int, int], ...]) -> ModelCost:

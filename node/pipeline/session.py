@@ -15,6 +15,10 @@ emitted are replayed as ``forced`` steps (nothing is re-sampled), the sampler re
 the same step with the same seed, and generation goes on; with greedy sampling or a
 fixed seed the text equals the undisturbed run's. A stage whose slots are all taken
 (``busy``: several entry nodes share its cache) is asked again after a pause.
+
+``Sessions.embed`` drives one input to embed the same way: its chunks as ``embed``
+steps (one step for an encoder, which needs the whole input at once), the tail's
+vector as the last answer, the session freed on every stage after it.
 """
 
 from __future__ import annotations
@@ -140,6 +144,60 @@ class Sessions:
             m.used_at = time.monotonic()
             m.gate.release()
 
+    async def embed(self, m: Model, ids: list[int]) -> np.ndarray:
+        """The embedding of one input (token ids): its chunks travel as ``embed`` steps, the
+        tail answers the last one with the vector (float32 [hidden], unit length, checked by
+        protocol/pipeline.py), and the session is freed on every stage. A failed step is
+        retried from the start after ``recover``, as a generation is."""
+        if not 1 <= len(ids) <= m.max_context:
+            raise DriverError(f"the input has {len(ids)} tokens; the context holds {m.max_context}")
+        if m.waiting >= self.queue and m.gate.locked():
+            raise QueueFull(f"{m.slots} sessions are running and {m.waiting} requests are waiting; try again later")
+        m.waiting += 1
+        try:
+            await m.gate.acquire()
+        finally:
+            m.waiting -= 1
+        session, failures, busy_since = "", 0, 0.0
+        try:
+            while True:
+                session = secrets.token_hex(8)
+                m.sessions.add(session)
+                epoch = m.epoch
+                try:
+                    return await self._embed_once(m, session, ids)
+                except _Busy as exc:
+                    self._end(m, session)
+                    busy_since = busy_since or time.monotonic()
+                    if time.monotonic() - busy_since > BUSY_DEADLINE:
+                        raise GenerationError(f"the model's nodes stayed busy: {exc}") from None
+                    await asyncio.sleep(0.25 + 0.5 * np.random.random())
+                except _StageGone as gone:
+                    self._end(m, session)
+                    failures += 1
+                    if failures > MAX_FAILURES:
+                        raise GenerationError(f"the model's nodes keep failing ({gone}); giving up") from None
+                    await self.models.recover(m, epoch, str(gone))
+        finally:
+            if session:
+                self._end(m, session)
+            m.used_at = time.monotonic()
+            m.gate.release()
+
+    async def _embed_once(self, m: Model, session: str, ids: list[int]) -> np.ndarray:
+        head = m.plan.stages[0].node_id
+        base = {"model": m.model_id, "epoch": m.epoch, "session": session, "timeout": self.step_timeout}
+        reply: dict[str, Any] = {}
+        # An encoder attends both ways: it takes the whole input in one step.
+        chunk = len(ids) if getattr(m.config, "is_encoder", False) else m.prefill_chunk
+        for step, (a, b) in enumerate(chunk_spans(0, len(ids), chunk)):
+            reply = await self._step(m, head, {**base, "step": step, "kind": "embed", "start": a,
+                                               "inputs": np.asarray(ids[a:b], np.int64), "last": b == len(ids)})
+        vector = reply.get("embedding")
+        if not isinstance(vector, np.ndarray):
+            raise _StageGone(f"node {head[:12]} answered an embed step without an embedding")
+        return vector
+
     def _end(self, m: Model, session: str) -> None:
         if session in m.sessions:
             m.sessions.discard(session)
@@ -235,7 +293,8 @@ class Sessions:
         except (TransportError, PeerUnknown, OSError, TimeoutError) as exc:
             raise _StageGone(f"node {head[:12]} failed: {type(exc).__name__}") from None
         try:
-            return parse_step_reply(reply, vocab_size=m.config.vocab_size).to_dict()
+            return parse_step_reply(reply, vocab_size=m.config.vocab_size,
+                                    hidden_size=m.config.hidden_size).to_dict()
         except PipelineMessageError as exc:
             log.warning("bad_step_answer", model=m.model_id[:12], node=head[:12], error=str(exc))
             raise _StageGone(f"node {head[:12]} answered a step wrongly: {exc}") from None

@@ -10,7 +10,9 @@ be used by one call at a time).
 
 The last stage samples: a decode step gives a token (tail_step: decode and sampling in
 one compiled call), the final prefill chunk gives the first token (sampled on the host
-from the prompt's last logits), a "forced" step (replay after a failure) gives none.
+from the prompt's last logits), a "forced" step (replay after a failure) gives none,
+and the final chunk of an "embed" step (queued as a prefill) gives the input's
+embedding: the last token's final-norm hidden state, L2-normalized.
 A session sent with a grammar samples only what the grammar allows (grammar.py).
 A step number is processed once: a repeated step gets the stored answer again.
 
@@ -34,18 +36,20 @@ import numpy as np
 from node.engine import Partition, SamplerState, SamplingParams, sample_batch
 from node.pipeline.grammar import Constraint, GrammarError, Grammars
 from node.pipeline.stage_errors import StageBusy, StageError
-from protocol.pipeline import SamplingSpec, Step
+from protocol.pipeline import PROMPT_KINDS, SamplingSpec, Step
 
 __all__ = ["StageBusy", "StageError", "StageResult", "StageRunner"]
 
 
 @dataclass
 class StageResult:
-    """hidden [n, H] for the next stage, or (token, logprob) at the tail (None: no token)."""
+    """hidden [n, H] for the next stage, or (token, logprob) at the tail (None: no token),
+    or an embed step's embedding float32 [H] at the tail."""
 
     hidden: np.ndarray | None = None
     token: int | None = None
     logprob: float | None = None
+    embedding: np.ndarray | None = None
 
 
 @dataclass
@@ -151,7 +155,7 @@ class StageRunner:
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
-            decodes = [p for p in self._pending if p.step.kind != "prefill"]
+            decodes = [p for p in self._pending if p.step.kind not in PROMPT_KINDS]
             batch: list[_Pending] = []
             seen: set[str] = set()
             for p in decodes:  # one step per session per batch, at most the pool
@@ -167,7 +171,7 @@ class StageRunner:
                         p.future.set_exception(problem)
             if batch:
                 await self._settle(batch, self._decode)
-            prefill = next((p for p in self._pending if p.step.kind == "prefill"), None)
+            prefill = next((p for p in self._pending if p.step.kind in PROMPT_KINDS), None)
             if prefill is not None:
                 await self._settle([prefill], self._prefill)
             elif not batch:  # only replayed steps ahead of their session: wait for the one before
@@ -231,7 +235,7 @@ class StageRunner:
         s = self.sessions.get(step.session)
         if s is not None and s.owner != p.owner:
             raise StageError("not_your_session", "that session belongs to another driver")
-        if step.kind == "prefill" and step.start == 0:
+        if step.kind in PROMPT_KINDS and step.start == 0:
             if s is None:
                 if not self._free:
                     raise StageBusy("busy", f"all {self.slots} sessions of this stage are in use")
@@ -258,11 +262,15 @@ class StageRunner:
         (p,) = items
         step = p.step
         s = self._session_for(p)
-        self.cache, out = self.partition.prefill(self.cache, step.inputs, start_pos=step.start, slot=s.slot)
+        embed = step.kind == "embed" and step.last and self.is_last
+        self.cache, out = self.partition.prefill(self.cache, step.inputs, start_pos=step.start, slot=s.slot,
+                                                 embed=embed)
         s.pos += int(step.inputs.shape[0])
         if not self.is_last:
             return [StageResult(hidden=np.asarray(out))]
-        if not step.last:
+        if embed:
+            return [StageResult(embedding=np.asarray(out, np.float32))]
+        if not step.last or step.kind == "embed":
             return [StageResult()]
         s.state = self._state(step)
         s.constraint = self._constraint(step)

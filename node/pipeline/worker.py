@@ -14,7 +14,9 @@ certificate):
 - ``pipe.unload`` {model}: a lease holder stops the model for everyone: leases are
   dropped, no new session starts, and the stage unloads once its live sessions end.
 - ``pipe.step``: run one step of one session (stage.py) and forward the result to the
-  next stage of the plan; the answer (the tail's token) travels back the same way.
+  next stage of the plan; the answer (the tail's token, or an embed step's vector)
+  travels back the same way. An embedding model's stage is an EncoderRunner
+  (encoder_stage.py): the whole model, whole inputs, nothing kept.
   The first stage takes steps only from a driver holding a lease on it (or owning the
   session); every other stage only from the plan's previous stage, which names the
   session's driver (``driver``). A session belongs to the driver that opened it, and
@@ -52,7 +54,10 @@ from protocol.pipeline import PipelineMessageError, parse_model_ref, parse_step,
 from protocol.plan import LoadRequest, PlanFormError, StageView, node_id_ok, parse_load
 
 if TYPE_CHECKING:
+    from node.pipeline.encoder_stage import EncoderRunner
     from node.pipeline.stage import StageRunner
+
+    Runner = StageRunner | EncoderRunner
 
 __all__ = ["Handler", "StageWorker"]
 
@@ -67,7 +72,7 @@ class Loaded:
     request: LoadRequest
     state: str = "fetching"
     error: str = ""
-    runner: StageRunner | None = None
+    runner: Runner | None = None
     memory: int = 0
     load_s: float = 0.0
     compile_s: float = 0.0
@@ -194,11 +199,10 @@ class StageWorker:
             old = self.stages.get(model_id)
             if old is not None and old.runner is not None and shape_of(old.request) == shape_of(req):
                 # A re-plan that keeps this node's range (a recovery elsewhere in the chain):
-                # keep the weights and the compiled steps, start a fresh cache.
-                from node.pipeline.stage import StageRunner
-
-                runner = StageRunner(old.runner.partition, slots=rec.slots, executor=self.executor,
-                                     session_idle=2 * req.step_timeout)
+                # keep the weights and the compiled steps, start a fresh cache (the same kind
+                # of runner: a decoder's StageRunner or an encoder's EncoderRunner).
+                runner = type(old.runner)(old.runner.partition, slots=rec.slots, executor=self.executor,
+                                          session_idle=2 * req.step_timeout)
                 need = old.memory
             else:
                 def state(value: str) -> None:
@@ -236,7 +240,7 @@ class StageWorker:
         if self.loading.get(loaded.model_id) is not loaded:
             raise RequestRefused("stale_epoch", "a newer plan of the model replaced this load")
 
-    def _ready(self, loaded: Loaded, runner: StageRunner, need: int) -> dict[str, Any]:
+    def _ready(self, loaded: Loaded, runner: Runner, need: int) -> dict[str, Any]:
         stage = loaded.request.stage
         loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
         runner.owner_cap = lambda driver: self._share(loaded, driver)
@@ -419,6 +423,8 @@ class StageWorker:
         except StageError as exc:
             raise RequestRefused(exc.code, str(exc)) from None
         if runner.is_last:
+            if result.embedding is not None:
+                return {"token": None, "logprob": None, "embedding": result.embedding}
             return {"token": result.token, "logprob": result.logprob}
         plan = loaded.request.record.plan
         nxt = plan.stages[loaded.request.index + 1].node_id
@@ -434,7 +440,7 @@ class StageWorker:
                         error=f"{type(exc).__name__}: {exc}")
             raise RequestRefused("stage_failed", nxt) from exc
         try:
-            return parse_step_reply(reply, vocab_size=cfg.vocab_size).to_dict()
+            return parse_step_reply(reply, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size).to_dict()
         except PipelineMessageError as exc:
             log.warning("next_stage_bad_answer", model=model_id[:12] if model_id else "", node=nxt[:12], error=str(exc))
             raise RequestRefused("stage_failed", nxt) from None

@@ -121,7 +121,8 @@ def import_gguf(
                 "the file is damaged or not the one named; refusing it"
             )
         files.append(ManifestFile(rel, got, tuple(hashes), header.data_start))
-        tensors = [TensorInfo(hf_name(t.name) or t.name, rel, t.dtype, t.shape, t.offset, t.length)
+        arch = header.architecture
+        tensors = [TensorInfo(hf_name(t.name, arch) or t.name, rel, t.dtype, t.shape, t.offset, t.length)
                    for t in header.tensors]
         manifest = build_manifest(files, sorted(tensors, key=lambda t: t.offset), piece_size=piece_size,
                                   summary=_summary(header, config))

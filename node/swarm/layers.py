@@ -19,6 +19,8 @@ __all__ = ["pieces_for_layers"]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EMBED = "model.embed_tokens.weight"
 _HEAD = ("model.norm.weight", "lm_head.weight")
+# An encoder (BERT) runs whole on one node: its stage holds the embedding and the "head".
+_ENCODER = re.compile(r"^(bert\.)?(embeddings|encoder)\.")
 
 
 def pieces_for_layers(manifest: Manifest, start: int, end: int, *, has_embedding: bool, has_head: bool) -> set[int]:
@@ -28,6 +30,8 @@ def pieces_for_layers(manifest: Manifest, start: int, end: int, *, has_embedding
         match = _LAYER.match(t.name)
         if match is not None:
             wanted = start <= int(match.group(1)) < end
+        elif _ENCODER.match(t.name) is not None:
+            wanted = has_embedding and has_head
         elif t.name == _EMBED:
             # A tied head is the embedding table: the last partition needs it too.
             wanted = has_embedding or (has_head and "lm_head.weight" not in names)

@@ -112,3 +112,32 @@ def test_a_grammar_rides_with_the_last_chunk() -> None:
     assert step.grammar == "start: x" and step.stops == (3, 1)
     assert step.emitted is not None and step.emitted.tolist() == [4, 5] and step.emitted.dtype == np.int64
     assert parse(body()).grammar is None
+
+
+def test_embed_steps_carry_a_chunk_of_an_input() -> None:
+    step = parse(body(kind="embed", last=None))
+    assert step.kind == "embed" and step.inputs.size == 5 and step.last is False  # a chunk unless told
+    assert parse(body(kind="embed", inputs=np.zeros((4, H), np.float32)), first=False).last is True
+    with pytest.raises(PipelineMessageError, match="exceed the context"):
+        parse(body(kind="embed", start=60))
+    with pytest.raises(PipelineMessageError, match="1 to"):
+        parse(body(kind="embed", inputs=np.zeros(0, np.int64)))
+
+
+def test_an_embedding_answer_is_checked_before_use() -> None:
+    from protocol.pipeline import parse_step_reply
+
+    vec = np.zeros(H, np.float32)
+    vec[2] = 1.0
+    got = parse_step_reply({"token": None, "logprob": None, "embedding": vec}, vocab_size=V, hidden_size=H)
+    assert got.embedding is not None and got.embedding.tolist() == vec.tolist()
+    assert got.to_dict()["embedding"] is vec
+    nan = vec.copy()
+    nan[0] = np.nan
+    for bad, why in ((np.ones(H + 1, np.float32) / np.sqrt(H + 1), "float32 tensor"),
+                     (vec.astype(np.float64), "float32 tensor"), (vec.tolist(), "float32 tensor"),
+                     (nan, "finite"), (vec * 3, "unit length")):
+        with pytest.raises(PipelineMessageError, match=why):
+            parse_step_reply({"embedding": bad}, vocab_size=V, hidden_size=H)
+    with pytest.raises(PipelineMessageError, match="cannot carry"):  # not asked for one
+        parse_step_reply({"embedding": vec}, vocab_size=V)

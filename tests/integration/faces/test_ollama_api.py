@@ -139,8 +139,9 @@ def test_keep_alive_and_empty_prompts_load_and_unload(faces: Faces, tmp_path: Pa
     ("/api/chat", {"model": MODEL, "messages": HOLA, "top_logprobs": 3}, 400, "top_logprobs"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "a " * 400}]}, 400, "context"),
     ("/api/generate", {"model": MODEL, "prompt": 7}, 400, "prompt"),
-    ("/api/embed", {"model": MODEL, "input": "x"}, 501, "embeddings"),
-    ("/api/embeddings", {"model": MODEL, "prompt": "x"}, 501, "embeddings"),
+    ("/api/embed", {"model": MODEL, "input": []}, 400, "input is an empty list"),
+    ("/api/embed", {"model": MODEL, "input": "a " * 400, "truncate": False}, 400, "the context holds"),
+    ("/api/embeddings", {"model": MODEL, "prompt": 3}, 400, "prompt must be a string"),
 ])
 def test_bad_requests_get_clear_ollama_errors(faces: Faces, path: str, body: Any, status: int, needle: str) -> None:
     got, data = faces.request("POST", path, body)
@@ -158,7 +159,7 @@ def test_unknown_options_are_ignored_like_ollama(faces: Faces) -> None:
 
 def test_refusals_on_openai_routes_have_openai_shape(faces: Faces) -> None:
     for path, body, headers, status in [
-        ("/v1/embeddings", {"model": MODEL, "input": "x"}, {}, 501),
+        ("/v1/embeddings", {"model": MODEL, "input": [1, True]}, {}, 400),
         ("/v1/chat/completions", {"model": MODEL, "messages": HOLA}, {"Origin": "http://evil.example"}, 403),
         ("/v1/chat/completions", {"model": MODEL, "messages": HOLA, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, {}, 400),

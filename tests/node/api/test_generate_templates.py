@@ -43,6 +43,7 @@ class FakeModel:
     name: str
     tokenizer: Tokenizer
     max_context: int = 4096
+    config: object = None  # a decoder's ModelConfig in the daemon; only is_encoder is asked
 
 
 class FakeLoaded:

@@ -65,3 +65,11 @@ def test_show_view_has_ollamas_shape_with_the_license_tools_and_thinking() -> No
         assert line in modelfile, modelfile
     bare = show_view("x:latest", build_manifest([files[0]], [], piece_size=16384), {}, modified=0.0)
     assert "license" not in bare and bare["capabilities"] == ["completion"] and bare["template"] == ""
+
+
+def test_a_bert_model_shows_the_embedding_capability_only() -> None:
+    from types import SimpleNamespace
+
+    manifest: object = SimpleNamespace(files=[], summary={})
+    files = {"config.json": json.dumps({"architectures": ["BertModel"], "hidden_size": 32}).encode()}
+    assert show_view("bert", manifest, files, modified=0.0)["capabilities"] == ["embedding"]  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ class FakeModel:
     name: str
     tokenizer: Tokenizer
     max_context: int = 8192
+    config: object = None  # a decoder's ModelConfig in the daemon; only is_encoder is asked
     model_id: str = "cd" * 32
     sessions: dict[str, Any] = field(default_factory=dict)
     plan: Any = field(default_factory=lambda: SimpleNamespace(stages=[]))

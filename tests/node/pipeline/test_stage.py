@@ -97,3 +97,29 @@ def test_a_poisoned_slot_is_zeroed_for_the_next_session(middle) -> None:  # type
     want, got = run(go())
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got, want)
+
+
+def test_an_embed_step_makes_the_tail_answer_the_embedding(tmp_path: Path) -> None:
+    """Chunks of an embed step prefill like a prompt; the last one's answer is the vector the
+    engine gives for the whole input (and no token)."""
+    path = make_tiny_model(tmp_path / "tiny", layers=2, hidden=32, intermediate=64, vocab_size=320)
+    cfg = load_config(path)
+    part = load_partition(WeightSource.from_dir(Path(path)), cfg, PartitionSpec(0, 2, True, True),
+                          dtype="float32", max_context=64, prefill_chunk=16)
+    ids = np.arange(3, 23, dtype=np.int64)
+
+    def embed(step: int, a: int, b: int) -> Step:
+        return Step(MODEL, 1, "00ee00ee", step, "embed", a, ids[a:b], b == ids.size, None, 0, None, 10.0)
+
+    async def go() -> None:
+        r = runner_for(part)
+        first = await r.submit(embed(0, 0, 16), ALICE)
+        assert first.embedding is None and first.token is None
+        last = await r.submit(embed(1, 16, 20), ALICE)
+        assert last.token is None and last.embedding is not None
+        await r.close()
+        _, ref = part.prefill(part.new_cache(1), ids, embed=True)
+        np.testing.assert_allclose(last.embedding, np.asarray(ref), atol=1e-5)
+        assert last.embedding.dtype == np.float32 and abs(np.linalg.norm(last.embedding) - 1) < 1e-5
+
+    run(go())
