@@ -36,13 +36,14 @@ from node.cluster.directory import (
 from node.cluster.peers import Peers
 from node.cluster.ping import ping_member
 from node.cluster.rtt import RttTable
+from node.cluster.speed import ProbeError, ProbeServer
 from node.config import Config
 from node.dht.errors import DHTError
 from node.dht.node import DHTNode
 from node.engine import backend
 from node.identity import ClusterKeys, IdentityError, NodeKey, read_secret_file
 from node.net.discovery import Beacon
-from node.net.errors import TransportError
+from node.net.errors import RequestRefused, TransportError
 from node.net.transport import Transport
 from node.pipeline.models import LEASE_TTL, LoadedModels
 from node.pipeline.session import Sessions
@@ -144,6 +145,7 @@ class Daemon:
         self.sessions: Sessions | None = None
         self._publishing: set[asyncio.Task[None]] = set()
         self.rtts = RttTable()
+        self._probes = ProbeServer()  # answers drivers' speed probes
         self.loop_lag = LoopLag()  # record() answers node.info before the watcher starts
         self._clock_warned_at = -math.inf
 
@@ -180,6 +182,7 @@ class Daemon:
             allow_public=net.allow_public,
         )
         self.transport.on_request("node.info", self._on_node_info)
+        self.transport.on_request("cluster.probe", self._on_probe)
         await self._bind(self.transport.start(net.listen, net.peer_port), "peer", net.peer_port)
 
         self.dht = await self._bind(
@@ -388,6 +391,13 @@ class Daemon:
     async def _on_node_info(self, _conn: Any, _body: Any) -> dict[str, Any]:
         return self.record()
 
+    async def _on_probe(self, conn: Any, body: Any) -> dict[str, Any]:
+        """A driver times this node's compute (node/cluster/speed.py)."""
+        try:
+            return await self._probes.handle(str(conn.node_id), body)
+        except ProbeError as exc:
+            raise RequestRefused("bad_probe", str(exc)) from None
+
     # ------------------------------------------------------------------ API view
 
     async def _members(self) -> dict[str, dict[str, Any]]:
@@ -405,7 +415,8 @@ class Daemon:
 
     async def cluster_status(self) -> dict[str, Any]:
         return status_view(
-            await self._members(), self_id=self.key.node_id, cluster_id=self.cluster.cluster_id, now=time.time()
+            await self._members(), self_id=self.key.node_id, cluster_id=self.cluster.cluster_id, now=time.time(),
+            speeds=self.loaded.speeds if self.loaded is not None else None,
         )
 
     async def ping_peer(self, node_id: str) -> dict[str, Any]:

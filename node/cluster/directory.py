@@ -20,8 +20,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from node.cluster.claims import doubtful
+from node.cluster.claims import capped, doubtful
 from node.cluster.rtt import rtt_problem
+from node.cluster.speed import Speeds
 from node.dht.node import DHTNode
 from node.dht.routing import RecordSet
 
@@ -212,7 +213,8 @@ class RecentMembers:
 
 
 def status_view(
-    members: Mapping[str, Mapping[str, Any]], *, self_id: str, cluster_id: str, now: float
+    members: Mapping[str, Mapping[str, Any]], *, self_id: str, cluster_id: str, now: float,
+    speeds: Speeds | None = None,
 ) -> dict[str, Any]:
     """The cluster as ``nodectl status`` shows it: this node first, then by name.
 
@@ -228,6 +230,11 @@ def status_view(
         entry["last_seen_s"] = round(max(0.0, now - float(value.get("ts", now))), 1)
         entry["self"] = node_id == self_id
         doubts = doubtful(value)
+        if speeds is not None and node_id != self_id:  # what this node's probes found (speed.py)
+            doubts += speeds.doubts(node_id, capped(value)[1])
+            measured = speeds.seen(node_id)
+            if measured is not None:
+                entry["measured_tflops"] = round(measured, 4)
         if doubts:  # what planners here do not believe (claims.py)
             entry["doubtful"] = doubts
         nodes.append(entry)

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from node.cluster.claims import capped
 from node.cluster.peers import Peers, PeerUnknown
+from node.cluster.speed import ProbeError, Speeds
 from node.net.errors import RemoteError, RequestRefused, TransportError
 from node.pipeline import trust
 from node.pipeline.builder import config_of
@@ -70,6 +72,8 @@ PENDING_GRACE = 10.0  # a stage that has not heard of a published plan yet is wa
 PLAN_TTL = 600.0  # a plan record's lifetime (republished every third of it while the plan is held)
 FIT_WAIT = 60.0  # how long a re-plan that fits nowhere is tried again before the request fails
 MAX_PLACEMENTS = 4  # plans tried in a row when planned nodes turn out unreachable
+PROBE_TIMEOUT = 10.0  # a speed probe's answer (2 GFLOP and 4 MiB) may take this long
+MAX_PROBES = 32  # members probed before one plan (~0.1 s each)
 FOREVER = 1e10  # keep_alive -1: a date centuries ahead
 
 Progress = Callable[[dict[str, Any]], None]
@@ -152,6 +156,7 @@ class LoadedModels:
                  deny: tuple[str, ...] = ()) -> None:
         self.node_id = node_id
         self.allow, self.deny = allow, deny  # cluster.allow / cluster.deny: who may serve (trust.py)
+        self.speeds = Speeds()  # the members' speeds as this driver's probes measured them
         self.service = service
         self.peers = peers
         self.members = members
@@ -246,6 +251,26 @@ class LoadedModels:
         m.used_at = time.monotonic()
         self.table[model_id] = m
         return m
+
+    async def _measure(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Probe the speed of the ready members not measured lately (node/cluster/speed.py),
+        one after another, before planning with their claims; this node times itself first."""
+        own = records.get(self.node_id)
+        if own is not None and not self.speeds.calibrated():
+            await asyncio.to_thread(self.speeds.calibrate, capped(own)[1])
+        barred = self.speeds.barred()
+        todo = [nid for nid, r in records.items() if nid != self.node_id and r.get("state") == "ready"
+                and nid not in barred and not self.speeds.fresh(nid)][:MAX_PROBES]
+
+        async def one(nid: str) -> None:
+            try:
+                await self.speeds.measure(nid, lambda body: self.peers.request(nid, "cluster.probe", body,
+                                                                                 timeout=PROBE_TIMEOUT))
+            except ProbeError as exc:  # barred from plans for a while
+                log.warning("speed_probe_failed", node=nid[:12], error=str(exc))
+
+        for nid in todo:  # one at a time: probes run together would measure each other
+            await one(nid)
 
     async def _cost(self, m: Model) -> ModelCost:
         """What layer ranges of ``m`` cost in memory: from the adopted plan's record when it
@@ -381,7 +406,9 @@ class LoadedModels:
         cost = await self._cost(m)
         records = await self.members()
         names = {nid: str(r.get("name", nid[:12])) for nid, r in records.items()}
-        offers = trust.offers(records, m.model_id, allow=self.allow, deny=self.deny)
+        await self._measure(records)
+        offers = trust.offers(records, m.model_id, allow=self.allow, deny=self.deny, believed=self.speeds.believed,
+                              barred=self.speeds.barred())
         failed = m.failed.active()
         plan = None
         tries = [(pins, failed), (pins, set()), ((), failed), ((), set())]

@@ -2,12 +2,13 @@
 
 The operator decides who may serve at all (``cluster.allow`` / ``cluster.deny``, by node id
 or name: ``may_serve``); what a member says it lends and how fast it is counts only as far
-as node/cluster/claims.py believes it (``offers``). Pure.
+as node/cluster/claims.py believes it, and its speed no further than the driver's probe
+measured (node/cluster/speed.py) (``offers``). Pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from node.cluster.claims import capped
@@ -25,9 +26,12 @@ def may_serve(node_id: str, name: str, allow: Collection[str], deny: Collection[
 
 
 def offers(records: Mapping[str, Mapping[str, Any]], model_id: str, *, allow: Collection[str] = (),
-           deny: Collection[str] = ()) -> list[NodeOffer]:
-    """The ready members the operator lets serve, each offering what it lends (capped) less
-    what its other models' layers hold (a second model is planned around the first)."""
+           deny: Collection[str] = (), believed: Callable[[str, float], float] = lambda _n, t: t,
+           barred: Collection[str] = ()) -> list[NodeOffer]:
+    """The ready members the operator lets serve (and no member ``barred``: caught answering
+    a speed probe wrongly), each offering what it lends (capped) less what its other models'
+    layers hold (a second model is planned around the first), at the speed ``believed``
+    makes of its capped claim (node/cluster/speed.py: bounded by what was measured)."""
 
     def held(r: Mapping[str, Any]) -> int:
         return sum(int(e.get("memory", 0)) for e in r.get("serving") or [] if e.get("model") != model_id)
@@ -35,8 +39,9 @@ def offers(records: Mapping[str, Mapping[str, Any]], model_id: str, *, allow: Co
     out = []
     for pid, r in records.items():
         name = str(r.get("name", pid[:12]))
-        if r.get("state") != "ready" or not may_serve(pid, name, allow, deny):
+        if r.get("state") != "ready" or not may_serve(pid, name, allow, deny) or pid in barred:
             continue
         memory, tflops = capped(r)
-        out.append(NodeOffer(pid, name, max(0, memory - held(r)), tflops, dict(r.get("rtt_ms") or {})))
+        out.append(NodeOffer(pid, name, max(0, memory - held(r)), believed(pid, tflops),
+                             dict(r.get("rtt_ms") or {})))
     return out

@@ -133,6 +133,11 @@ def test_split_over_three_nodes_answers_as_the_engine_does(split: LocalCluster, 
     # Every node measures its round trips to the others and publishes them for the planner.
     split.wait_until(lambda: all(len(n.get("rtt_ms") or {}) == 3 for n in split.status(driver)["nodes"]), 30,
                      "round trips in every record")
+    # The driver probed the others' speed before planning (node/cluster/speed.py): honest
+    # daemons of one machine, measured and believed.
+    others = [n for n in split.status(driver)["nodes"] if not n["self"]]
+    assert others and all(n.get("measured_tflops", 0) > 0 and not n.get("doubtful") for n in others), [
+        (n.get("name"), n.get("tflops"), n.get("measured_tflops"), n.get("doubtful")) for n in others]
     ps = json.loads(nodectl(driver, "ps", "--json").stdout)
     (entry,) = ps["models"]
     assert [s["end"] - s["start"] for s in entry["plan"]] and sum(
