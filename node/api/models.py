@@ -55,7 +55,7 @@ def tags_view(catalog: dict[str, dict[str, Any]], self_id: str) -> dict[str, Any
         params = summary.get("parameters")
         for name in entry["names"] or [model_id[:12]]:
             models.append({
-                "name": name, "model": name, "modified_at": ollama_time(time.time()), "size": entry["size"],
+                "name": name, "model": name, "modified_at": ollama_time(entry.get("added_at") or time.time()), "size": entry["size"],
                 "digest": model_id, "details": model_details(summary),
                 "architecture": summary.get("architecture"), "parameters": params,
                 "copies": sum(1 for n in holders.values() if pieces and n >= pieces),

@@ -18,14 +18,20 @@ at most once per ``PER_PEER_S`` seconds (a probe costs it ~0.3 GFLOP of work), o
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import structlog
 
-__all__ = ["PROBE_N", "ProbeError", "ProbeServer", "Speeds", "answer", "check", "parse_probe"]
+from node.cluster.claims import capped
+
+__all__ = ["PROBE_N", "ProbeError", "ProbeServer", "Speeds", "answer", "check", "parse_probe", "probe_members"]
+
+log = structlog.get_logger("enjambre.speed")
 
 PROBE_N = 1024  # 2.1 GFLOP, a 4 MiB answer
 MIN_N, MAX_N = 64, 1024
@@ -34,6 +40,7 @@ LIAR_S = 600.0  # how long a wrong answer keeps a member out of plans
 PER_PEER_S = 10.0
 SLACK = 8.0  # a measured member's claim counts up to this many times its measurement
 MAX_TRACKED = 4096  # members and peers a table remembers
+MAX_PROBES = 32  # members probed before one plan (~0.1 s each)
 
 
 class ProbeError(ValueError):
@@ -182,3 +189,20 @@ class Speeds:
         self.silent.pop(node_id, None)
         self._keep(self.measured, node_id, (value, self.clock()))
         return value
+
+
+async def probe_members(speeds: Speeds, records: Mapping[str, Mapping[str, Any]], self_id: str,
+                        request: Callable[[str, dict[str, Any]], Awaitable[Any]]) -> None:
+    """Before a plan: calibrate on this node, then probe the ready members not measured
+    lately, one after another (probes run together would measure each other)."""
+    own = records.get(self_id)
+    if own is not None and not speeds.calibrated():
+        await asyncio.to_thread(speeds.calibrate, capped(own)[1])
+    barred = speeds.barred()
+    todo = [nid for nid, r in records.items() if nid != self_id and r.get("state") == "ready"
+            and nid not in barred and not speeds.fresh(nid)][:MAX_PROBES]
+    for nid in todo:
+        try:
+            await speeds.measure(nid, functools.partial(request, nid))
+        except ProbeError as exc:  # barred from plans for a while
+            log.warning("speed_probe_failed", node=nid[:12], error=str(exc))

@@ -35,9 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from node.cluster.claims import capped
 from node.cluster.peers import Peers, PeerUnknown
-from node.cluster.speed import ProbeError, Speeds
+from node.cluster.speed import Speeds, probe_members
 from node.net.errors import RemoteError, RequestRefused, TransportError
 from node.pipeline import trust
 from node.pipeline.builder import config_of
@@ -73,7 +72,6 @@ PLAN_TTL = 600.0  # a plan record's lifetime (republished every third of it whil
 FIT_WAIT = 60.0  # how long a re-plan that fits nowhere is tried again before the request fails
 MAX_PLACEMENTS = 4  # plans tried in a row when planned nodes turn out unreachable
 PROBE_TIMEOUT = 10.0  # a speed probe's answer (2 GFLOP and 4 MiB) may take this long
-MAX_PROBES = 32  # members probed before one plan (~0.1 s each)
 FOREVER = 1e10  # keep_alive -1: a date centuries ahead
 
 Progress = Callable[[dict[str, Any]], None]
@@ -252,26 +250,6 @@ class LoadedModels:
         self.table[model_id] = m
         return m
 
-    async def _measure(self, records: Mapping[str, Mapping[str, Any]]) -> None:
-        """Probe the speed of the ready members not measured lately (node/cluster/speed.py),
-        one after another, before planning with their claims; this node times itself first."""
-        own = records.get(self.node_id)
-        if own is not None and not self.speeds.calibrated():
-            await asyncio.to_thread(self.speeds.calibrate, capped(own)[1])
-        barred = self.speeds.barred()
-        todo = [nid for nid, r in records.items() if nid != self.node_id and r.get("state") == "ready"
-                and nid not in barred and not self.speeds.fresh(nid)][:MAX_PROBES]
-
-        async def one(nid: str) -> None:
-            try:
-                await self.speeds.measure(nid, lambda body: self.peers.request(nid, "cluster.probe", body,
-                                                                                 timeout=PROBE_TIMEOUT))
-            except ProbeError as exc:  # barred from plans for a while
-                log.warning("speed_probe_failed", node=nid[:12], error=str(exc))
-
-        for nid in todo:  # one at a time: probes run together would measure each other
-            await one(nid)
-
     async def _cost(self, m: Model) -> ModelCost:
         """What layer ranges of ``m`` cost in memory: from the adopted plan's record when it
         carries the line (no compiling), else computed (seconds: XLA's memory analysis)."""
@@ -406,7 +384,8 @@ class LoadedModels:
         cost = await self._cost(m)
         records = await self.members()
         names = {nid: str(r.get("name", nid[:12])) for nid, r in records.items()}
-        await self._measure(records)
+        await probe_members(self.speeds, records, self.node_id,
+                            lambda nid, body: self.peers.request(nid, "cluster.probe", body, timeout=PROBE_TIMEOUT))
         offers = trust.offers(records, m.model_id, allow=self.allow, deny=self.deny, believed=self.speeds.believed,
                               barred=self.speeds.barred())
         failed = m.failed.active()

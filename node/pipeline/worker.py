@@ -243,6 +243,11 @@ class StageWorker:
     def _ready(self, loaded: Loaded, runner: Runner, need: int) -> dict[str, Any]:
         stage = loaded.request.stage
         loaded.memory, loaded.runner, loaded.state = need, runner, "ready"
+        # The leases given when the load began run from now: a compile longer than a lease
+        # (52 s on a busy machine) would otherwise unload the stage the moment it is ready.
+        fresh = self._clock() + loaded.request.lease_ttl
+        for driver, end in list(loaded.leases.items()):
+            loaded.leases[driver] = max(end, fresh)
         runner.owner_cap = lambda driver: self._share(loaded, driver)
         self.stages[loaded.model_id] = loaded
         runner.start()

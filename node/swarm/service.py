@@ -82,6 +82,7 @@ class ModelService:
         """``share`` False: pieces fetched from peers are not offered to others (only imports are).
         ``download_dir``: where catalogue models are downloaded (default: the user's cache)."""
         self.store = store
+        self._first_seen: dict[str, float] = {}  # model id -> when a model held elsewhere was first listed here
         self.download_dir = download_dir
         self.dht = dht
         self.transport = transport
@@ -393,6 +394,13 @@ class ModelService:
                 })
                 entry["names"] = sorted(set(entry["names"]) | set(self.store.names_of(model_id)))
                 entry["holders"][self.dht.node_id] = len(await asyncio.to_thread(self.store.held, manifest))
+                entry["added_at"] = self.store.added_at(model_id)
+        now = time.time()
+        for model_id, entry in catalog.items():  # a model held elsewhere: when this node first saw it
+            if not entry.get("added_at"):
+                entry["added_at"] = self._first_seen.setdefault(model_id, now)
+        while len(self._first_seen) > 4096:
+            del self._first_seen[next(iter(self._first_seen))]
         return catalog
 
     async def find(self, name: str) -> str | None:

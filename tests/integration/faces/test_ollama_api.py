@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,14 @@ def test_list_show_ps_and_pull(faces: Faces, tmp_path: Path) -> None:
     progress = list(c.pull(str(other), stream=True))
     assert progress[-1].status == "success" and len(progress) >= 2
     assert "pull-model" in [m.model.split(":")[0] for m in c.list().models]
+    # modified_at is when the model came to the node (or was first seen), not the time of asking
+    first = {m.model: m.modified_at for m in c.list().models}
+    time.sleep(1.1)
+    assert {m.model: m.modified_at for m in c.list().models} == first
+    other_node = ollama.Client(host=f"http://{faces.nodes[2].api}")  # another node's view
+    seen = {m.model: m.modified_at for m in other_node.list().models}
+    time.sleep(1.1)
+    assert seen and {m.model: m.modified_at for m in other_node.list().models} == seen
 
 
 def test_ndjson_framing_is_exact(faces: Faces) -> None:
