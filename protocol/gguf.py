@@ -53,6 +53,7 @@ __all__ = [
     "GGUFHeader",
     "hf_name",
     "parse_gguf",
+    "short_f32",
     "tensor_bytes",
 ]
 
@@ -89,7 +90,7 @@ _STRING, _ARRAY, _F32, _BOOL = 8, 9, 6, 7
 _U32, _U64, _ARRAY_HEAD = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<IQ")
 
 
-def _short_f32(value: float) -> float:
+def short_f32(value: float) -> float:
     """The shortest decimal that is the same float32 (1e-05, not 9.999999747378752e-06):
     metadata read back as it was written."""
     packed = struct.pack("<f", value)
@@ -300,7 +301,7 @@ class _Parser:
         if fixed is not None:
             self.need(p + fixed.size)
             value = fixed.unpack_from(self.buf, p)[0]
-            return (_short_f32(value) if kind == _F32 else value), p + fixed.size
+            return (short_f32(value) if kind == _F32 else value), p + fixed.size
         if kind == _STRING:
             return self.string(p, f"the value of {key!r}")
         if kind == _ARRAY:

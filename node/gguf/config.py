@@ -32,7 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from protocol.gguf import GGUFArray
+from protocol.gguf import GGUFArray, short_f32
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_TYPES", "GGUFConfigError", "hf_config"]
 
@@ -124,7 +124,7 @@ def _factors(values: Sequence[float], name: str, count: int, what: str) -> list[
         raise GGUFConfigError(f"{name} has {len(values)} factors; {what} needs {count}")
     if not all(0 < _number(f) < math.inf for f in values):
         raise GGUFConfigError(f"{name} should hold positive finite factors")
-    return [float(f) for f in values]
+    return [short_f32(float(f)) for f in values]  # as written: 1.05, not 1.0499999523162842
 
 
 def _linear_scaling(md: Mapping[str, Any], p: str) -> float | None:
@@ -215,19 +215,23 @@ def hf_config(
     elif arch in ("qwen3", "qwen3moe"):
         config.update({
             "rope_parameters": _rope(theta, _linear_scaling(md, p)), "attention_bias": False,
-            "use_sliding_window": False, "sliding_window": None, "layer_types": ["full_attention"] * layers,
+            "use_sliding_window": False, "sliding_window": None,
         })
+        if arch == "qwen3":  # Qwen3MoeConfig has no layer_types
+            config["layer_types"] = ["full_attention"] * layers
     elif arch == "gemma3":
         del config["hidden_act"]  # Gemma's config names it hidden_activation
         config.update(_gemma3(md, p, theta, head_dim, layers))
     else:
         config.update(_phi3(md, p, theta, head_dim, longrope))
-    for name in ("bos_token_id", "eos_token_id"):
-        if md.get(f"tokenizer.ggml.{name}") is not None:
-            config[name] = _int(md, f"tokenizer.ggml.{name}", low=0)
+    # pad too: transformers' default pad id for a family (Phi-3's 32000) may lie outside the vocabulary
+    for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id")):
+        if md.get(f"tokenizer.ggml.{key}") is not None:
+            config[name] = _int(md, f"tokenizer.ggml.{key}", low=0)
             if config[name] >= vocab:
                 raise GGUFConfigError(
-                    f"GGUF metadata tokenizer.ggml.{name} {config[name]} is outside the vocabulary "
+                    f"GGUF metadata tokenizer.ggml.{key} {config[name]} is outside the vocabulary "
                     f"of {vocab} tokens ({vocab_key})"
                 )
     return config
@@ -247,7 +251,7 @@ def _qwen3moe(md: Mapping[str, Any], p: str) -> dict[str, Any]:
     gating = md.get(p + "expert_gating_func", _SOFTMAX_GATING)
     if gating != _SOFTMAX_GATING:
         raise GGUFConfigError(
-            f"GGUF metadata {p}expert_gating_func {_show(gating)} is not supported (Qwen3-MoE routes "
+            f"GGUF metadata {p + 'expert_gating_func'!r} {_show(gating)} is not supported (Qwen3-MoE routes "
             "with a softmax, 1)"
         )
     return {
