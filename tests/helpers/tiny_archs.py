@@ -78,7 +78,7 @@ def gemma_tokenizer(out: Path, pieces: int = 500) -> int:
         vocab.setdefault(t, len(vocab))
     scores = {t: (-float(i) if i >= 261 else 0.0) for t, i in vocab.items()}
     merges = generate_merges(vocab, {t: s for t, s in scores.items() if vocab[t] >= 261})
-    tok = GemmaTokenizer(vocab=vocab, merges=merges)
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)  # as Gemma 3 does
     tok.save_pretrained(str(out))
     return len(vocab)
 
