@@ -62,8 +62,7 @@ class Restore:
 class GGUFWeights:
     """What the engine needs of one GGUF file: tensors by HF name, and how to restore them.
 
-    ``restore`` lists every tensor the converter changed; ``permuted`` is its part that
-    only needs unpermuting (tensor name -> heads)."""
+    ``restore`` lists every tensor the converter changed."""
 
     def __init__(self, header: GGUFHeader) -> None:
         self.header = header
@@ -89,9 +88,6 @@ class GGUFWeights:
             for name in self.index:
                 if name.endswith("norm.weight"):
                     self.restore[name] = Restore(offset=offset)
-        self.permuted: dict[str, int] = {
-            name: r.heads for name, r in self.restore.items() if r.heads is not None and not r.offset
-        }
 
 
 def gguf_index(read_range: Callable[[str, int, int], bytes], file_name: str, size: int) -> GGUFWeights:

@@ -43,7 +43,7 @@ from node.engine.errors import (
     ShapeMismatchError,
     WeightsError,
 )
-from node.engine.gguf import GGUF_MAGIC, GGUFWeights, decode, gguf_index, unpermute
+from node.engine.gguf import GGUF_MAGIC, GGUFWeights, Restore, decode, gguf_index, restore
 from node.engine.quant import (
     NATIVE,
     QuantMatrix,
@@ -271,8 +271,9 @@ class WeightSource:
     # header parser never reads past it. A node that fetched only its layers' pieces
     # holds the header and nothing after it but its own tensors.
     headers: dict[str, int] = field(default_factory=dict)
-    # GGUF rows to restore (tensor name -> heads), see node/engine/gguf.py.
-    permuted: dict[str, int] = field(default_factory=dict)
+    # GGUF tensors to bring back to the checkpoint's values (unpermute rows, take off
+    # Gemma's + 1), see node/engine/gguf.py.
+    restore: dict[str, Restore] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.index:
@@ -283,7 +284,7 @@ class WeightSource:
                         raise WeightsError(f"{file_name} is a GGUF file: its size must be given")
                     found: GGUFWeights = gguf_index(self._header_reader(), file_name, size)
                     self.index.update(found.index)
-                    self.permuted.update(found.permuted)
+                    self.restore.update(found.restore)
                 else:
                     self.index.update(parse_header(self.read_range, file_name))
 
@@ -336,12 +337,12 @@ class WeightSource:
                 f"{list(expected_shape)}"
             )
         np_dtype = _ST_DTYPES.get(info.dtype)
-        if np_dtype is None or name in self.permuted:
-            # A GGUF tensor: quantized blocks, or rows to restore.
+        if np_dtype is None or name in self.restore:
+            # A GGUF tensor: quantized blocks, or values to restore.
             out = decode(info, self.read_range(info.file, info.offset, info.length))
             self.tensors_read.append(name)
-            heads = self.permuted.get(name)
-            return out if heads is None else unpermute(out, heads)
+            how = self.restore.get(name)
+            return out if how is None else restore(out, how)
         if info.length != np_dtype.itemsize * int(np.prod(info.shape, dtype=np.int64)):
             raise WeightsError(f"tensor {name!r}: byte length does not match its shape and dtype")
         if self.read_into is not None:
