@@ -51,9 +51,18 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
                 config, PartitionSpec(0, 1, False, False), dtype, context, slots, prefill_chunk=prefill_chunk,
                 weights=weights)
             per_layer = max(per_layer, held)
-        out = {(False, False): (one - per_layer, per_layer)}
+        # Layers that differ (Gemma 3's one full-attention layer in six holds the whole
+        # context's cache, its sliding ones a ring): plan every layer as the largest, so
+        # no range is under-counted; the fixed parts stay those measured on layer 0.
+        def holds(i: int) -> int:
+            return resident_bytes(config, PartitionSpec(i, i + 1, False, False), dtype, context, slots,
+                                  prefill_chunk=prefill_chunk, weights=weights)
+
+        # The slope measured on layers 0-1, plus what the largest layer holds beyond layer 0.
+        slope = per_layer + max(0, max(holds(i) for i in _distinct_layers(config)) - holds(0))
+        out = {(False, False): (one - per_layer, slope)}
         for emb, head in ((True, False), (False, True), (True, True)):
-            out[(emb, head)] = (exact(1, emb, head) - per_layer, per_layer)
+            out[(emb, head)] = (exact(1, emb, head) - per_layer, slope)
         return out
 
     table = await asyncio.get_running_loop().run_in_executor(executor, lines)
@@ -69,6 +78,15 @@ def encoder_cost(config: Any, dtype: str, context: int, slots: int) -> ModelCost
     lines = ((False, False, MAX_MEMORY, 0), (True, False, MAX_MEMORY, 0), (False, True, MAX_MEMORY, 0),
              (True, True, whole, 0))
     return cost_from_lines(config.num_layers, lines)
+
+
+def _distinct_layers(config: Any) -> list[int]:
+    """One layer of each kind (sliding or full attention): what a layer holds depends on
+    nothing else."""
+    first: dict[bool, int] = {}
+    for i in range(config.num_layers):
+        first.setdefault(bool(config.is_sliding(i)) if hasattr(config, "is_sliding") else False, i)
+    return sorted(first.values())
 
 
 def cost_from_lines(num_layers: int, lines: tuple[tuple[bool, bool, int, int], ...]) -> ModelCost:
