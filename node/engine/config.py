@@ -23,6 +23,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _MODEL_TYPES = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 # Encoder-only embedding models, served by node/engine/bert.py (no JAX imported here).
@@ -78,6 +79,18 @@ class ModelConfig:
     # Per-frequency divisors of the inverse frequencies (GGUF rope_freqs.weight, llama.cpp's
     # form of Llama 3.1's rope scaling), applied after rope_scaling.
     rope_factors: tuple[float, ...] | None = None
+    # Mixture of experts (Qwen3-MoE, node/engine/moe.py): the layers in sparse_layers have
+    # num_experts experts of moe_intermediate_size, num_experts_per_tok chosen per token;
+    # the others a dense MLP of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    sparse_layers: tuple[int, ...] = ()
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is the mixture of experts."""
+        return layer in self.sparse_layers
 
     @property
     def model_type(self) -> str:
@@ -174,6 +187,54 @@ def _parse_rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
         ) from None
 
 
+def _parse_moe(raw: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """The mixture-of-experts keys of a Qwen3-MoE config.json, as ModelConfig fields.
+
+    Sparse layers as transformers decides them: layer i is sparse unless it is listed in
+    mlp_only_layers, when (i + 1) is a multiple of decoder_sparse_step."""
+    names = [k for k in ("num_experts", "num_local_experts") if raw.get(k) is not None]
+    if not names:
+        raise ModelConfigError(
+            "config.json has no 'num_experts' (or 'num_local_experts'); a Qwen3-MoE model "
+            "needs its expert count. Use the config.json that came with the checkpoint."
+        )
+    experts = _require(raw, names[0], int)
+    if len(names) == 2 and raw[names[1]] != experts:
+        raise ModelConfigError(
+            f"config.json num_experts={raw['num_experts']!r} and num_local_experts="
+            f"{raw['num_local_experts']!r} disagree; keep one of them"
+        )
+    top_k = _require(raw, "num_experts_per_tok", int)
+    width = _require(raw, "moe_intermediate_size", int)
+    step = raw.get("decoder_sparse_step", 1)  # transformers' defaults, here and below
+    dense = raw.get("mlp_only_layers") or []
+    norm = raw.get("norm_topk_prob", False)
+    if experts < 1 or width < 1:
+        raise ModelConfigError(
+            f"config.json num_experts={experts} and moe_intermediate_size={width} must be >= 1"
+        )
+    if not 1 <= top_k <= experts:
+        raise ModelConfigError(
+            f"config.json num_experts_per_tok={top_k} must be between 1 and num_experts={experts}"
+        )
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ModelConfigError(f"config.json decoder_sparse_step should be an integer >= 1, got {step!r}")
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise ModelConfigError(f"config.json mlp_only_layers should be a list of layer numbers, got {dense!r}")
+    if not isinstance(norm, bool):
+        raise ModelConfigError(f"config.json norm_topk_prob should be true or false, got {norm!r}")
+    if raw.get("shared_expert_intermediate_size"):
+        raise UnsupportedModelError("shared experts (shared_expert_intermediate_size) are not supported")
+    sparse = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": width,
+        "norm_topk_prob": norm,
+        "sparse_layers": sparse,
+    }
+
+
 def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     """Validate a parsed config.json and turn it into a ModelConfig."""
     archs = raw.get("architectures")
@@ -212,11 +273,11 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     sliding: int | None = None
     if model_type == "mistral":
         sliding = raw.get("sliding_window")
-    elif model_type == "qwen2":
+    elif model_type in ("qwen2", "qwen3_moe"):
         types = raw.get("layer_types") or []
         if raw.get("use_sliding_window") or any(t != "full_attention" for t in types):
             raise UnsupportedModelError(
-                "Qwen2 sliding-window attention (use_sliding_window/layer_types) is not supported"
+                f"{arch} sliding-window attention (use_sliding_window/layer_types) is not supported"
             )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     factors = raw.get("rope_factors")
@@ -245,6 +306,7 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
         sliding_window=int(sliding) if sliding else None,
         torch_dtype=str(dtype) if dtype else None,
         rope_factors=tuple(float(f) for f in factors) if factors is not None else None,
+        **(_parse_moe(raw, layers) if model_type == "qwen3_moe" else {}),
     )
 
 

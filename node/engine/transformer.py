@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from node.engine.attention import attend
 from node.engine.cache import CacheGeometry
 from node.engine.config import ModelConfig
+from node.engine.moe import moe_mlp
 from node.engine.quant import QuantMatrix, Weight, qmatmul, take_rows
 from node.engine.weights import LayerParams, PartitionParams
 
@@ -110,8 +111,15 @@ def layer_forward(
     attn = jnp.transpose(out, (1, 2, 4, 0, 3)).reshape(cfg.q_size, B * n)
     x = x + linear(layer.wo, attn, layer.bo)
     h = rms_norm(x, layer.ln2, cfg.rms_norm_eps)
-    x = x + linear(layer.wd, jax.nn.silu(linear(layer.wg, h)) * linear(layer.wu, h))
-    return x, k_cache, v_cache
+    return x + mlp(cfg, layer, h), k_cache, v_cache
+
+
+def mlp(cfg: ModelConfig, layer: LayerParams, h: jax.Array) -> jax.Array:
+    """The layer's MLP on the normed h [H, M]: SwiGLU, or a sparse layer's experts."""
+    if layer.moe is not None:
+        return moe_mlp(layer.moe, h, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    assert layer.wg is not None and layer.wu is not None and layer.wd is not None
+    return linear(layer.wd, jax.nn.silu(linear(layer.wg, h)) * linear(layer.wu, h))
 
 
 def embed(params: PartitionParams, ids: jax.Array) -> jax.Array:

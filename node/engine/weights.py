@@ -40,9 +40,11 @@ from node.engine.errors import (
     ModelConfigError,
     PartitionError,
     ShapeMismatchError,
+    UnsupportedModelError,
     WeightsError,
 )
 from node.engine.gguf import GGUF_MAGIC, GGUFWeights, decode, gguf_index, unpermute
+from node.engine.moe import MoEParams, expert_names, load_moe, quantize_experts
 from node.engine.quant import (
     NATIVE,
     QuantMatrix,
@@ -113,9 +115,10 @@ class LayerParams:
     wo: Weight  # [H, q]
     bo: jax.Array | None  # [H]; attention_bias (not Qwen2)
     ln2: jax.Array  # post-attention RMSNorm [H]
-    wg: Weight  # gate [F, H]
-    wu: Weight  # up [F, H]
-    wd: Weight  # down [H, F]
+    wg: Weight | None  # gate [F, H]; None in a sparse (MoE) layer
+    wu: Weight | None  # up [F, H]
+    wd: Weight | None  # down [H, F]
+    moe: MoEParams | None = None  # a sparse layer's experts and router (moe.py)
 
 
 @jax.tree_util.register_dataclass
@@ -381,12 +384,24 @@ def partition_tensor_names(config: ModelConfig, spec: PartitionSpec) -> list[str
             names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
         if config.o_bias:
             names.append(p + "self_attn.o_proj.bias")
-        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if config.is_sparse(i):
+            names += expert_names(p + "mlp.", config.num_experts, stacked=False)
+        else:
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
     if spec.has_head:
         names.append("model.norm.weight")
         if not config.tie_word_embeddings:
             names.append("lm_head.weight")
     return names
+
+
+def _put(host: np.ndarray, target: Any) -> jax.Array:
+    """A host array on the device in the compute dtype (converted there)."""
+    arr = jnp.asarray(host)
+    arr = arr if arr.dtype == target else arr.astype(target)
+    # Transfers are asynchronous and keep their host bytes alive until done: wait, so
+    # the host holds one tensor at a time (memory.py counts exactly that).
+    return arr.block_until_ready()
 
 
 def load_params(
@@ -402,17 +417,19 @@ def load_params(
     weights="int8": every matrix (embedding, head, the layers' projections) is quantized
     on the host right after it is read (quant.py), from the file's dtype."""
     spec.validate(config)
+    if config.model_type == "qwen3_moe" and not hasattr(config, "qk_norm"):
+        # Until Qwen3 attention (per-head q_norm/k_norm) is in the engine.
+        raise UnsupportedModelError(
+            "Qwen3-MoE attention normalises each head's queries and keys (q_norm/k_norm), "
+            "which this engine does not do yet"
+        )
     int8 = check_weights(weights) != NATIVE
     target = jnp.dtype(dtype)
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     Q, KV = config.q_size, config.kv_size
 
     def get(name: str, shape: tuple[int, ...]) -> jax.Array:
-        arr = jnp.asarray(source.read(name, shape))
-        arr = arr if arr.dtype == target else arr.astype(target)
-        # Transfers are asynchronous and keep their host bytes alive until done: wait, so
-        # the host holds one tensor at a time (memory.py counts exactly that).
-        return arr.block_until_ready()
+        return _put(source.read(name, shape), target)
 
     def mat(name: str, shape: tuple[int, ...]) -> Weight:
         if not int8:
@@ -420,10 +437,20 @@ def load_params(
         quantized = quantize_host(source.read(name, shape), dtype, default_kernel())
         return jax.block_until_ready(quantized)
 
+    def sparse_mlp(i: int) -> MoEParams:
+        kernel = default_kernel()
+        return load_moe(
+            source.read, lambda name: name in source.index, f"model.layers.{i}.mlp.",
+            (config.num_experts, H, config.moe_intermediate_size),
+            lambda host: _put(host, target),
+            (lambda host: quantize_experts(host, dtype, kernel)) if int8 else None,
+        )
+
     def layer(i: int) -> LayerParams:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         bias = config.qkv_bias
+        sparse = config.is_sparse(i)
         return LayerParams(
             ln1=get(p + "input_layernorm.weight", (H,)),
             wq=mat(a + "q_proj.weight", (Q, H)),
@@ -435,9 +462,10 @@ def load_params(
             wo=mat(a + "o_proj.weight", (H, Q)),
             bo=get(a + "o_proj.bias", (H,)) if config.o_bias else None,
             ln2=get(p + "post_attention_layernorm.weight", (H,)),
-            wg=mat(p + "mlp.gate_proj.weight", (F, H)),
-            wu=mat(p + "mlp.up_proj.weight", (F, H)),
-            wd=mat(p + "mlp.down_proj.weight", (H, F)),
+            wg=None if sparse else mat(p + "mlp.gate_proj.weight", (F, H)),
+            wu=None if sparse else mat(p + "mlp.up_proj.weight", (F, H)),
+            wd=None if sparse else mat(p + "mlp.down_proj.weight", (H, F)),
+            moe=sparse_mlp(i) if sparse else None,
         )
 
     embed = mat("model.embed_tokens.weight", (V, H)) if spec.has_embedding else None

@@ -1,0 +1,194 @@
+"""Qwen3-MoE: config keys, the sparse MLP against transformers' Qwen3MoeSparseMoeBlock,
+only the chosen experts computed, loading (per-expert and stacked), counts and int8."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from node.engine import ModelConfigError, UnsupportedModelError, parse_config
+from node.engine.memory import partition_param_count, partition_weight_bytes
+from node.engine.moe import MoEParams, experts_blocks, experts_loop, moe_mlp, route
+from node.engine.weights import PartitionSpec
+
+BASE: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+}
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(BASE)
+    raw.update(changes)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "sparse"),
+    [
+        ({}, (0, 1, 2, 3)),
+        ({"num_experts": None, "num_local_experts": 8}, (0, 1, 2, 3)),
+        ({"decoder_sparse_step": 2}, (1, 3)),
+        ({"mlp_only_layers": [0, 2]}, (1, 3)),
+        ({"decoder_sparse_step": 2, "mlp_only_layers": [1]}, (3,)),
+    ],
+)
+def test_sparse_layers_as_transformers_decides(changes: dict[str, Any], sparse: tuple[int, ...]) -> None:
+    raw = _with(**changes)
+    cfg = parse_config(raw)
+    assert cfg.sparse_layers == sparse
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 32)
+    hf = transformers.Qwen3MoeConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    want = tuple(
+        i for i in range(hf.num_hidden_layers)
+        if i not in hf.mlp_only_layers and (i + 1) % hf.decoder_sparse_step == 0
+    )
+    assert sparse == want
+
+
+def test_norm_topk_prob_defaults_to_false_as_transformers() -> None:
+    assert parse_config(_with(norm_topk_prob=None)).norm_topk_prob is False
+    assert transformers.Qwen3MoeConfig().norm_topk_prob is False
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"num_experts": None}, ModelConfigError, "num_experts"),
+        ({"num_local_experts": 16}, ModelConfigError, "disagree"),
+        ({"num_experts_per_tok": None}, ModelConfigError, "num_experts_per_tok"),
+        ({"num_experts_per_tok": 9}, ModelConfigError, "between 1 and num_experts=8"),
+        ({"moe_intermediate_size": None}, ModelConfigError, "moe_intermediate_size"),
+        ({"moe_intermediate_size": 0}, ModelConfigError, ">= 1"),
+        ({"decoder_sparse_step": 0}, ModelConfigError, "decoder_sparse_step"),
+        ({"mlp_only_layers": "0"}, ModelConfigError, "mlp_only_layers"),
+        ({"norm_topk_prob": "yes"}, ModelConfigError, "norm_topk_prob"),
+        ({"use_sliding_window": True}, UnsupportedModelError, "sliding-window"),
+        ({"shared_expert_intermediate_size": 64}, UnsupportedModelError, "shared experts"),
+    ],
+)
+def test_bad_moe_config_is_refused(changes: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        parse_config(_with(**changes))
+
+
+# -- the sparse MLP against transformers ---------------------------------------------------
+
+
+def _hf_block(experts: int, top_k: int, norm: bool, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=64, moe_intermediate_size=32, num_experts=experts,
+        num_experts_per_tok=top_k, norm_topk_prob=norm,
+    )
+    block = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block
+
+
+def _params(block: Any) -> MoEParams:
+    ex = block.experts
+    F = ex.intermediate_dim
+    gate_up = ex.gate_up_proj.detach().numpy()
+    return MoEParams(
+        router=jnp.asarray(block.gate.weight.detach().numpy()),
+        wg=jnp.asarray(gate_up[:, :F]),
+        wu=jnp.asarray(gate_up[:, F:]),
+        wd=jnp.asarray(ex.down_proj.detach().numpy()),
+    )
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # 1 and 3: the loop form; 40: blocks
+def test_sparse_mlp_matches_transformers(norm: bool, tokens: int) -> None:
+    block = _hf_block(8, 2, norm)
+    x = np.random.default_rng(tokens).normal(size=(tokens, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = block(torch.tensor(x)[None])[0].numpy()
+    out = jax.jit(moe_mlp, static_argnums=(2, 3))(_params(block), jnp.asarray(x.T), 2, norm)
+    np.testing.assert_allclose(np.asarray(out).T, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_both_forms_agree_at_every_width() -> None:
+    block = _hf_block(16, 4, True, seed=3)
+    params = _params(block)
+    for tokens in (1, 4, 5, 33):
+        x = jnp.asarray(np.random.default_rng(tokens).normal(size=(64, tokens)), jnp.float32)
+        idx, w = route(params.router, x, 4, True)
+        np.testing.assert_allclose(
+            np.asarray(experts_loop(params, x, idx, w)),
+            np.asarray(experts_blocks(params, x, idx, w)), rtol=1e-5, atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 64])  # loop form for 1 and 4, blocks for 64
+def test_only_the_chosen_experts_are_computed(tokens: int) -> None:
+    """64 experts, top-2: every expert no token chose gets NaN weights. Computing it at
+    all (even multiplied by a zero routing weight) would make the output NaN."""
+    E, k = 64, 2
+    block = _hf_block(E, k, False, seed=5)
+    params = _params(block)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(64, tokens)), jnp.float32)
+    idx, _ = route(params.router, x, k, False)
+    chosen = np.zeros(E, bool)
+    chosen[np.asarray(idx).reshape(-1)] = True
+    assert not chosen.all()
+
+    def poison(w: jax.Array) -> jax.Array:
+        return jnp.where(jnp.asarray(chosen)[:, None, None], w, jnp.nan)
+
+    bad = MoEParams(params.router, poison(params.wg), poison(params.wu), poison(params.wd))
+    step = jax.jit(moe_mlp, static_argnums=(2, 3))
+    out = np.asarray(step(bad, x, k, False))
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, np.asarray(step(params, x, k, False)))
+
+
+# -- counts -------------------------------------------------------------------------------
+
+
+def test_counts_hold_every_expert_and_active_counts_k() -> None:
+    cfg = parse_config(_with(mlp_only_layers=[0]))
+    spec = PartitionSpec(0, 4, False, False)
+    H, Q, KV = 64, 64, 32
+    attn = 2 * H + H * (Q + 2 * KV) + Q * H
+    dense = attn + 3 * H * 96
+    sparse = attn + 8 * H + 8 * 3 * H * 32
+    assert partition_param_count(cfg, spec) == dense + 3 * sparse
+    active = attn + 8 * H + 2 * 3 * H * 32
+    assert partition_param_count(cfg, spec, active=True) == dense + 3 * active
+    assert partition_weight_bytes(cfg, spec, "float32") == 4 * (dense + 3 * sparse)
+    # int8: one byte per matrix entry plus a float32 scale per row (per expert row);
+    # norms and the routers stay float32.
+    def q(rows: int, cols: int) -> int:
+        return rows * cols + 4 * rows
+
+    attn8 = q(Q, H) + 2 * q(KV, H) + q(H, Q) + 4 * 2 * H
+    dense8 = attn8 + 2 * q(96, H) + q(H, 96)
+    sparse8 = attn8 + 4 * 8 * H + 2 * q(8 * 32, H) + q(8 * H, 32)
+    assert partition_weight_bytes(cfg, spec, "float32", "int8") == dense8 + 3 * sparse8
