@@ -15,7 +15,15 @@ import transformers
 
 from node.engine import ModelConfigError, UnsupportedModelError, parse_config
 from node.engine.memory import partition_param_count, partition_weight_bytes
-from node.engine.moe import MoEParams, experts_blocks, experts_loop, moe_mlp, route
+from node.engine.moe import (
+    MoEParams,
+    experts_blocks,
+    experts_loop,
+    load_moe,
+    moe_mlp,
+    quantize_experts,
+    route,
+)
 from node.engine.weights import PartitionSpec
 
 BASE: dict[str, Any] = {
@@ -192,3 +200,43 @@ def test_counts_hold_every_expert_and_active_counts_k() -> None:
     dense8 = attn8 + 2 * q(96, H) + q(H, 96)
     sparse8 = attn8 + 4 * 8 * H + 2 * q(8 * 32, H) + q(8 * H, 32)
     assert partition_weight_bytes(cfg, spec, "float32", "int8") == dense8 + 3 * sparse8
+
+
+# -- loading and int8 --------------------------------------------------------------------
+
+
+def _reader(tensors: dict[str, np.ndarray]) -> Any:
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        assert tensors[name].shape == shape, name
+        return tensors[name]
+
+    return read
+
+
+def test_stacked_and_per_expert_tensors_load_the_same() -> None:
+    params = _params(_hf_block(8, 2, True))
+    prefix = "model.layers.3.mlp."
+    per_expert = {prefix + "gate.weight": np.asarray(params.router)}
+    stacked = dict(per_expert)
+    for proj, w in (("gate_proj", params.wg), ("up_proj", params.wu), ("down_proj", params.wd)):
+        arr = np.asarray(w)
+        stacked[prefix + f"experts.{proj}"] = arr
+        for e in range(8):
+            per_expert[prefix + f"experts.{e}.{proj}.weight"] = arr[e]
+    for tensors in (per_expert, stacked):
+        got = load_moe(_reader(tensors), tensors.__contains__, prefix, (8, 64, 32), jnp.asarray, None)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("tokens", [2, 40])
+def test_int8_experts_stay_close(tokens: int) -> None:
+    params = _params(_hf_block(8, 2, True))
+    q = MoEParams(params.router, *(quantize_experts(np.asarray(w), "float32", "w8a8")
+                                    for w in (params.wg, params.wu, params.wd)))
+    assert q.wg.q.dtype == jnp.int8 and q.wg.scale.shape == (8, 32)  # type: ignore[union-attr]
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(64, tokens)), jnp.float32)
+    step = jax.jit(moe_mlp, static_argnums=(2, 3))
+    ref, out = np.asarray(step(params, x, 2, True)), np.asarray(step(q, x, 2, True))
+    cos = (ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out)
+    assert cos > 0.9995
