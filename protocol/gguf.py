@@ -53,6 +53,7 @@ __all__ = [
     "GGUFHeader",
     "hf_name",
     "parse_gguf",
+    "short_f32",
     "tensor_bytes",
 ]
 
@@ -89,7 +90,7 @@ _STRING, _ARRAY, _F32, _BOOL = 8, 9, 6, 7
 _U32, _U64, _ARRAY_HEAD = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<IQ")
 
 
-def _short_f32(value: float) -> float:
+def short_f32(value: float) -> float:
     """The shortest decimal that is the same float32 (1e-05, not 9.999999747378752e-06):
     metadata read back as it was written."""
     packed = struct.pack("<f", value)
@@ -300,7 +301,7 @@ class _Parser:
         if fixed is not None:
             self.need(p + fixed.size)
             value = fixed.unpack_from(self.buf, p)[0]
-            return (_short_f32(value) if kind == _F32 else value), p + fixed.size
+            return (short_f32(value) if kind == _F32 else value), p + fixed.size
         if kind == _STRING:
             return self.string(p, f"the value of {key!r}")
         if kind == _ARRAY:
@@ -430,7 +431,8 @@ def parse_gguf(
 
 
 # llama.cpp's tensor names -> the Hugging Face names the engine and the layer-range
-# fetch use, for the llama family (llama, qwen2, mistral share them).
+# fetch use, for the llama family (llama, qwen2, mistral share them) and the layers of
+# the architectures built on it (qwen3, qwen3moe, gemma3, phi3: _ARCH_LAYER_NAMES).
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -450,6 +452,41 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+_QK_NORMS = {
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # per head: [head_dim]
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# Where an architecture's layers differ from the llama family's. Qwen3-MoE's experts are
+# stacked by llama.cpp's converter ([E, F, H] gate and up, [E, H, F] down), kept so under
+# names of ours (transformers saves one matrix per expert: mlp.experts.N.gate_proj.weight);
+# Gemma 3's ffn_norm is the norm before the MLP, its post_attention_norm the one after
+# attention; Phi-3 keeps Q, K, V fused in attn_qkv and gate and up fused in ffn_up.
+_ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {
+    "qwen3": {**_LAYER_NAMES, **_QK_NORMS},
+    "qwen3moe": {
+        **{k: v for k, v in _LAYER_NAMES.items() if not k.startswith(("ffn_gate", "ffn_up", "ffn_down"))},
+        **_QK_NORMS,
+        "ffn_gate_inp.weight": "mlp.gate.weight",  # the router, [E, H]
+        "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+        "ffn_up_exps.weight": "mlp.experts.up_proj",
+        "ffn_down_exps.weight": "mlp.experts.down_proj",
+    },
+    "gemma3": {
+        **_LAYER_NAMES,
+        **_QK_NORMS,
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    },
+    "phi3": {
+        "attn_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn_qkv.weight": "self_attn.qkv_proj.weight",  # [q; k; v] rows
+        "attn_output.weight": "self_attn.o_proj.weight",
+        "ffn_up.weight": "mlp.gate_up_proj.weight",  # [gate; up] rows
+        "ffn_down.weight": "mlp.down_proj.weight",
+    },
 }
 
 
@@ -472,11 +509,14 @@ _BERT_LAYER_NAMES = {
 
 
 def hf_name(name: str, architecture: str | None = None) -> str | None:
-    """The Hugging Face name of a GGUF tensor (llama family, or ``bert``), None for one
-    without (``rope_freqs.weight``, or a tensor the engine does not use)."""
-    bert = architecture == "bert"
-    table, layers, prefix = ((_BERT_GLOBAL_NAMES, _BERT_LAYER_NAMES, "encoder.layer") if bert
-                             else (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
+    """The Hugging Face name of a GGUF tensor (llama family, qwen3, qwen3moe, gemma3, phi3,
+    or ``bert``), None for one without (``rope_freqs.weight``, Phi-3's
+    ``rope_factors_long.weight``: read into config.json, or a tensor the engine does not use)."""
+    if architecture == "bert":
+        table, layers, prefix = _BERT_GLOBAL_NAMES, _BERT_LAYER_NAMES, "encoder.layer"
+    else:
+        table, prefix = _GLOBAL_NAMES, "model.layers"
+        layers = _ARCH_LAYER_NAMES.get(architecture or "", _LAYER_NAMES)
     if name in table:
         return table[name]
     if name.startswith("blk."):

@@ -635,6 +635,8 @@ def random_partition(cfg: Any, dtype: str, context: int, weights: str = "native"
             None if cfg.is_sparse(i) else mat(F, H),
             None if cfg.is_sparse(i) else mat(F, H),
             None if cfg.is_sparse(i) else mat(H, F),
+            q_norm=jnp.ones((cfg.head_dim,), dtype) if cfg.qk_norm else None,
+            k_norm=jnp.ones((cfg.head_dim,), dtype) if cfg.qk_norm else None,
             moe=moe() if cfg.is_sparse(i) else None,
         )
         for i in range(cfg.num_layers)
@@ -731,8 +733,8 @@ def run_moe(args: argparse.Namespace) -> dict[str, Any]:
                              for name, p in zip(("moe", "dense_active", "dense_total"), parts, strict=True)}
     goal = res["moe_vs_dense_active"]
     meta["targets"] = {"moe_vs_dense_active": f"{'met' if goal >= 0.7 else 'missed'} ({goal:.2f} >= 0.7)"}
-    meta["notes"].append("random weights on the device; the MoE's attention has no q/k norm here "
-                         "(the same attention as the dense models)")
+    meta["notes"].append("random weights on the device; the dense models are Qwen2 without biases "
+                         "(no q/k norm), the MoE Qwen3's attention (with them)")
     return {**res, "meta": meta}
 
 

@@ -60,17 +60,21 @@ def attend(
     q_pos: jax.Array,
     last_pos: jax.Array,
     key_len: int,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Causal (and sliding-window) attention of q against the cached keys.
 
     q [B, kvh, g, n, D]; caches [slots, kvh, length, D], already holding this step's keys;
     slots [B]; q_pos [B, n] each query's position (-1: padding or idle, sees nothing);
     last_pos [B] the furthest position written to each row's slot. Returns [B, kvh, g, n, D]
-    in q's dtype.
+    in q's dtype. scale: of the scores (default head_dim ** -0.5); softcap: scores become
+    cap * tanh(scores / cap) (Gemma 2's attention soft-capping).
     """
     B, kvh, g, n, D = q.shape
     block = geom.block
-    scale = D**-0.5
+    scale = D**-0.5 if scale is None else scale
     offsets = jnp.arange(block, dtype=jnp.int32)
 
     def step(
@@ -82,6 +86,8 @@ def attend(
         vb = _block_rows(v_cache, slots, start, block)
         scores = jnp.einsum("bkgnd,bktd->bkgnt", q, kb, preferred_element_type=jnp.float32)
         scores = scores * scale
+        if softcap is not None:
+            scores = jnp.tanh(scores / softcap) * softcap
         kpos = _key_positions(geom, start + offsets, last_pos)[:, None, :]  # [B, 1, block]
         qp = q_pos[:, :, None]  # [B, n, 1]
         seen = (kpos >= 0) & (kpos <= qp)

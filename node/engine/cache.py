@@ -10,7 +10,9 @@ happen in place.
 `CacheGeometry` is the static part: how many positions a slot stores (`length`), the key
 block attention walks in (`block`), and whether positions wrap (`ring`): a sliding-window
 model whose window plus one prefill chunk is shorter than the context keeps only that
-many positions, position p at row p % length.
+many positions, position p at row p % length. Models that mix sliding and full layers
+(Gemma 3, some Qwen2/3) give each kind its own geometry: a sliding layer's cache holds
+only its ring, a full layer's the whole context.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return int(self.k[0].shape[2]) if self.k else 0
+        """Rows per slot of the longest layer (full attention where a model mixes)."""
+        return max((int(a.shape[2]) for a in self.k), default=0)
 
     @property
     def nbytes(self) -> int:
@@ -83,15 +86,27 @@ class CacheGeometry:
     def plan(
         config: ModelConfig, max_context: int, prefill_chunk: int, attn_block: int
     ) -> CacheGeometry:
-        window = config.sliding_window
-        # A chunk's queries reach `window` keys back from its first token while the chunk
-        # writes up to `prefill_chunk` rows ahead: the ring must hold both.
-        ring = window is not None and window + prefill_chunk < max_context
-        need = window + prefill_chunk if ring and window is not None else max_context
+        """The geometry of a full-attention layer: every position up to max_context."""
         # At least two blocks: attention always walks a real loop (see attention.py).
-        block = max(1, min(attn_block, pow2_bucket(need) // 2))
-        length = -(-need // block) * block
-        return CacheGeometry(max_context, length, block, ring, window)
+        block = max(1, min(attn_block, pow2_bucket(max_context) // 2))
+        length = -(-max_context // block) * block
+        return CacheGeometry(max_context, length, block, False, None)
+
+    def windowed(self, window: int, prefill_chunk: int) -> CacheGeometry:
+        """The geometry of a sliding-window layer beside this full one (same block, so
+        one key bucket serves both): a ring of window + one prefill chunk when that is
+        shorter than the context, since a chunk's queries reach `window` keys back from
+        its first token while it writes up to `prefill_chunk` rows ahead."""
+        ring = window + prefill_chunk < self.max_context
+        if not ring:
+            return CacheGeometry(self.max_context, self.length, self.block, False, window)
+        length = max(2, -(-(window + prefill_chunk) // self.block)) * self.block
+        return CacheGeometry(self.max_context, min(length, self.length), self.block, True, window)
+
+    def local_key_length(self, key_len: int) -> int:
+        """Keys a sliding layer with this (ring) geometry attends over when full layers
+        attend over key_len (a bucket of the same block): at most its whole ring."""
+        return min(key_len, self.length)
 
     def key_length(self, need: int) -> int:
         """Keys a step attends over when the furthest active slot holds `need` positions:
@@ -101,20 +116,40 @@ class CacheGeometry:
         return min(pow2_bucket(max(need, 1), floor=2 * self.block), self.length)
 
 
-def new_cache(config: ModelConfig, num_layers: int, slots: int, length: int, dtype: str) -> KVCache:
-    """Zeroed cache for `num_layers` layers and `slots` sessions of `length` rows."""
-    shape = (slots, config.num_kv_heads, length, config.head_dim)
+def layer_geometries(
+    config: ModelConfig, start: int, end: int, full: CacheGeometry, prefill_chunk: int
+) -> tuple[CacheGeometry | None, tuple[bool, ...]]:
+    """The sliding layers' geometry (None when layers [start, end) have none) and which
+    of those layers slide."""
+    sliding = tuple(config.is_sliding(i) for i in range(start, end))
+    if not any(sliding) or config.sliding_window is None:
+        return None, sliding
+    return full.windowed(config.sliding_window, prefill_chunk), sliding
+
+
+def layer_lengths(
+    full: CacheGeometry, local: CacheGeometry | None, sliding: tuple[bool, ...]
+) -> list[int]:
+    """Rows each layer's cache holds per slot."""
+    return [local.length if s and local is not None else full.length for s in sliding]
+
+
+def new_cache(config: ModelConfig, lengths: list[int], slots: int, dtype: str) -> KVCache:
+    """Zeroed cache for one layer per entry of `lengths` (its rows per slot) and `slots`
+    sessions."""
+
+    def shape(length: int) -> tuple[int, int, int, int]:
+        return (slots, config.num_kv_heads, length, config.head_dim)
+
     return KVCache(
-        k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
-        v=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
+        k=[jnp.zeros(shape(n), dtype) for n in lengths],
+        v=[jnp.zeros(shape(n), dtype) for n in lengths],
         num_slots=slots,
     )
 
 
-def cache_nbytes(
-    config: ModelConfig, num_layers: int, slots: int, length: int, itemsize: int
-) -> int:
-    return 2 * num_layers * slots * length * config.kv_size * itemsize
+def cache_nbytes(config: ModelConfig, lengths: list[int], slots: int, itemsize: int) -> int:
+    return 2 * sum(lengths) * slots * config.kv_size * itemsize
 
 
 @partial(jax.jit, donate_argnames=("cache",))

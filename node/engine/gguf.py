@@ -1,5 +1,5 @@
 """GGUF weights for the engine: the tensor index under Hugging Face names, dequantizing,
-and undoing llama.cpp's Q/K permutation.
+and undoing what llama.cpp's converter changed (Q/K row order, Gemma's norm offset).
 
 ``gguf_index`` parses a GGUF header through the byte-range reader (protocol/gguf.py)
 and files each tensor under the name ``load_params`` asks for, so a partition reads
@@ -12,13 +12,25 @@ one tensor at a time; the cast to the compute dtype then runs on the device.
 llama.cpp's converter permutes the rows of Q and K of llama-architecture models
 (``convert_hf_to_gguf.py``'s ``permute``: within each head, the two rotary halves
 are interleaved, for its RoPE that rotates adjacent pairs). The engine rotates
-halves, as transformers does, so ``unpermute`` restores the original order; Qwen2
-files are not permuted (llama.cpp runs them with NeoX RoPE).
+halves, as transformers does, so ``unpermute`` restores the original order. Only
+``llama`` files are permuted: qwen2, qwen3, qwen3moe, gemma3 and phi3 run with NeoX
+RoPE in llama.cpp (halves, like transformers), and their converters keep the rows.
+
+Gemma's RMSNorm multiplies by (1 + w); llama.cpp's converter stores every Gemma 3 norm
+weight (input, post-attention, pre- and post-feedforward, q/k and final) as 1 + w. The
+engine follows transformers (it holds w and adds 1), so 1 is taken off again at load:
+exact for stored values in [0.5, 2] (Sterbenz), and within an ulp of 1 otherwise.
+
+Each tensor to change is listed in ``GGUFWeights.restore`` with a ``Restore``;
+``restore`` applies it to the decoded array. Qwen3-MoE's experts are 3-D ([E, F, H]
+gate and up, [E, H, F] down: one matrix per expert, stacked); ``decode`` dequantizes
+them row by row like any matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
@@ -28,7 +40,7 @@ from node.engine.errors import WeightsError
 from protocol.gguf import GGUFError, GGUFHeader, hf_name, parse_gguf
 from protocol.safetensors import TensorInfo
 
-__all__ = ["DEQUANTIZED", "GGUF_MAGIC", "GGUFWeights", "decode", "gguf_index", "unpermute"]
+__all__ = ["DEQUANTIZED", "GGUF_MAGIC", "GGUFWeights", "Restore", "decode", "gguf_index", "restore", "unpermute"]
 
 GGUF_MAGIC = b"GGUF"
 _PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -36,8 +48,22 @@ _PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
 DEQUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 
+_NORM_OFFSET_ARCHS = {"gemma3": 1.0}  # architecture -> what llama.cpp added to its norms
+
+
+@dataclass(frozen=True)
+class Restore:
+    """How to bring one decoded GGUF tensor back to the Hugging Face checkpoint's values."""
+
+    heads: int | None = None  # unpermute its rows into this many heads
+    offset: float = 0.0  # subtract this (Gemma's norms are stored as 1 + w)
+
+
 class GGUFWeights:
-    """What the engine needs of one GGUF file: tensors by HF name, and which to unpermute."""
+    """What the engine needs of one GGUF file: tensors by HF name, and how to restore them.
+
+    ``restore`` lists every tensor the converter changed; ``permuted`` is its part that
+    only needs unpermuting (tensor name -> heads)."""
 
     def __init__(self, header: GGUFHeader) -> None:
         self.header = header
@@ -47,7 +73,7 @@ class GGUFWeights:
             if name is not None:
                 self.index[name] = t
         md = header.metadata
-        self.permuted: dict[str, int] = {}
+        self.restore: dict[str, Restore] = {}
         if header.architecture == "llama":
             heads = md.get("llama.attention.head_count")
             kv = md.get("llama.attention.head_count_kv", heads)
@@ -55,9 +81,17 @@ class GGUFWeights:
                 raise WeightsError("the GGUF has no llama.attention.head_count")
             for name in self.index:
                 if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-                    self.permuted[name] = heads
+                    self.restore[name] = Restore(heads=heads)
                 elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-                    self.permuted[name] = kv
+                    self.restore[name] = Restore(heads=kv)
+        offset = _NORM_OFFSET_ARCHS.get(header.architecture or "")
+        if offset is not None:
+            for name in self.index:
+                if name.endswith("norm.weight"):
+                    self.restore[name] = Restore(offset=offset)
+        self.permuted: dict[str, int] = {
+            name: r.heads for name, r in self.restore.items() if r.heads is not None and not r.offset
+        }
 
 
 def gguf_index(read_range: Callable[[str, int, int], bytes], file_name: str, size: int) -> GGUFWeights:
@@ -79,6 +113,16 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(
         w.reshape(heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
     )
+
+
+def restore(out: np.ndarray, how: Restore) -> np.ndarray:
+    """A decoded tensor as the Hugging Face checkpoint had it (see ``Restore``); float32
+    when an offset is taken off (w is small next to 1 + w: a 16-bit type would round it)."""
+    if how.heads is not None:
+        out = unpermute(out, how.heads)
+    if how.offset:
+        out = out.astype(np.float32) - np.float32(how.offset)
+    return out
 
 
 def decode(info: TensorInfo, raw: np.ndarray | bytes) -> np.ndarray:

@@ -39,7 +39,14 @@ import jax.numpy as jnp
 
 from node.engine.backend import GPU_RUNTIME_RESERVE
 from node.engine.buckets import decode_width
-from node.engine.cache import CacheGeometry, KVCache, cache_nbytes, default_attn_block
+from node.engine.cache import (
+    CacheGeometry,
+    KVCache,
+    cache_nbytes,
+    default_attn_block,
+    layer_geometries,
+    layer_lengths,
+)
 from node.engine.config import SUPPORTED_DTYPES, ModelConfig
 from node.engine.moe import MoEParams
 from node.engine.quant import (
@@ -70,6 +77,10 @@ def _mlp_params(config: ModelConfig, layer: int, active: bool = False) -> int:
 def _layer_params(config: ModelConfig, layer: int, active: bool = False) -> int:
     H, Q, KV = config.hidden_size, config.q_size, config.kv_size
     count = 2 * H + H * (Q + 2 * KV) + Q * H + _mlp_params(config, layer, active)
+    if config.qk_norm:
+        count += 2 * config.head_dim
+    if config.sandwich_norms:
+        count += 2 * H
     if config.qkv_bias:
         count += Q + 2 * KV
     if config.o_bias:
@@ -169,6 +180,8 @@ def _abstract_params(
     def b(*shape: int) -> Any:
         return a(*shape) if config.qkv_bias else None
 
+    D = config.head_dim
+
     def experts(rows: int, cols: int) -> Any:
         E = config.num_experts
         if weights == NATIVE:
@@ -195,6 +208,10 @@ def _abstract_params(
             None if sparse else m(F, H),
             None if sparse else m(F, H),
             None if sparse else m(H, F),
+            q_norm=a(D) if config.qk_norm else None,
+            k_norm=a(D) if config.qk_norm else None,
+            ln_pre_mlp=a(H) if config.sandwich_norms else None,
+            ln_post_mlp=a(H) if config.sandwich_norms else None,
             moe=moe if sparse else None,
         )
 
@@ -347,6 +364,14 @@ def _geometry(
     return CacheGeometry.plan(config, context, prefill_chunk, attn_block or default_attn_block(platform))
 
 
+def _cache_lengths(
+    config: ModelConfig, spec: PartitionSpec, geom: CacheGeometry, prefill_chunk: int
+) -> list[int]:
+    """Rows per slot of each layer's cache, as the Partition allocates them."""
+    local, sliding = layer_geometries(config, spec.start, spec.end, geom, prefill_chunk)
+    return layer_lengths(geom, local, sliding)
+
+
 def resident_bytes(
     config: ModelConfig,
     spec: PartitionSpec,
@@ -363,7 +388,8 @@ def resident_bytes(
     itemsize = jnp.dtype(dtype).itemsize
     geom = _geometry(config, context, prefill_chunk, None, jax.default_backend())
     held = partition_weight_bytes(config, spec, dtype, weights)
-    return held + cache_nbytes(config, spec.end - spec.start, batch, geom.length, itemsize)
+    lengths = _cache_lengths(config, spec, geom, prefill_chunk)
+    return held + cache_nbytes(config, lengths, batch, itemsize)
 
 
 def memory_estimate(
@@ -407,7 +433,7 @@ def memory_estimate(
         load += 4 * min(largest, BLOCK_ENTRIES)  # quant.quantize's float32 block
     return MemoryEstimate(
         weights=partition_weight_bytes(config, spec, dtype, weights),
-        kv_cache=cache_nbytes(config, end - start, batch, geom.length, itemsize),
+        kv_cache=cache_nbytes(config, _cache_lengths(config, spec, geom, prefill_chunk), batch, itemsize),
         temporaries=step_temporaries(config, spec, dtype, geom, prefill_chunk, batch, weights),
         load_transient=load,
         runtime_reserve=0 if platform == "cpu" else GPU_RUNTIME_RESERVE,

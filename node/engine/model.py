@@ -32,7 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from node.engine.buckets import MIN_BUCKET, chunk_spans, decode_width, pow2_bucket
-from node.engine.cache import CacheGeometry, KVCache, clear_slot, default_attn_block, new_cache
+from node.engine.cache import (
+    CacheGeometry,
+    KVCache,
+    clear_slot,
+    default_attn_block,
+    layer_geometries,
+    layer_lengths,
+    new_cache,
+)
 from node.engine.config import ModelConfig
 from node.engine.errors import ContextOverflowError, PartitionError, TokenRangeError
 from node.engine.quant import NATIVE, check_weights
@@ -102,7 +110,8 @@ class Partition:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     attn_block: int | None = None  # None: the platform's default (cache.default_attn_block)
     weights: str = NATIVE  # "native" (as stored, in `dtype`) or "int8" (quant.py)
-    geom: CacheGeometry = field(init=False)
+    geom: CacheGeometry = field(init=False)  # full-attention layers'
+    lengths: list[int] = field(init=False)  # rows per slot of each layer's cache
     shape: StepShape = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,7 +120,14 @@ class Partition:
         self.geom = CacheGeometry.plan(
             self.config, self.max_context, self.prefill_chunk, self.attn_block
         )
-        self.shape = StepShape(self.config, self.geom, self.spec.has_embedding, self.spec.has_head)
+        local, sliding = layer_geometries(
+            self.config, self.spec.start, self.spec.end, self.geom, self.prefill_chunk
+        )
+        self.lengths = layer_lengths(self.geom, local, sliding)
+        self.shape = StepShape(
+            self.config, self.geom, self.spec.has_embedding, self.spec.has_head,
+            local, sliding if local is not None else (),
+        )
 
     @property
     def num_layers(self) -> int:
@@ -121,7 +137,7 @@ class Partition:
         """A zeroed cache with `slots` session slots."""
         if slots < 1:
             raise PartitionError(f"a cache needs at least one slot, got {slots}")
-        return new_cache(self.config, self.num_layers, slots, self.geom.length, self.dtype)
+        return new_cache(self.config, self.lengths, slots, self.dtype)
 
     def clear_slot(self, cache: KVCache, slot: int) -> KVCache:
         """`cache` with `slot` zeroed, for a new session (the old cache is donated)."""

@@ -43,6 +43,10 @@ class StepShape:
     geom: CacheGeometry
     has_embedding: bool
     has_head: bool
+    # Sliding layers' geometry and which of the partition's layers slide (models that
+    # mix both, or Mistral's all-sliding): part of the key only for such models.
+    local: CacheGeometry | None = None
+    sliding: tuple[bool, ...] = ()
 
 
 def _rows(
@@ -69,18 +73,37 @@ def _forward(
     """Embed (or take hidden [B, n, H]) and run the layers: x [H, B*n] and the cache."""
     cfg = shape.config
     if shape.has_embedding:
-        x = embed(params, inputs.reshape(-1))
+        x = embed(cfg, params, inputs.reshape(-1))
     else:
         x = inputs.reshape(-1, cfg.hidden_size).T.astype(params.dtype)
-    rope = rope_tables(cfg, rows.q_pos.reshape(-1), x.dtype)
+    positions = rows.q_pos.reshape(-1)
+    context = shape.geom.max_context
+    full = (shape.geom, rows, rope_tables(cfg, positions, x.dtype, False, context), key_len)
+    local = full
+    if shape.local is not None:
+        local = (
+            shape.local,
+            _rows_in(shape.local, rows),
+            rope_tables(cfg, positions, x.dtype, True, context),
+            shape.local.local_key_length(key_len),
+        )
+    sliding = shape.sliding or (False,) * len(params.layers)
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
+    for layer, k_cache, v_cache, slides in zip(params.layers, cache.k, cache.v, sliding, strict=True):
+        geom, layer_rows, rope, keys = local if slides else full
         x, k_cache, v_cache = layer_forward(
-            cfg, shape.geom, layer, k_cache, v_cache, x, rows, rope, key_len
+            cfg, geom, layer, k_cache, v_cache, x, layer_rows, rope, keys
         )
         new_k.append(k_cache)
         new_v.append(v_cache)
     return x, KVCache(new_k, new_v, cache.num_slots)
+
+
+def _rows_in(geom: CacheGeometry, rows: Rows) -> Rows:
+    """The same rows writing into a cache of another geometry (a sliding layer's ring)."""
+    index = jnp.mod(rows.q_pos, geom.length) if geom.ring else rows.q_pos
+    write = jnp.where(rows.q_pos >= 0, index, geom.length)  # out of range: dropped
+    return Rows(rows.slots, rows.q_pos, write, rows.last_pos)
 
 
 def _last_columns(x: jax.Array, lengths: jax.Array, n: int) -> jax.Array:

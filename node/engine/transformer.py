@@ -48,12 +48,24 @@ class Rows:
     last_pos: jax.Array
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the feature axis (0) of x [H, M]."""
-    # transformers normalises in float32 and casts back before the weight multiply.
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm over the feature axis (0) of x [H, M]; Gemma's weights apply as (1 + w)."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=0, keepdims=True) + eps)
+    if plus_one:
+        # Gemma multiplies in float32 and casts after (transformers' Gemma3RMSNorm).
+        return (y * (1.0 + w.astype(jnp.float32))[:, None]).astype(x.dtype)
+    # transformers normalises in float32 and casts back before the weight multiply.
     return w[:, None] * y.astype(x.dtype)
+
+
+def head_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
+    """RMSNorm of each head of x [heads, D, M] over D (Qwen3's and Gemma 3's q/k norms)."""
+    h, d, m = x.shape
+    return jnp.transpose(
+        rms_norm(jnp.transpose(x, (1, 0, 2)).reshape(d, h * m), w, eps, plus_one).reshape(d, h, m),
+        (1, 0, 2),
+    )
 
 
 def linear(w: Weight, x: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -65,19 +77,54 @@ def linear(w: Weight, x: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return y if b is None else y + b[:, None]
 
 
-def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [D, M] for the positions [M] of the rows."""
-    inv = jnp.asarray(cfg.inv_freq())
-    freqs = inv[:, None] * positions.astype(jnp.float32)[None, :]  # [D/2, M]
-    emb = jnp.concatenate([freqs, freqs], axis=0)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+def rope_tables(
+    cfg: ModelConfig,
+    positions: jax.Array,
+    dtype: Any,
+    sliding: bool = False,
+    max_context: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [rope_dim, M] for the positions [M] of the rows, with a sliding (local)
+    layer's RoPE when `sliding`.
+
+    longrope (Phi-3) has short factors for sequences within the original context and
+    long ones past it. transformers switches by the sequence's length and, on the step
+    that crosses, recomputes the whole cache with the long factors (Phi3's
+    prepare_inputs_for_generation drops it); a cache cannot be re-rotated here, so the
+    choice is made once, by the context the partition is loaded with (llama.cpp's rule,
+    by n_ctx): long past the original context, short within it. Within it both agree with
+    transformers; past it, transformers' answer for any sequence longer than the
+    original context."""
+    freqs = jnp.asarray(cfg.inv_freq(sliding))
+    _, scaling = cfg.rope_for(sliding)
+    factor = 1.0
+    if scaling is not None and scaling.rope_type == "longrope":
+        factor = scaling.attention_factor
+        long = max_context > scaling.original_max_position_embeddings
+        freqs = jnp.asarray(cfg.inv_freq(sliding, long=long))
+    angles = freqs[:, None] * positions.astype(jnp.float32)[None, :]  # [D/2, M]
+    emb = jnp.concatenate([angles, angles], axis=0)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [heads, D, M] (rotate_half convention, as transformers)."""
+    """Rotate x [heads, D, M] (rotate_half convention, as transformers); with partial
+    rotary (cos shorter than D) only the first features rotate, the rest pass."""
+    rot = cos.shape[0]
+    if rot < x.shape[1]:
+        return jnp.concatenate([apply_rope(x[:, :rot], cos, sin), x[:, rot:]], axis=1)
     half = x.shape[1] // 2
     rotated = jnp.concatenate([-x[:, half:], x[:, :half]], axis=1)
     return x * cos[None] + rotated * sin[None]
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.activation == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
 
 
 def layer_forward(
@@ -91,14 +138,19 @@ def layer_forward(
     rope: tuple[jax.Array, jax.Array],
     key_len: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer on x [H, B*n]; returns x and the layer's updated caches."""
+    """One decoder layer on x [H, B*n]; returns x and the layer's updated caches. `geom`,
+    `rows`, `rope` and `key_len` are those of the layer's kind (full or sliding)."""
     B, n = rows.q_pos.shape
     kvh, D = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // kvh
+    eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
     cos, sin = rope
-    h = rms_norm(x, layer.ln1, cfg.rms_norm_eps)
-    q = apply_rope(linear(layer.wq, h, layer.bq).reshape(cfg.num_heads, D, -1), cos, sin)
-    k = apply_rope(linear(layer.wk, h, layer.bk).reshape(kvh, D, -1), cos, sin)
+    h = rms_norm(x, layer.ln1, eps, plus)
+    q = linear(layer.wq, h, layer.bq).reshape(cfg.num_heads, D, -1)
+    k = linear(layer.wk, h, layer.bk).reshape(kvh, D, -1)
+    if layer.q_norm is not None and layer.k_norm is not None:
+        q, k = head_norm(q, layer.q_norm, eps, plus), head_norm(k, layer.k_norm, eps, plus)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = linear(layer.wv, h, layer.bv).reshape(kvh, D, -1)
     # Scatter rows: [B*n, kvh, D] at (slot, :, write index, :).
     slot_idx = jnp.repeat(rows.slots, n)
@@ -107,27 +159,41 @@ def layer_forward(
     v_cache = v_cache.at[slot_idx, :, write].set(jnp.transpose(v, (2, 0, 1)), mode="drop")
     # [H_q, D, B*n] -> [B, kvh, g, n, D] for attention, and back.
     qb = jnp.transpose(q.reshape(kvh, g, D, B, n), (3, 0, 1, 4, 2))
-    out = attend(geom, qb, k_cache, v_cache, rows.slots, rows.q_pos, rows.last_pos, key_len)
+    out = attend(
+        geom, qb, k_cache, v_cache, rows.slots, rows.q_pos, rows.last_pos, key_len,
+        scale=cfg.query_scale, softcap=cfg.attn_softcap,
+    )
     attn = jnp.transpose(out, (1, 2, 4, 0, 3)).reshape(cfg.q_size, B * n)
-    x = x + linear(layer.wo, attn, layer.bo)
-    h = rms_norm(x, layer.ln2, cfg.rms_norm_eps)
-    return x + mlp(cfg, layer, h), k_cache, v_cache
+    attn = linear(layer.wo, attn, layer.bo)
+    if layer.ln_pre_mlp is not None and layer.ln_post_mlp is not None:
+        # Gemma: post-attention norm on the attention's output, and norms around the MLP.
+        x = x + rms_norm(attn, layer.ln2, eps, plus)
+        h = rms_norm(x, layer.ln_pre_mlp, eps, plus)
+        return x + rms_norm(_mlp(cfg, layer, h), layer.ln_post_mlp, eps, plus), k_cache, v_cache
+    x = x + attn
+    h = rms_norm(x, layer.ln2, eps, plus)
+    return x + _mlp(cfg, layer, h), k_cache, v_cache
 
 
-def mlp(cfg: ModelConfig, layer: LayerParams, h: jax.Array) -> jax.Array:
-    """The layer's MLP on the normed h [H, M]: SwiGLU, or a sparse layer's experts."""
+def _mlp(cfg: ModelConfig, layer: LayerParams, h: jax.Array) -> jax.Array:
+    """The gated MLP: down(act(gate(h)) * up(h)), or a sparse layer's experts (moe.py)."""
     if layer.moe is not None:
         return moe_mlp(layer.moe, h, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     assert layer.wg is not None and layer.wu is not None and layer.wd is not None
-    return linear(layer.wd, jax.nn.silu(linear(layer.wg, h)) * linear(layer.wu, h))
+    return linear(layer.wd, _activation(cfg, linear(layer.wg, h)) * linear(layer.wu, h))
 
 
-def embed(params: PartitionParams, ids: jax.Array) -> jax.Array:
-    """Token ids [M] (already range-checked on the host) -> hidden [H, M]."""
+def embed(cfg: ModelConfig, params: PartitionParams, ids: jax.Array) -> jax.Array:
+    """Token ids [M] (already range-checked on the host) -> hidden [H, M] (times Gemma's
+    embedding scale, rounded to the table's dtype as transformers does)."""
     assert params.embed is not None
     if isinstance(params.embed, QuantMatrix):
-        return take_rows(params.embed, ids).T
-    return jnp.take(params.embed, ids, axis=0).T
+        x = take_rows(params.embed, ids).T
+    else:
+        x = jnp.take(params.embed, ids, axis=0).T
+    if cfg.embed_scale is not None:
+        x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(x.dtype)
+    return x
 
 
 def pooled_last(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.Array:
@@ -136,7 +202,7 @@ def pooled_last(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.
     input (causal attention), so it is what decoder embedding models (e5-mistral, Qwen3-
     Embedding, gte-Qwen2) pool."""
     assert params.final_norm is not None
-    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps).astype(jnp.float32)
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one).astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(h * h, axis=0, keepdims=True))
     return (h / jnp.maximum(norm, 1e-12)).T
 
@@ -149,7 +215,7 @@ def head_logits(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.
     int8 table accumulates in int32 (w8a8) or float32 and is rescaled in float32.
     """
     assert params.final_norm is not None
-    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     table = params.head if params.head is not None else params.embed
     assert table is not None
     if isinstance(table, QuantMatrix):
@@ -162,6 +228,8 @@ def head_logits(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.
         logits = jax.lax.dot_general(
             table, h, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
+    if cfg.final_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     # The barrier keeps the transpose a separate copy: fused with it, XLA CPU computes the
     # product as x.T @ W.T, 4.4x slower for 8 rows of the Qwen2.5 head (110 ms vs 25 ms).
     return jax.lax.optimization_barrier(logits).T

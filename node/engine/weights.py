@@ -22,6 +22,7 @@ which JAX flattens to nothing, so they cost no jit argument and no compiled op.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +41,6 @@ from node.engine.errors import (
     ModelConfigError,
     PartitionError,
     ShapeMismatchError,
-    UnsupportedModelError,
     WeightsError,
 )
 from node.engine.gguf import GGUF_MAGIC, GGUFWeights, decode, gguf_index, unpermute
@@ -118,6 +118,11 @@ class LayerParams:
     wg: Weight | None  # gate [F, H]; None in a sparse (MoE) layer
     wu: Weight | None  # up [F, H]
     wd: Weight | None  # down [H, F]
+    q_norm: jax.Array | None = None  # [D] per-head RMSNorm of q (Qwen3, Gemma 3)
+    k_norm: jax.Array | None = None  # [D]
+    # Gemma: ln2 is the attention output's norm; these wrap the MLP.
+    ln_pre_mlp: jax.Array | None = None  # [H]
+    ln_post_mlp: jax.Array | None = None  # [H]
     moe: MoEParams | None = None  # a sparse layer's experts and router (moe.py)
 
 
@@ -370,24 +375,37 @@ def head_shares_embedding(config: ModelConfig, spec: PartitionSpec) -> bool:
     return config.tie_word_embeddings and spec.has_head and spec.has_embedding
 
 
+def _layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
+    p = f"model.layers.{i}."
+    names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    if config.sandwich_norms:
+        names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
+    if config.fused:
+        names += [p + "self_attn.qkv_proj.weight", p + "self_attn.o_proj.weight"]
+    else:
+        names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if config.qk_norm:
+        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+    if config.qkv_bias:
+        names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+    if config.o_bias:
+        names.append(p + "self_attn.o_proj.bias")
+    if config.is_sparse(i):
+        names += expert_names(p + "mlp.", config.num_experts, stacked=False)
+    elif config.fused:
+        names += [p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
+    else:
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return names
+
+
 def partition_tensor_names(config: ModelConfig, spec: PartitionSpec) -> list[str]:
     """The checkpoint tensor names a partition reads."""
     names: list[str] = []
     if spec.has_embedding or (spec.has_head and config.tie_word_embeddings):
         names.append("model.embed_tokens.weight")
     for i in range(spec.start, spec.end):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names.append(p + f"self_attn.{proj}.weight")
-        if config.qkv_bias:
-            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        if config.o_bias:
-            names.append(p + "self_attn.o_proj.bias")
-        if config.is_sparse(i):
-            names += expert_names(p + "mlp.", config.num_experts, stacked=False)
-        else:
-            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += _layer_tensor_names(config, i)
     if spec.has_head:
         names.append("model.norm.weight")
         if not config.tie_word_embeddings:
@@ -417,12 +435,6 @@ def load_params(
     weights="int8": every matrix (embedding, head, the layers' projections) is quantized
     on the host right after it is read (quant.py), from the file's dtype."""
     spec.validate(config)
-    if config.model_type == "qwen3_moe" and not hasattr(config, "qk_norm"):
-        # Until Qwen3 attention (per-head q_norm/k_norm) is in the engine.
-        raise UnsupportedModelError(
-            "Qwen3-MoE attention normalises each head's queries and keys (q_norm/k_norm), "
-            "which this engine does not do yet"
-        )
     int8 = check_weights(weights) != NATIVE
     target = jnp.dtype(dtype)
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -431,11 +443,22 @@ def load_params(
     def get(name: str, shape: tuple[int, ...]) -> jax.Array:
         return _put(source.read(name, shape), target)
 
+    def device(host: np.ndarray) -> Weight:
+        if not int8:
+            arr = jnp.asarray(host)
+            return (arr if arr.dtype == target else arr.astype(target)).block_until_ready()
+        return jax.block_until_ready(quantize_host(host, dtype, default_kernel()))
+
     def mat(name: str, shape: tuple[int, ...]) -> Weight:
         if not int8:
             return get(name, shape)
-        quantized = quantize_host(source.read(name, shape), dtype, default_kernel())
-        return jax.block_until_ready(quantized)
+        return device(source.read(name, shape))
+
+    def rows_of(name: str, parts: tuple[int, ...]) -> list[Weight]:
+        """A fused matrix (Phi-3's qkv_proj, gate_up_proj) split by rows into `parts`."""
+        fused = source.read(name, (sum(parts), H))
+        bounds = np.cumsum((0, *parts))
+        return [device(fused[a:b]) for a, b in itertools.pairwise(bounds)]
 
     def sparse_mlp(i: int) -> MoEParams:
         kernel = default_kernel()
@@ -451,20 +474,35 @@ def load_params(
         a = p + "self_attn."
         bias = config.qkv_bias
         sparse = config.is_sparse(i)
+        wg: Weight | None = None
+        wu: Weight | None = None
+        if config.fused:
+            wq, wk, wv = rows_of(a + "qkv_proj.weight", (Q, KV, KV))
+            wg, wu = rows_of(p + "mlp.gate_up_proj.weight", (F, F))
+        else:
+            wq, wk, wv = (mat(a + f"{x}_proj.weight", s) for x, s in (("q", (Q, H)), ("k", (KV, H)), ("v", (KV, H))))
+            if not sparse:
+                wg, wu = mat(p + "mlp.gate_proj.weight", (F, H)), mat(p + "mlp.up_proj.weight", (F, H))
+        D = config.head_dim
+        sandwich = config.sandwich_norms
         return LayerParams(
             ln1=get(p + "input_layernorm.weight", (H,)),
-            wq=mat(a + "q_proj.weight", (Q, H)),
-            wk=mat(a + "k_proj.weight", (KV, H)),
-            wv=mat(a + "v_proj.weight", (KV, H)),
+            wq=wq,
+            wk=wk,
+            wv=wv,
             bq=get(a + "q_proj.bias", (Q,)) if bias else None,
             bk=get(a + "k_proj.bias", (KV,)) if bias else None,
             bv=get(a + "v_proj.bias", (KV,)) if bias else None,
             wo=mat(a + "o_proj.weight", (H, Q)),
             bo=get(a + "o_proj.bias", (H,)) if config.o_bias else None,
             ln2=get(p + "post_attention_layernorm.weight", (H,)),
-            wg=None if sparse else mat(p + "mlp.gate_proj.weight", (F, H)),
-            wu=None if sparse else mat(p + "mlp.up_proj.weight", (F, H)),
+            wg=wg,
+            wu=wu,
             wd=None if sparse else mat(p + "mlp.down_proj.weight", (H, F)),
+            q_norm=get(a + "q_norm.weight", (D,)) if config.qk_norm else None,
+            k_norm=get(a + "k_norm.weight", (D,)) if config.qk_norm else None,
+            ln_pre_mlp=get(p + "pre_feedforward_layernorm.weight", (H,)) if sandwich else None,
+            ln_post_mlp=get(p + "post_feedforward_layernorm.weight", (H,)) if sandwich else None,
             moe=sparse_mlp(i) if sparse else None,
         )
 

@@ -17,6 +17,7 @@ from node.gguf.config import SUPPORTED_TYPES, GGUFConfigError, hf_config
 from node.gguf.tokenizer import tokenizer_files
 from node.gguf.wordpiece import bert_tokenizer_files
 from protocol.gguf import GGUFHeader
+from protocol.safetensors import TensorInfo
 
 __all__ = ["check_types", "read_sidecars", "sidecar_files", "write_sidecars"]
 
@@ -33,27 +34,41 @@ def check_types(header: GGUFHeader) -> None:
             )
 
 
+def _factors(info: TensorInfo | None, read: Callable[[int, int], bytes]) -> list[float] | None:
+    """The values of a RoPE factor tensor (rope_freqs, rope_factors_short/long), None if absent.
+    One factor per rotated pair of a head's dimensions: read no more than that can be."""
+    if info is None:
+        return None
+    if info.dtype != "F32" or len(info.shape) != 1 or info.shape[0] > _MAX_ROPE_FACTORS:
+        raise GGUFConfigError(
+            f"{info.name} should be a 1-D F32 tensor of at most {_MAX_ROPE_FACTORS} factors, "
+            f"got {info.dtype} {list(info.shape)}"
+        )
+    raw = read(info.offset, info.length)
+    if len(raw) != info.length:
+        raise GGUFConfigError(f"{info.name} runs past the end of the file (truncated?)")
+    return list(struct.unpack(f"<{info.shape[0]}f", raw))
+
+
 def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict[str, bytes]:
     """{file name: bytes} for config.json, tokenizer.json, tokenizer_config.json and
-    generation_config.json; ``read(offset, length)`` reads the GGUF (for rope_freqs)."""
+    generation_config.json; ``read(offset, length)`` reads the GGUF (for the RoPE factor
+    tensors: rope_freqs, or Phi-3's rope_factors_short and rope_factors_long)."""
     check_types(header)
     names = {t.name: t for t in header.tensors}
-    factors = None
-    freqs = names.get("rope_freqs.weight")
-    if freqs is not None:
-        # One factor per rotated pair of a head's dimensions: read no more than that can be.
-        if freqs.dtype != "F32" or len(freqs.shape) != 1 or freqs.shape[0] > _MAX_ROPE_FACTORS:
-            raise GGUFConfigError(
-                f"rope_freqs.weight should be a 1-D F32 tensor of at most {_MAX_ROPE_FACTORS} factors, "
-                f"got {freqs.dtype} {list(freqs.shape)}"
-            )
-        raw = read(freqs.offset, freqs.length)
-        if len(raw) != freqs.length:
-            raise GGUFConfigError("rope_freqs.weight runs past the end of the file (truncated?)")
-        factors = list(struct.unpack(f"<{freqs.shape[0]}f", raw))
+    factors = _factors(names.get("rope_freqs.weight"), read)
+    short = _factors(names.get("rope_factors_short.weight"), read)
+    long = _factors(names.get("rope_factors_long.weight"), read)
+    if (short is None) != (long is None):
+        raise GGUFConfigError(
+            "the GGUF has only one of rope_factors_short.weight and rope_factors_long.weight; "
+            "longrope needs both"
+        )
+    longrope = (short, long) if short is not None and long is not None else None
     plain = {t.dtype for t in header.tensors if t.dtype in ("F16", "BF16")}
     dtype = "bfloat16" if plain == {"BF16"} else "float32"
-    config = hf_config(header.metadata, tied="output.weight" not in names, rope_factors=factors, dtype=dtype)
+    config = hf_config(header.metadata, tied="output.weight" not in names, rope_factors=factors,
+                       longrope=longrope, dtype=dtype)
     files = {"config.json": json.dumps(config, indent=1).encode()}
     if header.metadata.get("tokenizer.ggml.model") == "bert":
         files.update(bert_tokenizer_files(header.metadata))

@@ -193,7 +193,7 @@ def test_counts_hold_every_expert_and_active_counts_k() -> None:
     cfg = parse_config(_with(mlp_only_layers=[0]))
     spec = PartitionSpec(0, 4, False, False)
     H, Q, KV = 64, 64, 32
-    attn = 2 * H + H * (Q + 2 * KV) + Q * H
+    attn = 2 * H + H * (Q + 2 * KV) + Q * H + 2 * 16  # norms, projections, q/k norms
     dense = attn + 3 * H * 96
     sparse = attn + 8 * H + 8 * 3 * H * 32
     assert partition_param_count(cfg, spec) == dense + 3 * sparse
@@ -205,7 +205,7 @@ def test_counts_hold_every_expert_and_active_counts_k() -> None:
     def q(rows: int, cols: int) -> int:
         return rows * cols + 4 * rows
 
-    attn8 = q(Q, H) + 2 * q(KV, H) + q(H, Q) + 4 * 2 * H
+    attn8 = q(Q, H) + 2 * q(KV, H) + q(H, Q) + 4 * (2 * H + 2 * 16)
     dense8 = attn8 + 2 * q(96, H) + q(H, 96)
     sparse8 = attn8 + 4 * 8 * H + 2 * q(8 * 32, H) + q(8 * H, 32)
     assert partition_weight_bytes(cfg, spec, "float32", "int8") == dense8 + 3 * sparse8

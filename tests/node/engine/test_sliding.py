@@ -60,8 +60,8 @@ def test_ring_cache_matches_transformers(mistral: tuple[Path, object]) -> None:
         prefill_chunk=32,
         attn_block=16,
     )
-    geom = chain.partitions[0].geom
-    assert geom.ring and geom.length == 48  # window + chunk, not the 256-token context
+    geom = chain.partitions[0].shape.local
+    assert geom is not None and geom.ring and geom.length == 48  # window + chunk, not the 256-token context
     ids = [int(x) for x in np.random.default_rng(5).integers(0, 320, 100)]
     caches, logits = chain.prefill(chain.new_caches(2), ids, slot=1, all_logits=True)
     assert caches[0].k[0].shape[2] == 48

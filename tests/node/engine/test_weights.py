@@ -165,7 +165,7 @@ def test_memory_accounting_matches_allocation(
         weights = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(part.params))
         assert partition_param_count(cfg, spec) * jnp.dtype(dtype).itemsize == weights, spec
         assert (
-            cache_nbytes(cfg, spec.end - spec.start, 3, part.geom.length, jnp.dtype(dtype).itemsize)
+            cache_nbytes(cfg, part.lengths, 3, jnp.dtype(dtype).itemsize)
             == cache.nbytes
         )
     spec = specs[1]
