@@ -26,6 +26,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _MODEL_TYPES = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 # Encoder-only embedding models, served by node/engine/bert.py (no JAX imported here).
@@ -104,6 +105,18 @@ class ModelConfig:
     local_rope_scaling: RopeScaling | None = None
     rotary_dim: int | None = None  # partial rotary (Phi): the first features of each head
     fused: bool = False  # Phi-3 checkpoints: qkv_proj and gate_up_proj, split at load
+    # Mixture of experts (Qwen3-MoE, node/engine/moe.py): the layers in sparse_layers have
+    # num_experts experts of moe_intermediate_size, num_experts_per_tok chosen per token;
+    # the others a dense MLP of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    sparse_layers: tuple[int, ...] = ()
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is the mixture of experts."""
+        return layer in self.sparse_layers
 
     @property
     def model_type(self) -> str:
@@ -308,6 +321,56 @@ def _layer_sliding(raw: Mapping[str, Any], model_type: str, layers: int) -> tupl
     return None
 
 
+def _parse_moe(raw: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """The mixture-of-experts keys of a Qwen3-MoE config.json, as ModelConfig fields.
+
+    Sparse layers as transformers decides them: layer i is sparse unless it is listed in
+    mlp_only_layers, when (i + 1) is a multiple of decoder_sparse_step."""
+    names = [k for k in ("num_experts", "num_local_experts") if raw.get(k) is not None]
+    if not names:
+        raise ModelConfigError(
+            "config.json has no 'num_experts' (or 'num_local_experts'); a Qwen3-MoE model "
+            "needs its expert count. Use the config.json that came with the checkpoint."
+        )
+    experts = _require(raw, names[0], int)
+    if len(names) == 2 and raw[names[1]] != experts:
+        raise ModelConfigError(
+            f"config.json num_experts={raw['num_experts']!r} and num_local_experts="
+            f"{raw['num_local_experts']!r} disagree; keep one of them"
+        )
+    top_k = _require(raw, "num_experts_per_tok", int)
+    width = _require(raw, "moe_intermediate_size", int)
+    step = raw.get("decoder_sparse_step", 1)  # transformers' defaults, here and below
+    dense = raw.get("mlp_only_layers") or []
+    norm = raw.get("norm_topk_prob", False)
+    if experts < 1 or width < 1:
+        raise ModelConfigError(
+            f"config.json num_experts={experts} and moe_intermediate_size={width} must be >= 1"
+        )
+    if not 1 <= top_k <= experts:
+        raise ModelConfigError(
+            f"config.json num_experts_per_tok={top_k} must be between 1 and num_experts={experts}"
+        )
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ModelConfigError(f"config.json decoder_sparse_step should be an integer >= 1, got {step!r}")
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise ModelConfigError(f"config.json mlp_only_layers should be a list of layer numbers, got {dense!r}")
+    if not isinstance(norm, bool):
+        raise ModelConfigError(f"config.json norm_topk_prob should be true or false, got {norm!r}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"Qwen3-MoE experts with hidden_act {raw['hidden_act']!r}: only 'silu' is supported")
+    if raw.get("shared_expert_intermediate_size"):
+        raise UnsupportedModelError("shared experts (shared_expert_intermediate_size) are not supported")
+    sparse = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": width,
+        "norm_topk_prob": norm,
+        "sparse_layers": sparse,
+    }
+
+
 def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     """Validate a parsed config.json and turn it into a ModelConfig."""
     archs = raw.get("architectures")
@@ -370,7 +433,9 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     layer_sliding = _layer_sliding(raw, model_type, layers)
     if model_type == "llama" or (layer_sliding is not None and not any(layer_sliding)):
         sliding = None
-    if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window"):
+    if model_type == "qwen3_moe" and raw.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{arch} sliding-window attention (use_sliding_window) is not supported")
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not raw.get("use_sliding_window"):
         sliding = layer_sliding = None  # as transformers: no window unless asked for
     if sliding is not None and (isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1):
         raise ModelConfigError(f"config.json sliding_window should be a positive integer, got {sliding!r}")
@@ -418,7 +483,7 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
         torch_dtype=str(dtype) if dtype else None,
         rope_factors=tuple(float(f) for f in factors) if factors is not None else None,
         layer_sliding=layer_sliding if sliding else None,
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
         norm_plus_one=gemma,
         activation=ACTIVATIONS[act],
         embed_scale=float(hidden) ** 0.5 if gemma else None,
@@ -430,6 +495,7 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
         local_rope_scaling=local_scaling,
         rotary_dim=rotary_dim,
         fused=model_type == "phi3",
+        **(_parse_moe(raw, layers) if model_type == "qwen3_moe" else {}),
     )
 
 

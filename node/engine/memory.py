@@ -48,6 +48,7 @@ from node.engine.cache import (
     layer_lengths,
 )
 from node.engine.config import SUPPORTED_DTYPES, ModelConfig
+from node.engine.moe import MoEParams
 from node.engine.quant import (
     BLOCK_ENTRIES,
     NATIVE,
@@ -63,20 +64,36 @@ from node.engine.weights import LayerParams, PartitionParams, PartitionSpec, hea
 DEFAULT_PREFILL_CHUNK = 512
 
 
-def partition_param_count(config: ModelConfig, spec: PartitionSpec) -> int:
-    """Number of parameters a partition holds, in the engine's layout."""
-    H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    Q, KV = config.q_size, config.kv_size
-    per_layer = 2 * H + H * (Q + 2 * KV) + Q * H + 3 * H * F
+def _mlp_params(config: ModelConfig, layer: int, active: bool = False) -> int:
+    """A layer's MLP parameters: every expert and the router in a sparse layer (all of
+    them live on the node), or with `active` only the k experts a token runs."""
+    H = config.hidden_size
+    if not config.is_sparse(layer):
+        return 3 * H * config.intermediate_size
+    experts = config.num_experts_per_tok if active else config.num_experts
+    return config.num_experts * H + experts * 3 * H * config.moe_intermediate_size
+
+
+def _layer_params(config: ModelConfig, layer: int, active: bool = False) -> int:
+    H, Q, KV = config.hidden_size, config.q_size, config.kv_size
+    count = 2 * H + H * (Q + 2 * KV) + Q * H + _mlp_params(config, layer, active)
     if config.qk_norm:
-        per_layer += 2 * config.head_dim
+        count += 2 * config.head_dim
     if config.sandwich_norms:
-        per_layer += 2 * H
+        count += 2 * H
     if config.qkv_bias:
-        per_layer += Q + 2 * KV
+        count += Q + 2 * KV
     if config.o_bias:
-        per_layer += H
-    count = (spec.end - spec.start) * per_layer
+        count += H
+    return count
+
+
+def partition_param_count(config: ModelConfig, spec: PartitionSpec, *, active: bool = False) -> int:
+    """Number of parameters a partition holds, in the engine's layout; with `active`,
+    those one token's step multiplies (a sparse layer's k chosen experts, not all E:
+    the compute figure of a mixture-of-experts model)."""
+    V, H = config.vocab_size, config.hidden_size
+    count = sum(_layer_params(config, i, active) for i in range(spec.start, spec.end))
     if spec.has_embedding:
         count += V * H
     if spec.has_head:
@@ -90,8 +107,13 @@ def _matrix_shapes(config: ModelConfig, spec: PartitionSpec) -> list[tuple[int, 
     """[out, in] of every matrix a partition holds (what weights="int8" quantizes)."""
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     Q, KV = config.q_size, config.kv_size
-    layer = [(Q, H), (KV, H), (KV, H), (H, Q), (F, H), (F, H), (H, F)]
-    shapes = layer * (spec.end - spec.start)
+    E, FE = config.num_experts, config.moe_intermediate_size
+    shapes: list[tuple[int, int]] = []
+    for i in range(spec.start, spec.end):
+        shapes += [(Q, H), (KV, H), (KV, H), (H, Q)]
+        # int8 experts: one scale per expert and row, as [E * rows, cols]; the router stays.
+        shapes += [(E * FE, H), (E * FE, H), (E * H, FE)] if config.is_sparse(i) else [
+            (F, H), (F, H), (H, F)]
     if spec.has_embedding:
         shapes.append((V, H))
     if spec.has_head and not head_shares_embedding(config, spec):
@@ -159,31 +181,46 @@ def _abstract_params(
         return a(*shape) if config.qkv_bias else None
 
     D = config.head_dim
-    layer = LayerParams(
-        a(H),
-        m(Q, H),
-        m(KV, H),
-        m(KV, H),
-        b(Q),
-        b(KV),
-        b(KV),
-        m(H, Q),
-        a(H) if config.o_bias else None,
-        a(H),
-        m(F, H),
-        m(F, H),
-        m(H, F),
-        q_norm=a(D) if config.qk_norm else None,
-        k_norm=a(D) if config.qk_norm else None,
-        ln_pre_mlp=a(H) if config.sandwich_norms else None,
-        ln_post_mlp=a(H) if config.sandwich_norms else None,
-    )
+
+    def experts(rows: int, cols: int) -> Any:
+        E = config.num_experts
+        if weights == NATIVE:
+            return a(E, rows, cols)
+        q: Any = jax.ShapeDtypeStruct((E, rows, cols), jnp.int8)
+        scale: Any = jax.ShapeDtypeStruct((E, rows), jnp.float32)
+        return QuantMatrix(q, scale, str(dt), kernel)
+
+    def layer(i: int) -> LayerParams:
+        sparse = config.is_sparse(i)
+        FE = config.moe_intermediate_size
+        moe = MoEParams(a(config.num_experts, H), experts(FE, H), experts(FE, H), experts(H, FE))
+        return LayerParams(
+            a(H),
+            m(Q, H),
+            m(KV, H),
+            m(KV, H),
+            b(Q),
+            b(KV),
+            b(KV),
+            m(H, Q),
+            a(H) if config.o_bias else None,
+            a(H),
+            None if sparse else m(F, H),
+            None if sparse else m(F, H),
+            None if sparse else m(H, F),
+            q_norm=a(D) if config.qk_norm else None,
+            k_norm=a(D) if config.qk_norm else None,
+            ln_pre_mlp=a(H) if config.sandwich_norms else None,
+            ln_post_mlp=a(H) if config.sandwich_norms else None,
+            moe=moe if sparse else None,
+        )
+
     head = None
     if spec.has_head and not head_shares_embedding(config, spec):
         head = m(V, H)
     return PartitionParams(
         m(V, H) if spec.has_embedding else None,
-        tuple(layer for _ in range(layers)),
+        tuple(layer(spec.start + i) for i in range(layers)),
         a(H) if spec.has_head else None,
         head,
     )
@@ -312,6 +349,9 @@ def _largest_tensor(config: ModelConfig, spec: PartitionSpec) -> int:
     elems = [H]
     if spec.end > spec.start:
         elems += [F * H, config.q_size * H]
+    if any(config.is_sparse(i) for i in range(spec.start, spec.end)):
+        # The stacked experts of one matrix, plus the last expert read before stacking.
+        elems.append((config.num_experts + 1) * config.moe_intermediate_size * H)
     if spec.has_embedding or spec.has_head:
         elems.append(V * H)
     return max(elems)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from node.engine.attention import attend
 from node.engine.cache import CacheGeometry
 from node.engine.config import ModelConfig
+from node.engine.moe import moe_mlp
 from node.engine.quant import QuantMatrix, Weight, qmatmul, take_rows
 from node.engine.weights import LayerParams, PartitionParams
 
@@ -175,7 +176,10 @@ def layer_forward(
 
 
 def _mlp(cfg: ModelConfig, layer: LayerParams, h: jax.Array) -> jax.Array:
-    """The gated MLP: down(act(gate(h)) * up(h))."""
+    """The gated MLP: down(act(gate(h)) * up(h)), or a sparse layer's experts (moe.py)."""
+    if layer.moe is not None:
+        return moe_mlp(layer.moe, h, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    assert layer.wg is not None and layer.wu is not None and layer.wd is not None
     return linear(layer.wd, _activation(cfg, linear(layer.wg, h)) * linear(layer.wu, h))
 
 

@@ -44,6 +44,7 @@ from node.engine.errors import (
     WeightsError,
 )
 from node.engine.gguf import GGUF_MAGIC, GGUFWeights, Restore, decode, gguf_index, restore
+from node.engine.moe import MoEParams, expert_names, load_moe, quantize_experts
 from node.engine.quant import (
     NATIVE,
     QuantMatrix,
@@ -114,14 +115,15 @@ class LayerParams:
     wo: Weight  # [H, q]
     bo: jax.Array | None  # [H]; attention_bias (not Qwen2)
     ln2: jax.Array  # post-attention RMSNorm [H]
-    wg: Weight  # gate [F, H]
-    wu: Weight  # up [F, H]
-    wd: Weight  # down [H, F]
+    wg: Weight | None  # gate [F, H]; None in a sparse (MoE) layer
+    wu: Weight | None  # up [F, H]
+    wd: Weight | None  # down [H, F]
     q_norm: jax.Array | None = None  # [D] per-head RMSNorm of q (Qwen3, Gemma 3)
     k_norm: jax.Array | None = None  # [D]
     # Gemma: ln2 is the attention output's norm; these wrap the MLP.
     ln_pre_mlp: jax.Array | None = None  # [H]
     ln_post_mlp: jax.Array | None = None  # [H]
+    moe: MoEParams | None = None  # a sparse layer's experts and router (moe.py)
 
 
 @jax.tree_util.register_dataclass
@@ -389,7 +391,9 @@ def _layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
         names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
     if config.o_bias:
         names.append(p + "self_attn.o_proj.bias")
-    if config.fused:
+    if config.is_sparse(i):
+        names += expert_names(p + "mlp.", config.num_experts, stacked=False)
+    elif config.fused:
         names += [p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
     else:
         names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
@@ -408,6 +412,15 @@ def partition_tensor_names(config: ModelConfig, spec: PartitionSpec) -> list[str
         if not config.tie_word_embeddings:
             names.append("lm_head.weight")
     return names
+
+
+def _put(host: np.ndarray, target: Any) -> jax.Array:
+    """A host array on the device in the compute dtype (converted there)."""
+    arr = jnp.asarray(host)
+    arr = arr if arr.dtype == target else arr.astype(target)
+    # Transfers are asynchronous and keep their host bytes alive until done: wait, so
+    # the host holds one tensor at a time (memory.py counts exactly that).
+    return arr.block_until_ready()
 
 
 def load_params(
@@ -429,11 +442,7 @@ def load_params(
     Q, KV = config.q_size, config.kv_size
 
     def get(name: str, shape: tuple[int, ...]) -> jax.Array:
-        arr = jnp.asarray(source.read(name, shape))
-        arr = arr if arr.dtype == target else arr.astype(target)
-        # Transfers are asynchronous and keep their host bytes alive until done: wait, so
-        # the host holds one tensor at a time (memory.py counts exactly that).
-        return arr.block_until_ready()
+        return _put(source.read(name, shape), target)
 
     def device(host: np.ndarray) -> Weight:
         if not int8:
@@ -452,16 +461,29 @@ def load_params(
         bounds = np.cumsum((0, *parts))
         return [device(fused[a:b]) for a, b in itertools.pairwise(bounds)]
 
+    def sparse_mlp(i: int) -> MoEParams:
+        kernel = default_kernel()
+        return load_moe(
+            source.read, lambda name: name in source.index, f"model.layers.{i}.mlp.",
+            (config.num_experts, H, config.moe_intermediate_size),
+            lambda host: _put(host, target),
+            (lambda host: quantize_experts(host, dtype, kernel)) if int8 else None,
+        )
+
     def layer(i: int) -> LayerParams:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         bias = config.qkv_bias
+        sparse = config.is_sparse(i)
+        wg: Weight | None = None
+        wu: Weight | None = None
         if config.fused:
             wq, wk, wv = rows_of(a + "qkv_proj.weight", (Q, KV, KV))
             wg, wu = rows_of(p + "mlp.gate_up_proj.weight", (F, F))
         else:
             wq, wk, wv = (mat(a + f"{x}_proj.weight", s) for x, s in (("q", (Q, H)), ("k", (KV, H)), ("v", (KV, H))))
-            wg, wu = mat(p + "mlp.gate_proj.weight", (F, H)), mat(p + "mlp.up_proj.weight", (F, H))
+            if not sparse:
+                wg, wu = mat(p + "mlp.gate_proj.weight", (F, H)), mat(p + "mlp.up_proj.weight", (F, H))
         D = config.head_dim
         sandwich = config.sandwich_norms
         return LayerParams(
@@ -477,11 +499,12 @@ def load_params(
             ln2=get(p + "post_attention_layernorm.weight", (H,)),
             wg=wg,
             wu=wu,
-            wd=mat(p + "mlp.down_proj.weight", (H, F)),
+            wd=None if sparse else mat(p + "mlp.down_proj.weight", (H, F)),
             q_norm=get(a + "q_norm.weight", (D,)) if config.qk_norm else None,
             k_norm=get(a + "k_norm.weight", (D,)) if config.qk_norm else None,
             ln_pre_mlp=get(p + "pre_feedforward_layernorm.weight", (H,)) if sandwich else None,
             ln_post_mlp=get(p + "post_feedforward_layernorm.weight", (H,)) if sandwich else None,
+            moe=sparse_mlp(i) if sparse else None,
         )
 
     embed = mat("model.embed_tokens.weight", (V, H)) if spec.has_embedding else None

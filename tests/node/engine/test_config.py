@@ -104,12 +104,29 @@ def test_missing_key_is_named(key: str) -> None:
         ({"hidden_act": "gelu"}, "gelu"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "sliding"),
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "text-only"),
+        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 4,
+          "layer_types": ["full_attention"] * 2}, None),
     ],
 )
-def test_unsupported_features_are_named(changes: dict[str, Any], match: str) -> None:
+def test_unsupported_features_are_named(changes: dict[str, Any], match: str | None) -> None:
+    if match is None:  # once refused, now run: Qwen2's layers that name their attention
+        assert parse_config(_with(**changes)).sliding_window is None
+        return
     with pytest.raises(UnsupportedModelError, match=match):
         parse_config(_with(**changes))
+
+
+def test_qwen2_sliding_layers_and_bad_layer_types() -> None:
+    cfg = parse_config(_with(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=4,
+                             max_window_layers=1, layer_types=None))
+    layers = cfg.num_layers
+    assert cfg.sliding_window == 4 and [cfg.is_sliding(i) for i in range(layers)] == [i >= 1 for i in range(layers)]
+    with pytest.raises(ModelConfigError, match="layer_types"):
+        parse_config(_with(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=4,
+                           layer_types=["sliding_attention"]))
+    with pytest.raises(ModelConfigError, match="sliding_window"):
+        parse_config(_with(architectures=["MistralForCausalLM"], sliding_window=0))
 
 
 def test_malformed_values(tmp_path: Path) -> None:
