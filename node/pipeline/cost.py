@@ -81,11 +81,13 @@ def encoder_cost(config: Any, dtype: str, context: int, slots: int) -> ModelCost
 
 
 def _distinct_layers(config: Any) -> list[int]:
-    """One layer of each kind (sliding or full attention): what a layer holds depends on
-    nothing else."""
-    first: dict[bool, int] = {}
+    """One layer of each kind (sliding or full attention, experts or a dense MLP): what a
+    layer holds depends on nothing else."""
+    first: dict[tuple[bool, bool], int] = {}
     for i in range(config.num_layers):
-        first.setdefault(bool(config.is_sliding(i)) if hasattr(config, "is_sliding") else False, i)
+        sliding = bool(config.is_sliding(i)) if hasattr(config, "is_sliding") else False
+        sparse = bool(config.is_sparse(i)) if hasattr(config, "is_sparse") else False
+        first.setdefault((sliding, sparse), i)
     return sorted(first.values())
 
 

@@ -107,8 +107,10 @@ def _config(arch: str, vocab: int, specials: dict[str, int]) -> Any:
     )
 
 
-def make_tiny_arch(arch: str, out: Path, *, seed: int = 0) -> Path:
-    """A tiny random ``arch`` checkpoint (ARCHS) with its family's tokenizer, saved in ``out``."""
+def make_tiny_arch(arch: str, out: Path, *, seed: int = 0, layers: int | None = None) -> Path:
+    """A tiny random ``arch`` checkpoint (ARCHS) with its family's tokenizer (and, but for
+    Gemma's, a chat template of the family's form), saved in ``out``; ``layers`` overrides
+    the layer count."""
     import torch
     import transformers as T
 
@@ -128,13 +130,33 @@ def make_tiny_arch(arch: str, out: Path, *, seed: int = 0) -> Path:
         if phi:
             specials["bos_token_id"] = tok.token_to_id("<|endoftext|>")
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_config(arch, vocab, specials))
+    config = _config(arch, vocab, specials)
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = (config.layer_types * layers)[:layers]
+    model = T.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms away from their initial ones and zeros, so a wrong offset shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch == "gemma3" else 1.0))
     model.save_pretrained(str(out))
+    if arch != "gemma3":
+        tok_config = out / "tokenizer_config.json"
+        data = json.loads(tok_config.read_text())
+        data["chat_template"] = _PHI_TEMPLATE if arch == "phi3" else _QWEN_TEMPLATE
+        tok_config.write_text(json.dumps(data))
     return out
+
+
+_QWEN_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_PHI_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
+)
 
 
 def config_json(model_dir: Path) -> dict[str, Any]:

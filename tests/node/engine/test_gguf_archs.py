@@ -1,4 +1,4 @@
-"""Qwen3, Gemma 3 and Phi-3 written as GGUF (as llama.cpp's converter writes them) and
+"""Qwen3, Qwen3-MoE, Gemma 3 and Phi-3 written as GGUF (as llama.cpp's converter writes them) and
 read back through the import's sidecar config: greedy tokens equal transformers' on the
 original checkpoint, whole and split in three; F16 and Q8_0 files stay close to F32."""
 
@@ -27,7 +27,7 @@ from tests.helpers.tiny_archs import make_tiny_arch
 PROMPT = [5, 77, 301, 12, 9, 140, 33, 260, 18, 4, 99, 120]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "gemma3", "phi3"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3moe", "gemma3", "phi3"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_arch(request.param, tmp_path_factory.mktemp(request.param) / "hf")
 
