@@ -20,6 +20,7 @@ from node.engine import (
     load_config,
     split_layers,
 )
+from node.engine.tokenizer import Tokenizer
 from node.gguf.sidecar import write_sidecars
 from node.testing.gguf_writer import write_gguf
 from tests.helpers.tiny_archs import make_tiny_arch
@@ -43,10 +44,13 @@ def _chain(gguf: Path, config_dir: Path, specs: list[PartitionSpec] | None = Non
 def test_gguf_answers_like_transformers(checkpoint: Path, tmp_path: Path) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, pad_token_id=0)
-    want = [int(t) for t in out[0, len(PROMPT):]]
 
+    def hf_greedy(ids: list[int]) -> list[int]:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+        return [int(t) for t in out[0, len(ids):]]
+
+    want = hf_greedy(PROMPT)
     gguf = write_gguf(checkpoint, tmp_path / "m-F32.gguf", qtype="F32")
     side = write_sidecars(gguf, tmp_path / "side")
     config = load_config(side)
@@ -59,6 +63,13 @@ def test_gguf_answers_like_transformers(checkpoint: Path, tmp_path: Path) -> Non
     ]
     split = _chain(gguf, side, three)
     assert [t for t, _ in generate(split, PROMPT, SamplingParams(), 24)] == want
+
+    # A chat, rendered by the template and tokenizer the import wrote from the GGUF.
+    tok = Tokenizer.from_model_dir(side)
+    assert bool(tok.chat_template) == (config.architecture != "Gemma3ForCausalLM")  # the tiny Gemma has none
+    if tok.chat_template:
+        chat = tok.encode_chat([{"role": "user", "content": "¿Qué hora es? 12:30 😀"}])
+        assert [t for t, _ in generate(split, chat, SamplingParams(), 24)] == hf_greedy(chat)
 
     _, ref = whole.prefill(whole.new_caches(1), PROMPT, all_logits=True)
     ref = np.asarray(ref)
