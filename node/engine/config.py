@@ -371,14 +371,29 @@ def _parse_moe(raw: Mapping[str, Any], layers: int) -> dict[str, Any]:
     }
 
 
+def _text_config(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Gemma3ForConditionalGeneration's text_config, as the causal LM it holds."""
+    text = raw.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ModelConfigError("config.json of Gemma3ForConditionalGeneration has no text_config object")
+    merged = dict(text)
+    merged["architectures"] = ["Gemma3ForCausalLM"]
+    if "tie_word_embeddings" not in merged:
+        merged["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
+    for key in ("dtype", "torch_dtype"):
+        if key in raw and key not in merged:
+            merged[key] = raw[key]
+    return merged
+
+
 def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     """Validate a parsed config.json and turn it into a ModelConfig."""
     archs = raw.get("architectures")
     if archs == ["Gemma3ForConditionalGeneration"]:
-        raise UnsupportedModelError(
-            "Gemma3ForConditionalGeneration (the multimodal Gemma 3) is not supported; use a "
-            "text-only Gemma 3 (Gemma3ForCausalLM) or its GGUF"
-        )
+        # The multimodal Gemma 3: its language model runs as Gemma3ForCausalLM (the
+        # weights' prefix is the reader's: WeightSource), its vision tower stays unread.
+        raw = _text_config(raw)
+        archs = raw["architectures"]
     if archs:
         if not isinstance(archs, list) or len(archs) != 1:
             raise UnsupportedModelError(

@@ -254,6 +254,24 @@ def model_files(model_dir: str | os.PathLike[str]) -> list[str]:
     return files
 
 
+# Where a multimodal checkpoint keeps its language model (Gemma 3: transformers 4 and 5
+# save `language_model.model.*`; some conversions write `model.language_model.*`).
+LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.")
+
+
+def _alias_language_model(index: dict[str, TensorInfo]) -> None:
+    """File a multimodal checkpoint's language-model tensors under the causal LM's names
+    too (model.*, lm_head.weight); the vision tower's stay unread."""
+    if any(name.startswith("model.layers.") for name in index):
+        return
+    for name, info in list(index.items()):
+        for prefix in LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(prefix):
+                index.setdefault("model." + name[len(prefix):], info)
+        if name == "language_model.lm_head.weight":
+            index.setdefault("lm_head.weight", info)
+
+
 @dataclass
 class WeightSource:
     """The tensors of a checkpoint, read lazily through a byte-range reader.
@@ -289,6 +307,7 @@ class WeightSource:
                     self.restore.update(found.restore)
                 else:
                     self.index.update(parse_header(self.read_range, file_name))
+            _alias_language_model(self.index)
 
     def _header_reader(self) -> ReadRange:
         """``read_range``, cut at each file's header end where it is known."""

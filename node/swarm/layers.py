@@ -16,9 +16,11 @@ from protocol.manifest import Manifest
 
 __all__ = ["pieces_for_layers"]
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EMBED = "model.embed_tokens.weight"
-_HEAD = ("model.norm.weight", "lm_head.weight")
+# A multimodal checkpoint's language model (Gemma 3) under its prefix: the same pieces.
+_LM = r"^(?:model\.|language_model\.model\.|model\.language_model\.)"
+_LAYER = re.compile(_LM + r"layers\.(\d+)\.")
+_EMBED = re.compile(_LM + r"embed_tokens\.weight$")
+_HEAD = re.compile(_LM + r"norm\.weight$|^(?:language_model\.)?lm_head\.weight$")
 # An encoder (BERT) runs whole on one node: its stage holds the embedding and the "head".
 _ENCODER = re.compile(r"^(bert\.)?(embeddings|encoder)\.")
 
@@ -32,11 +34,11 @@ def pieces_for_layers(manifest: Manifest, start: int, end: int, *, has_embedding
             wanted = start <= int(match.group(1)) < end
         elif _ENCODER.match(t.name) is not None:
             wanted = has_embedding and has_head
-        elif t.name == _EMBED:
+        elif _EMBED.match(t.name) is not None:
             # A tied head is the embedding table: the last partition needs it too.
-            wanted = has_embedding or (has_head and "lm_head.weight" not in names)
+            wanted = has_embedding or (has_head and not any(n.endswith("lm_head.weight") for n in names))
         else:
-            wanted = has_head and t.name in _HEAD
+            wanted = has_head and _HEAD.match(t.name) is not None
         if wanted:
             ranges.append((t.file, t.offset, t.length))
     for f in manifest.files:

@@ -199,3 +199,33 @@ def test_sliding_layers_hold_only_their_window(arch_model: TinyModel) -> None:
             assert rows == 64  # two 32-key blocks: window + one 32-token chunk, rounded
         else:
             assert rows == part.max_context
+
+
+def test_multimodal_gemma3_runs_its_language_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration (the form of most Gemma 3 checkpoints): its text
+    model under `language_model.model.*` answers as transformers' does on text alone; the
+    vision tower's tensors are never read."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=96, vocab_size=VOCAB, sliding_window=8, tie_word_embeddings=False,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                       eoi_token_index=VOCAB - 2, tie_word_embeddings=False)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    _sharpen(model, 11)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = load_config(tmp_path)
+    assert cfg.architecture == "Gemma3ForCausalLM" and cfg.layer_sliding == (True, False)
+    tiny = TinyModel(tmp_path, cfg, model)
+    ids = [int(x) for x in np.random.default_rng(4).integers(0, VOCAB - 4, 12)]
+    want = _hf_greedy(tiny, ids, 24)
+    assert len(set(want)) > 5
+    source = WeightSource.from_dir(tmp_path)
+    chain = load_chain(source, cfg, split_layers(2, 2), dtype="float32", max_context=128, prefill_chunk=32,
+                       attn_block=32)
+    assert [t for t, _ in generate(chain, ids, SamplingParams(), 24)] == want
+    assert source.tensors_read and not any("vision" in n or "projector" in n for n in source.tensors_read)

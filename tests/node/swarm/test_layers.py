@@ -32,3 +32,34 @@ def test_quarters_together_cover_the_model_about_once(tmp_path: Path, tied: bool
     assert not embed <= middle  # a middle range skips the embedding
     assert embed <= quarters[0]
     assert (embed <= quarters[3]) == tied  # a tied head is the embedding; an untied one is not
+
+
+def test_a_multimodal_checkpoint_fetches_its_language_model_by_layer(tmp_path: Path) -> None:
+    """Gemma 3's usual form keeps the text model under `language_model.model.*` beside a
+    vision tower: ranges pick their layers under that prefix, the head its norm and
+    lm_head, and nobody fetches the vision tower."""
+    from safetensors.numpy import load_file, save_file
+
+    model = make_tiny_model(tmp_path / "m", layers=4, hidden=128, intermediate=256)
+    weights = load_file(str(model / "model.safetensors"))
+    renamed = {("language_model." + k if k.startswith(("model.", "lm_head")) else k): v
+               for k, v in weights.items()}
+    renamed["vision_tower.encoder.layers.0.mlp.weight"] = weights["model.embed_tokens.weight"].copy()
+    (model / "model.safetensors").unlink()
+    save_file(renamed, str(model / "model.safetensors"))
+    store = ModelStore(tmp_path / "data", reserve=0)
+    manifest = import_directory(store, model, name="mm", piece_size=16 * 1024)
+    names = {t.name: t for t in manifest.tensors}
+
+    def pieces(name: str) -> set[int]:
+        t = names[name]
+        return manifest.pieces_for_ranges([(t.file, t.offset, t.length)])
+
+    first = pieces_for_layers(manifest, 0, 2, has_embedding=True, has_head=False)
+    last = pieces_for_layers(manifest, 2, 4, has_embedding=False, has_head=True)
+    assert pieces("language_model.model.layers.1.mlp.up_proj.weight") <= first
+    assert not pieces("language_model.model.layers.3.mlp.up_proj.weight") <= first
+    assert pieces("language_model.model.embed_tokens.weight") <= first
+    assert pieces("language_model.model.norm.weight") <= last and pieces("language_model.lm_head.weight") <= last
+    vision = pieces("vision_tower.encoder.layers.0.mlp.weight")
+    assert not vision <= first | last
