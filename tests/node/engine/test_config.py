@@ -104,7 +104,6 @@ def test_missing_key_is_named(key: str) -> None:
         ({"hidden_act": "gelu"}, "gelu"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "text-only"),
         ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 4,
           "layer_types": ["full_attention"] * 2}, None),
     ],
@@ -127,6 +126,8 @@ def test_qwen2_sliding_layers_and_bad_layer_types() -> None:
                            layer_types=["sliding_attention"]))
     with pytest.raises(ModelConfigError, match="sliding_window"):
         parse_config(_with(architectures=["MistralForCausalLM"], sliding_window=0))
+    with pytest.raises(ModelConfigError, match="text_config"):
+        parse_config(_with(architectures=["Gemma3ForConditionalGeneration"]))
 
 
 def test_malformed_values(tmp_path: Path) -> None:
