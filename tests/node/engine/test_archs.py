@@ -229,3 +229,20 @@ def test_multimodal_gemma3_runs_its_language_model(tmp_path: Path) -> None:
                        attn_block=32)
     assert [t for t, _ in generate(chain, ids, SamplingParams(), 24)] == want
     assert source.tensors_read and not any("vision" in n or "projector" in n for n in source.tensors_read)
+
+
+def test_int8_weights_stay_close(arch_model: TinyModel) -> None:
+    """engine.weights = "int8" on each architecture (Phi-3's fused matrices split before
+    they are quantized): the same logits within int8's rounding."""
+    ids = [int(x) for x in np.random.default_rng(3).integers(0, VOCAB, 24)]
+    outs = []
+    for weights in ("native", "int8"):
+        chain = load_chain(WeightSource.from_dir(arch_model.path), arch_model.config,
+                           [PartitionSpec.whole(arch_model.config)], dtype="float32", max_context=128,
+                           prefill_chunk=32, attn_block=32, weights=weights)
+        _, logits = chain.prefill(chain.new_caches(1), ids, all_logits=True)
+        outs.append(np.asarray(logits).ravel())
+    f32, int8 = outs
+    assert not np.array_equal(f32, int8)
+    cosine = float(f32 @ int8 / (np.linalg.norm(f32) * np.linalg.norm(int8)))
+    assert cosine > 0.995, cosine
