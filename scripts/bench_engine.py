@@ -24,6 +24,9 @@ default; 128-token prompts, 128 new tokens, greedy unless said):
   the two measured in alternating rounds (meta: the same ratio at 8 slots);
   int8_memory_ratio: the loaded int8 weights' bytes over the native ones'. ``--only
   int8`` measures these three alone.
+With --arch qwen3, gemma3 or phi3 it measures batch-1 greedy decode of SmolLM2's shape
+(30 layers, hidden 576, random weights) in that architecture's form against the same
+shape as Llama (arch_decode_tok_s, llama_decode_tok_s, arch_vs_llama).
 With --arch qwen3moe it measures a mixture of experts instead (random weights on the
 device; MOE_SHAPE: 8 layers, hidden 1024, 32 experts of width 256, top-4): batch-1
 greedy decode tok/s through the tail step against two dense models of the same shape
@@ -152,6 +155,22 @@ MOE_SHAPE: dict[str, Any] = {
     "max_position_embeddings": 8192,
     "hidden_act": "silu",
 }
+# --arch qwen3 / gemma3 / phi3: SmolLM2's shape (135M) in that architecture's form,
+# against the same shape as Llama: what the architecture's extra work costs per token.
+ARCH_SHAPE: dict[str, Any] = {
+    "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True,
+}
+ARCH_EXTRA: dict[str, dict[str, Any]] = {
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"]},
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "sliding_window": 512, "query_pre_attn_scalar": 64,
+               "hidden_activation": "gelu_pytorch_tanh"},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75,
+             "original_max_position_embeddings": 4096,
+             "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 24, "long_factor": [4.0] * 24}},
+}
+ARCH_KEYS = ("arch_decode_tok_s", "llama_decode_tok_s", "arch_vs_llama")
 MOE_KEYS = (
     "moe_decode_tok_s",
     "dense_active_decode_tok_s",
@@ -742,6 +761,34 @@ def run_moe(args: argparse.Namespace) -> dict[str, Any]:
     return {**res, "meta": meta}
 
 
+def run_arch(args: argparse.Namespace) -> dict[str, Any]:
+    """--arch qwen3 / gemma3 / phi3: decode of SmolLM2's shape in that architecture against
+    the same shape as Llama, alternating rounds, batch 1 and 8 slots."""
+    import jax
+
+    from node.engine import parse_config
+
+    arch = args.arch
+    raw = {**ARCH_SHAPE, **ARCH_EXTRA[arch]}
+    if args.shape == "quick":
+        raw.update(num_hidden_layers=4, vocab_size=4096)
+    llama = {**ARCH_SHAPE, "architectures": ["LlamaForCausalLM"],
+             "num_hidden_layers": raw["num_hidden_layers"], "vocab_size": raw["vocab_size"]}
+    prompt, new = (16, 16) if args.shape == "quick" else (128, 128)
+    parts = [random_partition(parse_config(c), args.dtype, 1024) for c in (raw, llama)]
+    one = paired_partitions_tok_s(parts, prompt, new)
+    eight = paired_partitions_tok_s(parts, prompt, new // 2, slots=8)
+    device = jax.devices()[0]
+    meta: dict[str, Any] = {
+        "device": str(device), "kind": getattr(device, "device_kind", "cpu"),
+        "shape": f"{arch}: SmolLM2's shape, {raw['num_hidden_layers']} layers", "dtype": args.dtype,
+        "threads": os.cpu_count() or 1, "batch8_tok_s": {arch: eight[0], "llama": eight[1]},
+        "notes": ["random weights on the device; llama: the same shape without the architecture's extras"],
+    }
+    return {"arch_decode_tok_s": one[0], "llama_decode_tok_s": one[1], "arch_vs_llama": one[0] / one[1],
+            "meta": meta}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
@@ -940,21 +987,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-transformers", dest="transformers", action="store_false")
     ap.add_argument("--no-llamacpp", dest="llamacpp", action="store_false")
     ap.add_argument("--only", choices=["int8"], help="measure only these keys")
-    ap.add_argument("--arch", choices=["dense", "qwen3moe"], default="dense",
-                    help="qwen3moe: a mixture of experts against dense models (see above)")
+    ap.add_argument("--arch", choices=["dense", "qwen3moe", *ARCH_EXTRA], default="dense",
+                    help="qwen3moe: a mixture of experts against dense models; qwen3, gemma3, phi3: "
+                         "that architecture against Llama at SmolLM2's shape (see above)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--measure-memory", type=Path, nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure_memory:
         print(measure_memory(*args.measure_memory))
         return 0
-    result = run_moe(args) if args.arch == "qwen3moe" else run(args)
+    if args.arch == "qwen3moe":
+        result, keys = run_moe(args), MOE_KEYS
+    elif args.arch in ARCH_EXTRA:
+        result, keys = run_arch(args), ARCH_KEYS
+    else:
+        result, keys = run(args), KEYS
     meta = result["meta"]
     print(
         f"device {meta['device']} ({meta['kind']}), shape {meta['shape']}, {meta['dtype']}, {meta['threads']} threads"
     )
     print(f"{'metric':28s}{'value':>16s}")
-    for k in MOE_KEYS if args.arch == "qwen3moe" else KEYS:
+    for k in keys:
         v = result[k]
         print(f"{k:28s}{'-' if v is None else format(v, '16.3f' if v < 1e6 else '16,.0f'):>16s}")
     for name, verdict in meta.get("targets", {}).items():
