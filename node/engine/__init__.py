@@ -6,16 +6,18 @@ No networking here; the pipeline calls these public functions:
 - ``WeightSource.from_dir(model_dir)`` / ``WeightSource.from_reader(read_range, files)``:
   tensors read lazily through ``read_range(file_name, offset, length) -> bytes``.
 - ``load_partition(source, config, PartitionSpec(start, end, has_embedding, has_head),
-  dtype=None, max_context=4096, prefill_chunk=512, attn_block=None, weights="native")
-  -> Partition``: reads only that partition's tensors, stored as the file stores them (no
+  dtype=None, max_context=4096, prefill_chunk=512, attn_block=None, weights="native",
+  kv_dtype=None) -> Partition``: reads only that partition's tensors, stored as the file stores them (no
   host transposes). ``weights="int8"`` quantizes every matrix (embedding and head
   included) per output row as it loads: 0.25x the f32 bytes, the same
   decode speed on CPU at batch 1, 1.28x at 8 slots (quant.py); ``partition.weights``
   says which. ``split_layers(num_layers, k)`` gives k contiguous specs.
 - New sessions: ``cache = partition.new_cache(slots)``; a cache holds ``slots`` sessions,
   each session owns one slot index. Per layer the cache is head-major
-  ``[slots, kv_heads, length, head_dim]``; a sliding-window model keeps only window +
-  prefill_chunk positions (a ring) when that is less than the context.
+  ``[slots, kv_heads, length, head_dim]`` in ``partition.kv_dtype`` (kv_dtype None or
+  "auto": float16 beside float32 compute, else the compute dtype); a sliding-window
+  model keeps only window + prefill_chunk positions (a ring) when that is less than the
+  context.
 - Prefill: ``cache, out = partition.prefill(cache, inputs, start_pos=0, slot=s)``; inputs
   are token ids [n] on the first partition, hidden states [n, hidden] elsewhere; out is
   hidden [n, hidden], or on the last partition float32 logits [vocab] of the last prompt

@@ -13,6 +13,11 @@ model whose window plus one prefill chunk is shorter than the context keeps only
 many positions, position p at row p % length. Models that mix sliding and full layers
 (Gemma 3, some Qwen2/3) give each kind its own geometry: a sliding layer's cache holds
 only its ring, a full layer's the whole context.
+
+The cache has its own dtype (`kv_dtype`), which may be narrower than the compute dtype:
+keys and values are rounded to it when written, and attention reads them back into the
+compute dtype and accumulates in float32 (attention.py). "auto" is `resolve_kv_dtype`'s
+choice (config.py), measured in the README's design notes.
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ def new_cache(config: ModelConfig, lengths: list[int], slots: int, dtype: str) -
 
 
 def cache_nbytes(config: ModelConfig, lengths: list[int], slots: int, itemsize: int) -> int:
+    """Bytes new_cache allocates, with `itemsize` the cache dtype's (kv_dtype's)."""
     return 2 * sum(lengths) * slots * config.kv_size * itemsize
 
 
