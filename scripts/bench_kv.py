@@ -10,7 +10,9 @@
   vocabulary, and how often the argmax agrees;
 - bytes: the cache per slot at context 4096 (Partition.new_cache(1).nbytes);
 - speed: batch-1 greedy tail steps, ms per token, with a session holding each of
-  --positions tokens, per cache dtype (the best of a few rounds of 16 steps).
+  --positions tokens, per cache dtype and key bucket rule (--kv float16:pow2,...: the
+  engine's half octaves, powers of two, whole blocks, or 1.5x steps), the best of
+  --rounds rounds of 16 steps, the variants taking turns.
 
 Models: "smollm2" is the real SmolLM2-135M-Instruct (the catalogue's Q4_1 GGUF,
 dequantized, float32 compute); "random" the same shape (hidden 576, 30 layers, 9 heads,
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
+
+from node.engine.buckets import pow2_bucket
 
 CONTEXT = 4096
 DTYPES = ("float32", "float16", "bfloat16")
@@ -122,7 +126,7 @@ def accuracy(part: Any, prompt: list[int], steps: int) -> dict[str, Any]:
     return res
 
 
-RULES = ("pow2", "block", "x1.5")
+RULES = ("engine", "pow2", "block", "x1.5")  # engine: CacheGeometry.key_length (half octaves)
 
 
 class _Geometry:
@@ -136,9 +140,11 @@ class _Geometry:
 
     def key_length(self, need: int) -> int:
         g = self.geom
-        if self.rule == "pow2":
+        if self.rule == "engine":
             return int(g.key_length(need))
-        if self.rule == "block":
+        if self.rule == "pow2":
+            size = pow2_bucket(need, floor=2 * g.block)
+        elif self.rule == "block":
             size = max(2 * g.block, -(-need // g.block) * g.block)
         else:  # 2^k and 1.5 * 2^k, multiples of the block
             size = 2 * g.block
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--positions", default="300,530,1000")
     ap.add_argument("--only", choices=("accuracy", "speed"))
     ap.add_argument("--kv", default=",".join(DTYPES), help="cache dtypes to time, each with an optional key bucket rule "
-                    f"(dtype:rule, rule one of {', '.join(RULES)}; default pow2)")
+                    f"(dtype:rule, rule one of {', '.join(RULES)}; default engine)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in args.kv.split(","):
                 kv, _, rule = v.partition(":")
                 p = with_kv(part, kv)
-                p.geom = _Geometry(p.geom, rule or "pow2")
+                p.geom = _Geometry(p.geom, rule or "engine")
                 variants[v] = p
             got["decode_ms"] = decode_ms(variants, positions, args.rounds)
         res[name] = got

@@ -36,7 +36,7 @@ No networking here; the pipeline calls these public functions:
   inputs [k] token ids or [k, hidden]; slots [k] distinct slot ids; positions [k] (-1:
   skip this entry); out [k, hidden] or float32 logits [k, vocab]. The step computes
   ``decode_width(k)`` rows (k rounded up to a power of two; ``width=`` to choose) and
-  attends over a power-of-two bucket of the longest session's length, in blocks of
+  attends over a half-octave bucket (2^k or 1.5 * 2^k) of the longest session's length, in blocks of
   ``attn_block`` keys. The cache passed in is donated: always continue with the returned one.
 - Tail step (the pipeline's last stage): ``cache, t = partition.tail_step(cache, inputs,
   slots, positions, states, top_logprobs=0)``: decode + sampling in one compiled call;

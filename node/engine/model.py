@@ -11,7 +11,8 @@ attention.py's. Design choices (measured on CPU):
 - every step runs B rows (slots) of n tokens: decode over any subset of slots, padded to
   a power-of-two width; prefill of one or several sessions in chunks of `prefill_chunk`
   tokens whose boundaries sit at multiples of the chunk, each padded to a power-of-two
-  bucket; keys attended up to a power-of-two bucket of the longest active row;
+  bucket; keys attended up to a half-octave bucket (2^k or 1.5 * 2^k) of the longest
+  active row (CacheGeometry.key_length);
 - the cache is donated and written with drop-mode scatters: padding and idle rows write
   nothing, and an idle row's output is finite (never NaN) but meaningless;
 - when one partition holds the whole model, decode_steps runs k steps and the sampler in
