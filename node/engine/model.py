@@ -111,7 +111,7 @@ class Partition:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     attn_block: int | None = None  # None: the platform's default (cache.default_attn_block)
     weights: str = NATIVE  # "native" (as stored, in `dtype`) or "int8" (quant.py)
-    kv_dtype: str | None = None  # the cache's dtype; None or "auto": cache.resolve_kv_dtype's
+    kv_dtype: str | None = None  # the cache's dtype; None or "auto": config.resolve_kv_dtype's
     geom: CacheGeometry = field(init=False)  # full-attention layers'
     lengths: list[int] = field(init=False)  # rows per slot of each layer's cache
     shape: StepShape = field(init=False)
@@ -544,7 +544,7 @@ def load_partition(
     matrix per output row as it is loaded (quant.py: 0.25x the f32 bytes);
     norms and biases stay in `dtype`.
     kv_dtype: the KV cache's dtype (float32/float16/bfloat16); default ("auto"): float16
-    beside float32 compute, else the compute dtype (cache.resolve_kv_dtype).
+    beside float32 compute, else the compute dtype (config.resolve_kv_dtype).
     """
     check_weights(weights)
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
