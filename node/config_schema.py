@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_DHT_PORT",
     "DEFAULT_LISTEN",
     "DEFAULT_PEER_PORT",
+    "KV_DTYPES",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "MAX_PIECE_SIZE",
@@ -69,6 +70,7 @@ DEFAULT_BEACON_PORT = 7423
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHT_FORMATS = ("native", "int8")
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16")  # node/engine/config.py's KV_DTYPES
 LOG_LEVELS = tuple(LEVELS)
 LOG_FORMATS = tuple(FORMATS)
 MIN_PIECE_SIZE = 16 * 1024
@@ -391,6 +393,15 @@ class EngineSection:
             "How matrices are held: native (the compute dtype) | int8 (per-row int8 with "
             "float32 scales: a quarter of float32's memory; W8A8 matmuls on CPU).",
             default="native",
+        )
+    )
+    kv_dtype: str = field(
+        metadata=key(
+            v.choice(KV_DTYPES),
+            f"dtype the KV cache is held in: {' | '.join(KV_DTYPES)}. auto = float16 beside "
+            "float32 compute (half the cache's memory; greedy output as with a float32 "
+            "cache in the engine's measurements), else the compute dtype.",
+            default="auto",
         )
     )
     max_sessions: int = field(

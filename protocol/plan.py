@@ -173,6 +173,9 @@ class PlanRecord:
     # The memory line the plan was made with: (has_embedding, has_head, base, per_layer) per
     # case, so a driver that adopts the plan can repair it without computing it again.
     cost: tuple[tuple[bool, bool, int, int], ...] = ()
+    # The KV cache's dtype on every stage; None: the compute dtype (what records from
+    # nodes older than engine.kv_dtype meant).
+    kv_dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model_id, "name": self.name, "epoch": self.epoch, "plan": self.plan.to_dict(),
@@ -180,6 +183,8 @@ class PlanRecord:
                "slots": self.slots, "prefill_chunk": self.prefill_chunk}
         if self.cost:
             out["cost"] = [[int(e), int(h), b, p] for e, h, b, p in self.cost]
+        if self.kv_dtype is not None:
+            out["kv_dtype"] = self.kv_dtype
         return out
 
 
@@ -198,7 +203,7 @@ def parse_plan_record(value: Any, *, model_id: str | None = None) -> PlanRecord:
     weights, dtype, context, slots, chunk = _shape(value)
     return PlanRecord(str(got), _text(value, "name", 128), _int(value, "epoch", 0, MAX_EPOCH),
                       _strict_plan(value.get("plan")), weights, dtype, context, slots, chunk,
-                      _cost(value.get("cost")))
+                      _cost(value.get("cost")), _choice(value, "kv_dtype", DTYPES, dtype))
 
 
 def _cost(value: Any) -> tuple[tuple[bool, bool, int, int], ...]:

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--partitions", type=int, default=1)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="the KV cache's dtype (auto: float16 beside float32 compute)")
     ap.add_argument("--weights", default="native", choices=["native", "int8"],
                     help="int8: per-row int8 matrices (a quarter of float32's memory)")
     ap.add_argument("--max-context", type=int, default=4096)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             split_layers(config.num_layers, args.partitions),
             dtype=dtype,
             weights=args.weights,
+            kv_dtype=args.kv_dtype,
             max_context=args.max_context,
         )
         sampling = SamplingParams(

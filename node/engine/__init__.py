@@ -6,16 +6,18 @@ No networking here; the pipeline calls these public functions:
 - ``WeightSource.from_dir(model_dir)`` / ``WeightSource.from_reader(read_range, files)``:
   tensors read lazily through ``read_range(file_name, offset, length) -> bytes``.
 - ``load_partition(source, config, PartitionSpec(start, end, has_embedding, has_head),
-  dtype=None, max_context=4096, prefill_chunk=512, attn_block=None, weights="native")
-  -> Partition``: reads only that partition's tensors, stored as the file stores them (no
+  dtype=None, max_context=4096, prefill_chunk=512, attn_block=None, weights="native",
+  kv_dtype=None) -> Partition``: reads only that partition's tensors, stored as the file stores them (no
   host transposes). ``weights="int8"`` quantizes every matrix (embedding and head
   included) per output row as it loads: 0.25x the f32 bytes, the same
   decode speed on CPU at batch 1, 1.28x at 8 slots (quant.py); ``partition.weights``
   says which. ``split_layers(num_layers, k)`` gives k contiguous specs.
 - New sessions: ``cache = partition.new_cache(slots)``; a cache holds ``slots`` sessions,
   each session owns one slot index. Per layer the cache is head-major
-  ``[slots, kv_heads, length, head_dim]``; a sliding-window model keeps only window +
-  prefill_chunk positions (a ring) when that is less than the context.
+  ``[slots, kv_heads, length, head_dim]`` in ``partition.kv_dtype`` (kv_dtype None or
+  "auto": float16 beside float32 compute, else the compute dtype); a sliding-window
+  model keeps only window + prefill_chunk positions (a ring) when that is less than the
+  context.
 - Prefill: ``cache, out = partition.prefill(cache, inputs, start_pos=0, slot=s)``; inputs
   are token ids [n] on the first partition, hidden states [n, hidden] elsewhere; out is
   hidden [n, hidden], or on the last partition float32 logits [vocab] of the last prompt
@@ -34,7 +36,7 @@ No networking here; the pipeline calls these public functions:
   inputs [k] token ids or [k, hidden]; slots [k] distinct slot ids; positions [k] (-1:
   skip this entry); out [k, hidden] or float32 logits [k, vocab]. The step computes
   ``decode_width(k)`` rows (k rounded up to a power of two; ``width=`` to choose) and
-  attends over a power-of-two bucket of the longest session's length, in blocks of
+  attends over a half-octave bucket (2^k or 1.5 * 2^k) of the longest session's length, in blocks of
   ``attn_block`` keys. The cache passed in is donated: always continue with the returned one.
 - Tail step (the pipeline's last stage): ``cache, t = partition.tail_step(cache, inputs,
   slots, positions, states, top_logprobs=0)``: decode + sampling in one compiled call;

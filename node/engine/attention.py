@@ -76,6 +76,7 @@ def attend(
     block = geom.block
     scale = D**-0.5 if scale is None else scale
     offsets = jnp.arange(block, dtype=jnp.int32)
+    dt = q.dtype
 
     def step(
         j: jax.Array | int, carry: tuple[jax.Array, jax.Array, jax.Array]
@@ -84,6 +85,11 @@ def attend(
         start = jnp.asarray(j, jnp.int32) * block
         kb = _block_rows(k_cache, slots, start, block)
         vb = _block_rows(v_cache, slots, start, block)
+        if kb.dtype != dt:
+            # A narrower cache (kv_dtype) is read back into the compute dtype block by
+            # block: XLA CPU has no fast float16 x float16 -> float32 dot, and rounding q
+            # and the probabilities to the cache's dtype would add error (see the README).
+            kb, vb = kb.astype(dt), vb.astype(dt)
         scores = jnp.einsum("bkgnd,bktd->bkgnt", q, kb, preferred_element_type=jnp.float32)
         scores = scores * scale
         if softcap is not None:
@@ -99,7 +105,7 @@ def attend(
         probs = jnp.exp(scores - m_new[..., None])
         s_sum = s_sum * correction + jnp.sum(probs, axis=-1)
         pv = jnp.einsum(
-            "bkgnt,bktd->bkgnd", probs.astype(v_cache.dtype), vb, preferred_element_type=jnp.float32
+            "bkgnt,bktd->bkgnd", probs.astype(dt), vb, preferred_element_type=jnp.float32
         )
         acc = acc * correction[..., None] + pv
         return m_new, s_sum, acc

@@ -1,7 +1,7 @@
 """Bucket sizes: every shape a compiled step sees is rounded to one of a few sizes.
 
 Owns the rounding rules shared by the host side (model.py, runner.py) and the memory
-accounting: power-of-two buckets, prefill chunk spans aligned to absolute positions, and
+accounting: power-of-two buckets, half-octave buckets (attention's keys), prefill chunk spans aligned to absolute positions, and
 the decode width (rows a decode step computes). A new bucket is a new compilation, so
 these few functions decide how many compilations a model needs; no JAX here.
 """
@@ -20,6 +20,19 @@ def pow2_bucket(n: int, *, floor: int = 1, cap: int | None = None) -> int:
     while size < n:
         size *= 2
     return size if cap is None else min(size, cap)
+
+
+def half_octave_bucket(n: int, *, floor: int) -> int:
+    """The smallest of 2^k and 1.5 * 2^k that is >= n and >= floor (a power of two >= 2).
+
+    Twice the buckets of pow2_bucket for half the padding at worst: where attention's
+    key walk is the cost, a step just past a power of two pays 1.5x its keys, not 2x.
+    Every bucket above floor is a multiple of floor / 2.
+    """
+    size = floor
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
 
 
 def chunk_spans(start: int, n: int, chunk: int) -> list[tuple[int, int]]:

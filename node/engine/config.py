@@ -43,6 +43,25 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # transformers' activation names for each supported MLP (gate activation * up).
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+AUTO = "auto"  # a kv_dtype the engine chooses
+KV_DTYPES = (AUTO, "float32", "float16", "bfloat16")
+# What "auto" stores beside a float32 compute dtype (a 16-bit compute dtype stores its
+# own: a wider cache would only hold the same rounded numbers). float16 keeps 3 more
+# mantissa bits than bfloat16 and keys/values stay far inside its range; measured in the
+# README (greedy agreement with the float32 cache, logit differences).
+AUTO_KV_DTYPE = "float16"
+
+
+def resolve_kv_dtype(kv_dtype: str | None, compute_dtype: str) -> str:
+    """The cache's dtype for `kv_dtype` ("auto" or None: AUTO_KV_DTYPE beside float32
+    compute, else the compute dtype); a name outside KV_DTYPES raises ValueError."""
+    if kv_dtype is None or kv_dtype == AUTO:
+        return AUTO_KV_DTYPE if compute_dtype == "float32" else compute_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(
+            f"kv_dtype {kv_dtype!r} is not supported (use one of {', '.join(KV_DTYPES)})"
+        )
+    return kv_dtype
 
 
 @dataclass(frozen=True)

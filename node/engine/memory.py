@@ -6,7 +6,8 @@
   scale per matrix row, norms and biases in the compute dtype (Qwen2.5-0.5B shape:
   0.25x the f32 bytes);
 - the KV cache, exactly as cache.new_cache allocates it (CacheGeometry: a ring for a
-  sliding window, lengths rounded to whole attention blocks);
+  sliding window, lengths rounded to whole attention blocks) in its own dtype (kv_dtype,
+  "auto" resolved as load_partition does: config.resolve_kv_dtype);
 - temporaries of the compiled steps at the configured prefill chunk and slot count: the
   largest of the prefill chunk, the decode step at the slots' width and the tail step
   with sampling. These come from XLA itself (`compiled.memory_analysis()`), compiled
@@ -47,7 +48,7 @@ from node.engine.cache import (
     layer_geometries,
     layer_lengths,
 )
-from node.engine.config import SUPPORTED_DTYPES, ModelConfig
+from node.engine.config import SUPPORTED_DTYPES, ModelConfig, resolve_kv_dtype
 from node.engine.moe import MoEParams
 from node.engine.quant import (
     BLOCK_ENTRIES,
@@ -237,13 +238,14 @@ def _step_temporaries(
     prefill_chunk: int,
     slots: int,
     weights: str = NATIVE,
+    kv_dtype: str | None = None,
 ) -> tuple[int, ...]:
     """temp_size_in_bytes of each step (prefill chunk, decode, tail) for `layers` layers."""
     spec = PartitionSpec(0, layers, has_embedding, has_head)
     params = _abstract_params(config, spec, layers, dtype, weights)
     shape = StepShape(config, geom, has_embedding, has_head)
     cache_shape = (slots, config.num_kv_heads, geom.length, config.head_dim)
-    kv: Any = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(dtype))
+    kv: Any = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(resolve_kv_dtype(kv_dtype, dtype)))
     cache = KVCache([kv] * layers, [kv] * layers, slots)
     width = decode_width(slots)
 
@@ -328,6 +330,7 @@ def step_temporaries(
     prefill_chunk: int,
     slots: int,
     weights: str = NATIVE,
+    kv_dtype: str | None = None,
 ) -> int:
     """Temporaries of the partition's largest compiled step, on this machine's backend:
     measured on two- and three-layer proxies and extrapolated per layer."""
@@ -336,7 +339,7 @@ def step_temporaries(
     # No temporary scales with the cache length (keys are walked block by block), so the
     # proxies use the shortest cache of this geometry: one compilation serves every context.
     proxy = CacheGeometry(2 * geom.block, 2 * geom.block, geom.block, geom.ring, geom.window)
-    rest = (dtype, proxy, prefill_chunk, slots, weights)
+    rest = (dtype, proxy, prefill_chunk, slots, weights, resolve_kv_dtype(kv_dtype, dtype))
     if layers <= 3:
         return max(_step_temporaries(*args, layers, *rest))
     two = _step_temporaries(*args, 2, *rest)
@@ -381,11 +384,12 @@ def resident_bytes(
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     weights: str = NATIVE,
+    kv_dtype: str | None = None,
 ) -> int:
     """Weights plus KV cache of a partition, without compiling anything: a floor of
     memory_needed, cheap enough to check a plan a peer sent before loading it."""
     spec.validate(config)
-    itemsize = jnp.dtype(dtype).itemsize
+    itemsize = jnp.dtype(resolve_kv_dtype(kv_dtype, dtype)).itemsize
     geom = _geometry(config, context, prefill_chunk, None, jax.default_backend())
     held = partition_weight_bytes(config, spec, dtype, weights)
     lengths = _cache_lengths(config, spec, geom, prefill_chunk)
@@ -407,6 +411,7 @@ def memory_estimate(
     platform: str | None = None,
     zero_copy_load: bool = False,
     weights: str = NATIVE,
+    kv_dtype: str | None = None,
 ) -> MemoryEstimate:
     """The parts of what a partition of layers [start, end) needs with a cache of `batch`
     sessions of `context` tokens in `dtype` (see the module docstring). platform: "cpu"
@@ -414,12 +419,12 @@ def memory_estimate(
     this machine's compiler (a few seconds the first time per model shape).
     zero_copy_load: the weights come from local files (WeightSource.from_dir), which
     JAX on CPU adopts without a copy: no load transient unless the dtype is converted.
-    weights: "native" or "int8" (see load_partition)."""
+    weights: "native" or "int8"; kv_dtype: the cache's (see load_partition)."""
     spec = PartitionSpec(start, end, has_embedding, has_head)
     spec.validate(config)
     check_weights(weights)
     platform = platform or jax.default_backend()
-    itemsize = jnp.dtype(dtype).itemsize
+    kv = resolve_kv_dtype(kv_dtype, dtype)
     geom = _geometry(config, context, prefill_chunk, attn_block, platform)
     stored = config.torch_dtype if config.torch_dtype in SUPPORTED_DTYPES else dtype
     file_itemsize = jnp.dtype(stored).itemsize
@@ -433,8 +438,10 @@ def memory_estimate(
         load += 4 * min(largest, BLOCK_ENTRIES)  # quant.quantize's float32 block
     return MemoryEstimate(
         weights=partition_weight_bytes(config, spec, dtype, weights),
-        kv_cache=cache_nbytes(config, _cache_lengths(config, spec, geom, prefill_chunk), batch, itemsize),
-        temporaries=step_temporaries(config, spec, dtype, geom, prefill_chunk, batch, weights),
+        kv_cache=cache_nbytes(
+            config, _cache_lengths(config, spec, geom, prefill_chunk), batch, jnp.dtype(kv).itemsize
+        ),
+        temporaries=step_temporaries(config, spec, dtype, geom, prefill_chunk, batch, weights, kv),
         load_transient=load,
         runtime_reserve=0 if platform == "cpu" else GPU_RUNTIME_RESERVE,
         platform=platform,
@@ -456,6 +463,7 @@ def memory_needed(
     platform: str | None = None,
     zero_copy_load: bool = False,
     weights: str = NATIVE,
+    kv_dtype: str | None = None,
 ) -> int:
     """Bytes a partition needs to load and serve: memory_estimate(...).total."""
     return memory_estimate(
@@ -472,4 +480,5 @@ def memory_needed(
         platform=platform,
         zero_copy_load=zero_copy_load,
         weights=weights,
+        kv_dtype=kv_dtype,
     ).total

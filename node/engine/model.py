@@ -11,7 +11,8 @@ attention.py's. Design choices (measured on CPU):
 - every step runs B rows (slots) of n tokens: decode over any subset of slots, padded to
   a power-of-two width; prefill of one or several sessions in chunks of `prefill_chunk`
   tokens whose boundaries sit at multiples of the chunk, each padded to a power-of-two
-  bucket; keys attended up to a power-of-two bucket of the longest active row;
+  bucket; keys attended up to a half-octave bucket (2^k or 1.5 * 2^k) of the longest
+  active row (CacheGeometry.key_length);
 - the cache is donated and written with drop-mode scatters: padding and idle rows write
   nothing, and an idle row's output is finite (never NaN) but meaningless;
 - when one partition holds the whole model, decode_steps runs k steps and the sampler in
@@ -41,7 +42,7 @@ from node.engine.cache import (
     layer_lengths,
     new_cache,
 )
-from node.engine.config import ModelConfig
+from node.engine.config import ModelConfig, resolve_kv_dtype
 from node.engine.errors import ContextOverflowError, PartitionError, TokenRangeError
 from node.engine.quant import NATIVE, check_weights
 from node.engine.sampling import (
@@ -110,6 +111,7 @@ class Partition:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     attn_block: int | None = None  # None: the platform's default (cache.default_attn_block)
     weights: str = NATIVE  # "native" (as stored, in `dtype`) or "int8" (quant.py)
+    kv_dtype: str | None = None  # the cache's dtype; None or "auto": config.resolve_kv_dtype's
     geom: CacheGeometry = field(init=False)  # full-attention layers'
     lengths: list[int] = field(init=False)  # rows per slot of each layer's cache
     shape: StepShape = field(init=False)
@@ -117,6 +119,7 @@ class Partition:
     def __post_init__(self) -> None:
         if self.attn_block is None:
             self.attn_block = default_attn_block(jax.default_backend())
+        self.kv_dtype = _kv_dtype(self.kv_dtype, self.dtype)
         self.geom = CacheGeometry.plan(
             self.config, self.max_context, self.prefill_chunk, self.attn_block
         )
@@ -137,7 +140,8 @@ class Partition:
         """A zeroed cache with `slots` session slots."""
         if slots < 1:
             raise PartitionError(f"a cache needs at least one slot, got {slots}")
-        return new_cache(self.config, self.lengths, slots, self.dtype)
+        assert self.kv_dtype is not None  # resolved in __post_init__
+        return new_cache(self.config, self.lengths, slots, self.kv_dtype)
 
     def clear_slot(self, cache: KVCache, slot: int) -> KVCache:
         """`cache` with `slot` zeroed, for a new session (the old cache is donated)."""
@@ -528,6 +532,7 @@ def load_partition(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     attn_block: int | None = None,
     weights: str = NATIVE,
+    kv_dtype: str | None = None,
 ) -> Partition:
     """Load one partition's weights from `source` (files or a byte-range callback).
 
@@ -538,6 +543,8 @@ def load_partition(
     weights: "native" keeps the matrices as stored (in `dtype`); "int8" quantizes every
     matrix per output row as it is loaded (quant.py: 0.25x the f32 bytes);
     norms and biases stay in `dtype`.
+    kv_dtype: the KV cache's dtype (float32/float16/bfloat16); default ("auto"): float16
+    beside float32 compute, else the compute dtype (config.resolve_kv_dtype).
     """
     check_weights(weights)
     if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
@@ -552,5 +559,15 @@ def load_partition(
             raise PartitionError(f"max_context must be positive, got {max_context}")
         context = min(context, max_context)
     chosen = resolve_dtype(config, dtype)
+    kv = _kv_dtype(kv_dtype, chosen)  # refused before any weight is read
     params = load_params(source, config, spec, chosen, weights)
-    return Partition(config, spec, params, chosen, context, prefill_chunk, attn_block, weights)
+    return Partition(
+        config, spec, params, chosen, context, prefill_chunk, attn_block, weights, kv
+    )
+
+
+def _kv_dtype(kv_dtype: str | None, compute_dtype: str) -> str:
+    try:
+        return resolve_kv_dtype(kv_dtype, compute_dtype)
+    except ValueError as exc:
+        raise PartitionError(str(exc)) from None

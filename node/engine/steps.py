@@ -4,7 +4,8 @@ Every step takes B rows, each (slot, start position, token count) with n token c
 so one function serves a decode step over any subset of slots (n = 1), a batched prefill
 of several sessions' chunks, and both at every key bucket. The static key is `StepShape`
 (model config, cache geometry, whether the partition embeds and/or has the head) plus the
-buckets; the layer count and dtype come from the params pytree. The layer range
+buckets; the layer count and dtype come from the params pytree, the cache's dtype
+(kv_dtype) from the cache's arrays, so caches of two dtypes never share a compilation. The layer range
 (start, end) is not in the key, so partitions of one shape share every compilation: after
 a re-plan, a new owner of layers [8, 16) reuses what [0, 8) compiled.
 

@@ -155,8 +155,11 @@ def layer_forward(
     # Scatter rows: [B*n, kvh, D] at (slot, :, write index, :).
     slot_idx = jnp.repeat(rows.slots, n)
     write = rows.write.reshape(-1)
-    k_cache = k_cache.at[slot_idx, :, write].set(jnp.transpose(k, (2, 0, 1)), mode="drop")
-    v_cache = v_cache.at[slot_idx, :, write].set(jnp.transpose(v, (2, 0, 1)), mode="drop")
+    # Rounded to the cache's dtype (kv_dtype) as they are stored.
+    k_new = jnp.transpose(k, (2, 0, 1)).astype(k_cache.dtype)
+    v_new = jnp.transpose(v, (2, 0, 1)).astype(v_cache.dtype)
+    k_cache = k_cache.at[slot_idx, :, write].set(k_new, mode="drop")
+    v_cache = v_cache.at[slot_idx, :, write].set(v_new, mode="drop")
     # [H_q, D, B*n] -> [B, kvh, g, n, D] for attention, and back.
     qb = jnp.transpose(q.reshape(kvh, g, D, B, n), (3, 0, 1, 4, 2))
     out = attend(

@@ -40,7 +40,7 @@ __all__ = ["MAX_BUILDS", "MAX_BUILDS_PER_PEER", "Built", "StageBuilder", "config
 MAX_BUILDS = 4  # new stages being built on this node at once
 MAX_BUILDS_PER_PEER = 2  # of those, asked for by one driver
 
-Shape = tuple[str, int, int, bool, bool, int, int, str, int, str]
+Shape = tuple[str, int, int, bool, bool, int, int, str, int, str, str | None]
 
 
 def config_of(store: Any, manifest: Manifest) -> Any:
@@ -61,7 +61,7 @@ def shape_of(req: LoadRequest) -> Shape:
     """What a built stage depends on: the model, its range and ends, and how it is held."""
     r, s = req.record, req.stage
     return (r.model_id, s.start, s.end, req.first, req.last, r.max_context, r.slots, r.dtype, r.prefill_chunk,
-            r.weights)
+            r.weights, r.kv_dtype)
 
 
 @dataclass
@@ -174,7 +174,8 @@ class StageBuilder:
 
         spec = PartitionSpec(stage.start, stage.end, req.first, req.last)
         need = max(stage.memory, resident_bytes(config, spec, rec.dtype, rec.max_context, rec.slots,
-                                                prefill_chunk=rec.prefill_chunk, weights=rec.weights))
+                                                prefill_chunk=rec.prefill_chunk, weights=rec.weights,
+                                                kv_dtype=rec.kv_dtype or rec.dtype))
         self._reserve(key, need, what)
         files = [f.path for f in manifest.files if f.data_start is not None]
         reader = self.service.store.range_reader(manifest)
@@ -184,7 +185,7 @@ class StageBuilder:
         loop = asyncio.get_running_loop()
         part = await loop.run_in_executor(self.build_executor, lambda: load_partition(
             source, config, spec, dtype=rec.dtype, max_context=rec.max_context, prefill_chunk=rec.prefill_chunk,
-            weights=rec.weights))
+            weights=rec.weights, kv_dtype=rec.kv_dtype or rec.dtype))
         load_s = time.monotonic() - t0
         state("compiling")
         runner = StageRunner(part, slots=rec.slots, executor=self.executor, session_idle=2 * req.step_timeout,

@@ -21,7 +21,7 @@ __all__ = ["cost_from_lines", "encoder_cost", "model_cost"]
 
 
 async def model_cost(executor: Executor, config: Any, dtype: str, context: int, slots: int,
-                     prefill_chunk: int, *, weights: str = "native") -> ModelCost:
+                     prefill_chunk: int, *, weights: str = "native", kv_dtype: str | None = None) -> ModelCost:
     from node.engine import PartitionSpec
     from node.engine.memory import (  # JAX: only when a model is planned
         memory_needed,
@@ -34,7 +34,7 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
 
     def exact(n: int, emb: bool, head: bool) -> int:
         return int(memory_needed(config, 0, n, emb, head, dtype, context, slots, prefill_chunk=prefill_chunk,
-                                 weights=weights))
+                                 weights=weights, kv_dtype=kv_dtype))
 
     def lines() -> dict[tuple[bool, bool], tuple[int, int]]:
         # The slope from a middle range; each end's fixed part from one more call (each
@@ -47,16 +47,16 @@ async def model_cost(executor: Executor, config: Any, dtype: str, context: int, 
         # (A one-layer model has no slope: its single range is the exact figure.)
         if layers >= 2:
             held = resident_bytes(config, PartitionSpec(0, 2, False, False), dtype, context, slots,
-                                  prefill_chunk=prefill_chunk, weights=weights) - resident_bytes(
+                                  prefill_chunk=prefill_chunk, weights=weights, kv_dtype=kv_dtype) - resident_bytes(
                 config, PartitionSpec(0, 1, False, False), dtype, context, slots, prefill_chunk=prefill_chunk,
-                weights=weights)
+                weights=weights, kv_dtype=kv_dtype)
             per_layer = max(per_layer, held)
         # Layers that differ (Gemma 3's one full-attention layer in six holds the whole
         # context's cache, its sliding ones a ring): plan every layer as the largest, so
         # no range is under-counted; the fixed parts stay those measured on layer 0.
         def holds(i: int) -> int:
             return resident_bytes(config, PartitionSpec(i, i + 1, False, False), dtype, context, slots,
-                                  prefill_chunk=prefill_chunk, weights=weights)
+                                  prefill_chunk=prefill_chunk, weights=weights, kv_dtype=kv_dtype)
 
         # The slope measured on layers 0-1, plus what the largest layer holds beyond layer 0.
         slope = per_layer + max(0, max(holds(i) for i in _distinct_layers(config)) - holds(0))

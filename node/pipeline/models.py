@@ -118,6 +118,7 @@ class Model:
     dtype: str
     prefill_chunk: int
     weights: str = "native"
+    kv_dtype: str | None = None  # the KV cache's dtype (engine.kv_dtype resolved); None: dtype
     plan: Plan = field(default_factory=lambda: Plan(()))
     epoch: int = 0
     record: PlanRecord | None = None
@@ -143,6 +144,7 @@ class Model:
             self.slots = record.slots
             self.gate = asyncio.Semaphore(record.slots)
         self.max_context, self.dtype, self.prefill_chunk = record.max_context, record.dtype, record.prefill_chunk
+        self.kv_dtype = record.kv_dtype or record.dtype
 
     def use(self, record: PlanRecord) -> None:
         self.record, self.plan, self.epoch, self.stale = record, record.plan, record.epoch, False
@@ -242,8 +244,10 @@ class LoadedModels:
         eng = self.engine
         context = min(eng.max_context, config.max_position_embeddings or eng.max_context)
         dtype = "float32" if eng.compute_dtype in ("auto", "float32") else eng.compute_dtype
+        from node.engine.config import resolve_kv_dtype
+
         m = Model(model_id, name, config, tokenizer, context, eng.max_sessions, dtype, eng.prefill_chunk,
-                  weights=weights, keep_alive=keep_alive)
+                  weights=weights, kv_dtype=resolve_kv_dtype(eng.kv_dtype, dtype), keep_alive=keep_alive)
         await self._establish(m, progress, deadline=time.monotonic() + LOAD_TIMEOUT, pins=pins)
         m.load_s = time.monotonic() - t0
         m.used_at = time.monotonic()
@@ -258,7 +262,7 @@ class LoadedModels:
                 m.cost = cost_from_lines(m.config.num_layers, m.record.cost)
         if m.cost is None:
             m.cost = await model_cost(self.executor, m.config, m.dtype, m.max_context, m.slots, m.prefill_chunk,
-                                      weights=m.weights)
+                                      weights=m.weights, kv_dtype=m.kv_dtype or m.dtype)
         return m.cost
 
     # ------------------------------------------------------------------ one plan for all
@@ -405,7 +409,7 @@ class LoadedModels:
             raise _NoFit(errors[-1])
         epoch = new_epoch(max(floor, m.epoch, m.record.epoch if m.record else 0), self.node_id)
         record = PlanRecord(m.model_id, m.name, epoch, plan, m.weights, m.dtype, m.max_context, m.slots,
-                            m.prefill_chunk, cost.lines)
+                            m.prefill_chunk, cost.lines, m.kv_dtype or m.dtype)
         stages = [{"node": names.get(s.node_id, s.node_id[:12]), "node_id": s.node_id, "layers": [s.start, s.end]}
                   for s in plan.stages]
         progress({"status": "planned", "epoch": epoch, "stages": stages})

@@ -85,6 +85,15 @@ def test_plan_record_round_trip() -> None:
     assert parse_plan_record(r.to_dict(), model_id=MODEL) == r
 
 
+def test_plan_record_carries_the_kv_dtype_and_a_record_without_one_means_the_compute_dtype() -> None:
+    r = parse_plan_record(record(kv_dtype="float16"))
+    assert r.kv_dtype == "float16" and r.dtype == "float32"
+    assert parse_plan_record(r.to_dict()) == r
+    # Nodes older than engine.kv_dtype held the cache in the compute dtype and sent no key.
+    assert "kv_dtype" not in record()
+    assert parse_plan_record(record(dtype="bfloat16")).kv_dtype == "bfloat16"
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
@@ -96,6 +105,7 @@ def test_plan_record_round_trip() -> None:
         ({"slots": 0}, "slots"),
         ({"weights": "int4"}, "weights must be one of"),
         ({"dtype": "float64"}, "dtype must be one of"),
+        ({"kv_dtype": "auto"}, "kv_dtype must be one of"),
         ({"name": "a\x1bb"}, "printable"),
         ({"plan": {"stages": [{"node_id": "short", "start": 0, "end": 8, "memory": 1}]}}, "64 hex digits"),
         ({"plan": {"stages": [{"node_id": f"{i:064x}", "start": i, "end": i + 1, "memory": 1}

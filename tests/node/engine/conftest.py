@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import node.engine.config  # noqa: E402
 from node.engine import (  # noqa: E402
     Chain,
     ModelConfig,
@@ -25,6 +26,7 @@ from node.engine import (  # noqa: E402
 )
 
 MAX_CONTEXT = 128
+REAL_AUTO_KV_DTYPE = node.engine.config.AUTO_KV_DTYPE  # before _float32_cache_by_default
 PREFILL_CHUNK = 32
 # Small attention blocks so that the tests walk several key blocks and key buckets.
 ATTN_BLOCK = 32
@@ -139,6 +141,17 @@ def varied(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     return TinyModel(path, load_config(path), hf)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _float32_cache_by_default() -> Iterator[None]:
+    """These tests hold the engine's float32 math to transformers' within 1e-4: with the
+    default ("auto") float16 cache, keys and values rounded to 11 bits move logits by
+    about 5e-3 of their range. Session-wide, since the chains are session fixtures. The
+    cache's own dtype is test_kv_dtype.py's subject, which puts the default back."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(node.engine.config, "AUTO_KV_DTYPE", "float32")
+        yield
 
 
 @pytest.fixture(autouse=True, scope="module")

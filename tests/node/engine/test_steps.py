@@ -59,11 +59,16 @@ def test_cache_is_head_major_and_holds_transformers_keys(tiny: TinyModel) -> Non
     [
         (128, 32, False, 1, 64),  # at least two blocks
         (128, 32, False, 64, 64),
-        (128, 32, False, 65, 128),
+        (128, 32, False, 65, 96),  # half octaves: 2^k and 1.5 * 2^k
+        (128, 32, False, 97, 128),
         (128, 32, False, 128, 128),
         (8192, 256, False, 257, 512),
-        (8192, 256, False, 300, 512),
-        (8192, 256, False, 4097, 8192),
+        (8192, 256, False, 513, 768),
+        (8192, 256, False, 769, 1024),
+        (8192, 256, False, 4097, 6144),
+        (8192, 256, False, 6145, 8192),
+        (4096, 64, False, 530, 768),  # SmolLM2 on CPU
+        (4096, 64, False, 2100, 3072),
         (4608, 256, True, 4000, 4096),
         (4608, 256, True, 5000, 4608),  # wrapped ring: all of it
         (4608, 256, False, 4600, 4608),  # the cache's end, not the next power of two
@@ -94,7 +99,7 @@ def test_decode_attends_over_the_bucket_of_the_longest_active_slot(
     cache, _ = part.decode(cache, [1, 2], [0, 2], [4, 70])  # slot 2 far along
     cache, _ = part.decode(cache, [1], [0], [5])  # back to a short session alone
     cache, _ = part.decode(cache, [1, 2], [0, 2], [6, -1])  # a skipped entry counts nothing
-    assert seen == [64, 128, 64, 64]
+    assert seen == [64, 96, 64, 64]
 
 
 def test_decode_over_a_subset_of_slots(tiny: TinyModel) -> None:
