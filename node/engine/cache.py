@@ -88,9 +88,7 @@ class CacheGeometry:
     window: int | None
 
     @staticmethod
-    def plan(
-        config: ModelConfig, max_context: int, prefill_chunk: int, attn_block: int
-    ) -> CacheGeometry:
+    def plan(max_context: int, attn_block: int) -> CacheGeometry:
         """The geometry of a full-attention layer: every position up to max_context."""
         # At least two blocks: attention always walks a real loop (see attention.py).
         block = max(1, min(attn_block, pow2_bucket(max_context) // 2))

@@ -360,11 +360,9 @@ def _largest_tensor(config: ModelConfig, spec: PartitionSpec) -> int:
     return max(elems)
 
 
-def _geometry(
-    config: ModelConfig, context: int, prefill_chunk: int, attn_block: int | None, platform: str
-) -> CacheGeometry:
+def _geometry(config: ModelConfig, context: int, attn_block: int | None, platform: str) -> CacheGeometry:
     context = min(context, config.max_position_embeddings)
-    return CacheGeometry.plan(config, context, prefill_chunk, attn_block or default_attn_block(platform))
+    return CacheGeometry.plan(context, attn_block or default_attn_block(platform))
 
 
 def _cache_lengths(
@@ -390,7 +388,7 @@ def resident_bytes(
     memory_needed, cheap enough to check a plan a peer sent before loading it."""
     spec.validate(config)
     itemsize = jnp.dtype(resolve_kv_dtype(kv_dtype, dtype)).itemsize
-    geom = _geometry(config, context, prefill_chunk, None, jax.default_backend())
+    geom = _geometry(config, context, None, jax.default_backend())
     held = partition_weight_bytes(config, spec, dtype, weights)
     lengths = _cache_lengths(config, spec, geom, prefill_chunk)
     return held + cache_nbytes(config, lengths, batch, itemsize)
@@ -425,7 +423,7 @@ def memory_estimate(
     check_weights(weights)
     platform = platform or jax.default_backend()
     kv = resolve_kv_dtype(kv_dtype, dtype)
-    geom = _geometry(config, context, prefill_chunk, attn_block, platform)
+    geom = _geometry(config, context, attn_block, platform)
     stored = config.torch_dtype if config.torch_dtype in SUPPORTED_DTYPES else dtype
     file_itemsize = jnp.dtype(stored).itemsize
     # Quantizing is a conversion: the tensor as read lives until its int8 replaces it.

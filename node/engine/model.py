@@ -120,9 +120,7 @@ class Partition:
         if self.attn_block is None:
             self.attn_block = default_attn_block(jax.default_backend())
         self.kv_dtype = _kv_dtype(self.kv_dtype, self.dtype)
-        self.geom = CacheGeometry.plan(
-            self.config, self.max_context, self.prefill_chunk, self.attn_block
-        )
+        self.geom = CacheGeometry.plan(self.max_context, self.attn_block)
         local, sliding = layer_geometries(
             self.config, self.spec.start, self.spec.end, self.geom, self.prefill_chunk
         )

@@ -95,13 +95,12 @@ def rope_tables(
     by n_ctx): long past the original context, short within it. Within it both agree with
     transformers; past it, transformers' answer for any sequence longer than the
     original context."""
-    freqs = jnp.asarray(cfg.inv_freq(sliding))
     _, scaling = cfg.rope_for(sliding)
-    factor = 1.0
+    long, factor = False, 1.0
     if scaling is not None and scaling.rope_type == "longrope":
-        factor = scaling.attention_factor
         long = max_context > scaling.original_max_position_embeddings
-        freqs = jnp.asarray(cfg.inv_freq(sliding, long=long))
+        factor = scaling.attention_factor
+    freqs = jnp.asarray(cfg.inv_freq(sliding, long=long))
     angles = freqs[:, None] * positions.astype(jnp.float32)[None, :]  # [D/2, M]
     emb = jnp.concatenate([angles, angles], axis=0)
     cos, sin = jnp.cos(emb), jnp.sin(emb)

@@ -85,9 +85,7 @@ def _distinct_layers(config: Any) -> list[int]:
     layer holds depends on nothing else."""
     first: dict[tuple[bool, bool], int] = {}
     for i in range(config.num_layers):
-        sliding = bool(config.is_sliding(i)) if hasattr(config, "is_sliding") else False
-        sparse = bool(config.is_sparse(i)) if hasattr(config, "is_sparse") else False
-        first.setdefault((sliding, sparse), i)
+        first.setdefault((config.is_sliding(i), config.is_sparse(i)), i)
     return sorted(first.values())
 
 
