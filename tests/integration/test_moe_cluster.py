@@ -95,5 +95,11 @@ def test_moe_split_over_three_daemons_answers_as_the_engine(cluster: LocalCluste
     ps = json.loads(nodectl(driver, "ps", "--json"))
     (entry,) = ps["models"]
     assert len(entry["plan"]) == 3 and len({s["node_id"] for s in entry["plan"]}) == 3
+    # A second entry node adopts the same plan and answers the same.
+    other: Any = ollama.Client(host=f"http://{cluster.nodes[2].api}", timeout=300)
+    again = other.chat(model=MODEL, messages=messages, options={"temperature": 0, "num_predict": 20})
+    assert again.message.content == reply.message.content
+    (entry2,) = json.loads(nodectl(cluster.nodes[2], "ps", "--json"))["models"]
+    assert entry2["plan"] == entry["plan"]
     shown = client.show(MODEL)
     assert shown.modelinfo["general.architecture"] == "qwen3_moe"
