@@ -132,6 +132,10 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     sparse_layers: tuple[int, ...] = ()
+    # A GGUF's matrices in a type other than F32, (Hugging Face name, GGUF type) sorted by
+    # name (config.json's gguf_matrix_types, written with the GGUF's sidecars): what the
+    # memory figures count for blocks kept as the file holds them (blocks.py).
+    matrix_types: tuple[tuple[str, str], ...] = ()
 
     def is_sparse(self, layer: int) -> bool:
         """Whether layer `layer`'s MLP is the mixture of experts."""
@@ -529,8 +533,25 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
         local_rope_scaling=local_scaling,
         rotary_dim=rotary_dim,
         fused=model_type == "phi3",
+        matrix_types=_matrix_types(raw),
         **(_parse_moe(raw, layers) if model_type == "qwen3_moe" else {}),
     )
+
+
+_MAX_MATRIX_TYPES = 1 << 16
+
+
+def _matrix_types(raw: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    types = raw.get("gguf_matrix_types")
+    if types is None:
+        return ()
+    if not isinstance(types, dict) or len(types) > _MAX_MATRIX_TYPES or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 256 and len(v) <= 16 for k, v in types.items()
+    ):
+        raise ModelConfigError(
+            f"config.json gguf_matrix_types should map at most {_MAX_MATRIX_TYPES} tensor names to GGUF types"
+        )
+    return tuple(sorted(types.items()))
 
 
 def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:

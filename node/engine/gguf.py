@@ -5,7 +5,7 @@ and undoing what llama.cpp's converter changed (Q/K row order, Gemma's norm offs
 and files each tensor under the name ``load_params`` asks for, so a partition reads
 only its own tensors' byte ranges, exactly as from safetensors. ``decode`` turns a
 tensor's bytes into a float array: F32/F16/BF16 as they lie, quantized blocks
-(Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) through the ``gguf`` package's numpy
+(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) through the ``gguf`` package's numpy
 dequantizers (llama.cpp's own reference code, kept with the format), on the host
 one tensor at a time; the cast to the compute dtype then runs on the device.
 
@@ -45,7 +45,7 @@ __all__ = ["DEQUANTIZED", "GGUF_MAGIC", "GGUFWeights", "Restore", "decode", "ggu
 GGUF_MAGIC = b"GGUF"
 _PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16)}
-DEQUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+DEQUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 _NORM_OFFSET_ARCHS = {"gemma3": 1.0}  # architecture -> what llama.cpp added to its norms

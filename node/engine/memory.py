@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from node.engine.backend import GPU_RUNTIME_RESERVE
+from node.engine.blocks import BLOCK_TYPES
 from node.engine.buckets import decode_width
 from node.engine.cache import (
     CacheGeometry,
@@ -122,15 +123,48 @@ def _matrix_shapes(config: ModelConfig, spec: PartitionSpec) -> list[tuple[int, 
     return shapes
 
 
+def _named_matrices(config: ModelConfig, spec: PartitionSpec) -> list[tuple[str, int, int]]:
+    """(checkpoint name, rows, cols) of the dense matrices a partition reads (experts aside)."""
+    H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    Q, KV = config.q_size, config.kv_size
+    out: list[tuple[str, int, int]] = []
+    for i in range(spec.start, spec.end):
+        p = f"model.layers.{i}."
+        if config.fused:
+            out += [(p + "self_attn.qkv_proj.weight", Q + 2 * KV, H), (p + "mlp.gate_up_proj.weight", 2 * F, H)]
+        else:
+            out += [(p + f"self_attn.{x}_proj.weight", r, H) for x, r in (("q", Q), ("k", KV), ("v", KV))]
+        out.append((p + "self_attn.o_proj.weight", H, Q))
+        if not config.is_sparse(i):
+            if not config.fused:
+                out += [(p + "mlp.gate_proj.weight", F, H), (p + "mlp.up_proj.weight", F, H)]
+            out.append((p + "mlp.down_proj.weight", H, F))
+    if spec.has_embedding:
+        out.append(("model.embed_tokens.weight", V, H))
+    if spec.has_head and not head_shares_embedding(config, spec):
+        out.append(("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight", V, H))
+    return out
+
+
 def partition_weight_bytes(
-    config: ModelConfig, spec: PartitionSpec, dtype: str, weights: str = NATIVE
+    config: ModelConfig, spec: PartitionSpec, dtype: str, weights: str = NATIVE,
+    platform: str | None = None,
 ) -> int:
     """Bytes of a partition's weights as load_params allocates them, in `dtype`, or with
-    weights="int8" the matrices as int8 plus a float32 scale per row."""
+    weights="int8" the matrices as int8 plus a float32 scale per row. A GGUF's block
+    matrices (config.matrix_types) count at their blocks' size on CPU, where they are
+    kept so (blocks.py)."""
     itemsize = jnp.dtype(dtype).itemsize
     count = partition_param_count(config, spec)
     if check_weights(weights) == NATIVE:
-        return count * itemsize
+        total = count * itemsize
+        if config.matrix_types and (platform or jax.default_backend()) == "cpu":
+            types = dict(config.matrix_types)
+            for name, rows, cols in _named_matrices(config, spec):
+                t = BLOCK_TYPES.get(types.get(name, ""))
+                if t is not None and cols % t.block_size == 0:
+                    total += t.row_bytes(cols) * rows - rows * cols * itemsize
+        return total
     shapes = _matrix_shapes(config, spec)
     rest = count - sum(r * c for r, c in shapes)
     return sum(quantized_bytes(r, c) for r, c in shapes) + rest * itemsize
@@ -435,7 +469,7 @@ def memory_estimate(
     if weights != NATIVE:
         load += 4 * min(largest, BLOCK_ENTRIES)  # quant.quantize's float32 block
     return MemoryEstimate(
-        weights=partition_weight_bytes(config, spec, dtype, weights),
+        weights=partition_weight_bytes(config, spec, dtype, weights, platform),
         kv_cache=cache_nbytes(
             config, _cache_lengths(config, spec, geom, prefill_chunk), batch, jnp.dtype(kv).itemsize
         ),

@@ -531,6 +531,7 @@ def load_partition(
     attn_block: int | None = None,
     weights: str = NATIVE,
     kv_dtype: str | None = None,
+    block_kernel: str | None = None,
 ) -> Partition:
     """Load one partition's weights from `source` (files or a byte-range callback).
 
@@ -540,7 +541,9 @@ def load_partition(
     the platform's (64 on CPU, 1024 on accelerators).
     weights: "native" keeps the matrices as stored (in `dtype`); "int8" quantizes every
     matrix per output row as it is loaded (quant.py: 0.25x the f32 bytes);
-    norms and biases stay in `dtype`.
+    norms and biases stay in `dtype`. With "native" on CPU a GGUF's block-format matrices
+    stay as the file holds them (blocks.py); block_kernel overrides how ("ggml", "jax",
+    or "dequantize": the compute dtype's arrays, as on other backends).
     kv_dtype: the KV cache's dtype (float32/float16/bfloat16); default ("auto"): float16
     beside float32 compute, else the compute dtype (config.resolve_kv_dtype).
     """
@@ -558,7 +561,7 @@ def load_partition(
         context = min(context, max_context)
     chosen = resolve_dtype(config, dtype)
     kv = _kv_dtype(kv_dtype, chosen)  # refused before any weight is read
-    params = load_params(source, config, spec, chosen, weights)
+    params = load_params(source, config, spec, chosen, weights, block_kernel)
     return Partition(
         config, spec, params, chosen, context, prefill_chunk, attn_block, weights, kv
     )

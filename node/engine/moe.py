@@ -39,12 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from node.engine.quant import QuantMatrix, Weight, quantize_host
+from node.engine.quant import QuantMatrix, quantize_host
 
 # Columns per block in the block form: of 8, 16, 32 and 64, 16 was fastest for 128- and
 # 512-token chunks (H 1024, F 256, 32 experts, top-4: 29 / 85 ms, 32 cols 30 / 95 ms).
 BLOCK = 16
 
+
+# Stacked experts: float, or int8; GGUF blocks are dequantized at load (blocks.py keeps
+# only dense matrices).
+Experts = jax.Array | QuantMatrix
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -53,9 +57,9 @@ class MoEParams:
     the top-k, and is E/(3F) of the layer's expert bytes), experts stacked on axis 0."""
 
     router: jax.Array  # [E, H]
-    wg: Weight  # gate [E, F, H]
-    wu: Weight  # up [E, F, H]
-    wd: Weight  # down [E, H, F]
+    wg: Experts  # gate [E, F, H]
+    wu: Experts  # up [E, F, H]
+    wd: Experts  # down [E, H, F]
 
 
 def route(router: jax.Array, x: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -68,7 +72,7 @@ def route(router: jax.Array, x: jax.Array, k: int, norm_topk_prob: bool) -> tupl
     return idx.astype(jnp.int32), top.astype(x.dtype)
 
 
-def _take(w: Weight, ids: jax.Array) -> Weight:
+def _take(w: Experts, ids: jax.Array) -> Experts:
     """Experts `ids` [n] of a stacked matrix: [n, rows, cols] (int8 stays int8)."""
     if isinstance(w, QuantMatrix):
         return QuantMatrix(jnp.take(w.q, ids, axis=0), jnp.take(w.scale, ids, axis=0),
@@ -76,14 +80,14 @@ def _take(w: Weight, ids: jax.Array) -> Weight:
     return jnp.take(w, ids, axis=0)
 
 
-def _one(w: Weight, e: jax.Array) -> Weight:
+def _one(w: Experts, e: jax.Array) -> Experts:
     """Expert e of a stacked matrix: [rows, cols]."""
     if isinstance(w, QuantMatrix):
         return QuantMatrix(w.q[e], w.scale[e], w.compute_dtype, w.kernel)
     return w[e]
 
 
-def _bmm(w: Weight, x: jax.Array) -> jax.Array:
+def _bmm(w: Experts, x: jax.Array) -> jax.Array:
     """Batched w [n, out, in] @ x [n, in, c] -> [n, out, c] in x's dtype."""
     dn = (((2,), (1,)), ((0,), (0,)))
     if not isinstance(w, QuantMatrix):
@@ -95,14 +99,14 @@ def _bmm(w: Weight, x: jax.Array) -> jax.Array:
     return (acc * w.scale[:, :, None]).astype(x.dtype)
 
 
-def _expand(w: Weight) -> Weight:
+def _expand(w: Experts) -> Experts:
     if isinstance(w, QuantMatrix):
         return QuantMatrix(w.q[None], w.scale[None], w.compute_dtype, w.kernel)
     return w[None]
 
 
-def _swiglu(moe: MoEParams, x: jax.Array, bmm: Callable[[Weight, jax.Array], jax.Array],
-            pick: Callable[[Weight], Weight]) -> jax.Array:
+def _swiglu(moe: MoEParams, x: jax.Array, bmm: Callable[[Experts, jax.Array], jax.Array],
+            pick: Callable[[Experts], Experts]) -> jax.Array:
     g, u = bmm(pick(moe.wg), x), bmm(pick(moe.wu), x)
     return bmm(pick(moe.wd), jax.nn.silu(g) * u)
 
@@ -218,7 +222,7 @@ def load_moe(
     compute dtype, `quantize` (int8 weights) quantizes it per expert and row instead."""
     E, H, F = shapes
 
-    def matrix(proj: str, rows: int, cols: int) -> Weight:
+    def matrix(proj: str, rows: int, cols: int) -> Experts:
         stacked = prefix + f"experts.{proj}"
         if has(stacked):
             host = read(stacked, (E, rows, cols))

@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from node.engine.blocks import BlockMatrix
 from node.engine.errors import PartitionError
 
 NATIVE, INT8 = "native", "int8"
@@ -124,7 +125,8 @@ class QuantMatrix:
         return int(self.q.nbytes) + int(self.scale.nbytes)
 
 
-Weight = jax.Array | QuantMatrix
+# A matrix as loaded: the compute dtype's array, int8 (above) or GGUF blocks (blocks.py).
+Weight = jax.Array | QuantMatrix | BlockMatrix
 
 
 def quantized_bytes(rows: int, cols: int) -> int:

@@ -23,7 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from node.engine import blocks
 from node.engine.attention import attend
+from node.engine.blocks import BlockMatrix, bmatmul
 from node.engine.cache import CacheGeometry
 from node.engine.config import ModelConfig
 from node.engine.moe import moe_mlp
@@ -69,9 +71,12 @@ def head_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Arr
 
 
 def linear(w: Weight, x: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """w [out, in] @ x [in, M] (+ b [out]); an int8 w takes its kernel (quant.py)."""
+    """w [out, in] @ x [in, M] (+ b [out]); an int8 w takes its kernel (quant.py), GGUF
+    blocks theirs (blocks.py)."""
     if isinstance(w, QuantMatrix):
         y = qmatmul(w, x)
+    elif isinstance(w, BlockMatrix):
+        y = bmatmul(w, x)
     else:
         y = jax.lax.dot_general(w, x, (((1,), (0,)), ((), ())))
     return y if b is None else y + b[:, None]
@@ -191,6 +196,8 @@ def embed(cfg: ModelConfig, params: PartitionParams, ids: jax.Array) -> jax.Arra
     assert params.embed is not None
     if isinstance(params.embed, QuantMatrix):
         x = take_rows(params.embed, ids).T
+    elif isinstance(params.embed, BlockMatrix):
+        x = blocks.take_rows(params.embed, ids).T
     else:
         x = jnp.take(params.embed, ids, axis=0).T
     if cfg.embed_scale is not None:
@@ -222,6 +229,8 @@ def head_logits(cfg: ModelConfig, params: PartitionParams, x: jax.Array) -> jax.
     assert table is not None
     if isinstance(table, QuantMatrix):
         logits = qmatmul(table, h, out_dtype=jnp.float32)
+    elif isinstance(table, BlockMatrix):
+        logits = bmatmul(table, h, out_dtype=jnp.float32)
     else:
         if table.dtype != jnp.float32 and jax.default_backend() == "cpu":
             # XLA CPU's generic dot has no bf16 x bf16 -> f32 kernel (only some fused dots

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from node.engine import blocks
+from node.engine.blocks import BLOCK_TYPES, BlockMatrix
 from node.engine.config import SUPPORTED_DTYPES, ModelConfig
 from node.engine.errors import (
     MissingTensorError,
@@ -43,7 +45,15 @@ from node.engine.errors import (
     ShapeMismatchError,
     WeightsError,
 )
-from node.engine.gguf import GGUF_MAGIC, GGUFWeights, Restore, decode, gguf_index, restore
+from node.engine.gguf import (
+    GGUF_MAGIC,
+    GGUFWeights,
+    Restore,
+    decode,
+    gguf_index,
+    restore,
+    unpermute,
+)
 from node.engine.moe import MoEParams, expert_names, load_moe, quantize_experts
 from node.engine.quant import (
     NATIVE,
@@ -103,7 +113,8 @@ def split_layers(num_layers: int, parts: int) -> list[PartitionSpec]:
 @dataclass(frozen=True)
 class LayerParams:
     """One decoder layer's weights as the checkpoint stores them: matrices [out, in]
-    (a QuantMatrix each when loaded as int8; norms and biases stay in the compute dtype)."""
+    (a QuantMatrix each when loaded as int8, a BlockMatrix when a GGUF's blocks are kept;
+    norms and biases stay in the compute dtype)."""
 
     ln1: jax.Array  # input RMSNorm [H]
     wq: Weight  # [q, H]
@@ -130,7 +141,7 @@ class LayerParams:
 @dataclass(frozen=True)
 class PartitionParams:
     """A partition's weights; every array has the compute dtype, or is a QuantMatrix
-    standing in for it (int8 weights)."""
+    (int8 weights) or a BlockMatrix (GGUF blocks) standing in for it."""
 
     embed: Weight | None  # [V, H] on the first partition
     layers: tuple[LayerParams, ...]
@@ -140,7 +151,7 @@ class PartitionParams:
 
     @property
     def dtype(self) -> Any:
-        first = jax.tree_util.tree_leaves(self, is_leaf=lambda x: isinstance(x, QuantMatrix))[0]
+        first = jax.tree_util.tree_leaves(self, is_leaf=lambda x: isinstance(x, QuantMatrix | BlockMatrix))[0]
         return first.dtype
 
     @property
@@ -294,6 +305,8 @@ class WeightSource:
     # GGUF tensors to bring back to the checkpoint's values (unpermute rows, take off
     # Gemma's + 1), see node/engine/gguf.py.
     restore: dict[str, Restore] = field(default_factory=dict)
+    # Tensors that come from GGUF files (read_blocks keeps their blocks).
+    gguf_names: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.index:
@@ -305,6 +318,7 @@ class WeightSource:
                     found: GGUFWeights = gguf_index(self._header_reader(), file_name, size)
                     self.index.update(found.index)
                     self.restore.update(found.restore)
+                    self.gguf_names.update(found.index)
                 else:
                     self.index.update(parse_header(self.read_range, file_name))
             _alias_language_model(self.index)
@@ -345,6 +359,36 @@ class WeightSource:
     def from_reader(cls, read_range: ReadRange, files: Iterable[str]) -> WeightSource:
         return cls(read_range, list(files))
 
+    def _raw(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's bytes as uint8; into a 64-byte-aligned buffer when read_into is given
+        (JAX on CPU adopts such an array without a copy)."""
+        if self.read_into is not None:
+            buf = _aligned_bytes(info.length)
+            self.read_into(info.file, info.offset, memoryview(buf.data))
+            return buf
+        return np.frombuffer(self.read_range(info.file, info.offset, info.length), np.uint8)
+
+    def read_blocks(self, name: str, expected_shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
+        """A GGUF matrix as its block bytes, uint8 [rows, row_bytes], and its block type;
+        None when the tensor is not one the engine keeps as blocks (not from a GGUF, not a
+        block type, rows not whole blocks, or values to restore): read() then decodes it.
+        Q/K rows llama.cpp permuted are unpermuted as whole rows of blocks."""
+        info = self.index.get(name)
+        if info is None or name not in self.gguf_names or info.dtype not in BLOCK_TYPES:
+            return None
+        if len(expected_shape) != 2 or info.shape != expected_shape:
+            return None
+        t = BLOCK_TYPES[info.dtype]
+        rows, cols = expected_shape
+        how = self.restore.get(name)
+        if cols % t.block_size or info.length != rows * t.row_bytes(cols) or (how is not None and how.offset):
+            return None
+        data = self._raw(info).reshape(rows, t.row_bytes(cols))
+        if how is not None and how.heads is not None:
+            data = unpermute(data, how.heads)
+        self.tensors_read.append(name)
+        return data, info.dtype
+
     def read(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
         info = self.index.get(name)
         if info is None:
@@ -366,17 +410,11 @@ class WeightSource:
             return out if how is None else restore(out, how)
         if info.length != np_dtype.itemsize * int(np.prod(info.shape, dtype=np.int64)):
             raise WeightsError(f"tensor {name!r}: byte length does not match its shape and dtype")
-        if self.read_into is not None:
-            # Into a 64-byte-aligned buffer: JAX on CPU adopts such an array without a
-            # copy, so a local load copies each byte once (Qwen2.5-0.5B shape: 1.5-1.8 s
-            # instead of 3.1-3.4 s through bytes objects).
-            buf = _aligned_bytes(info.length)
-            self.read_into(info.file, info.offset, memoryview(buf.data))
-            self.tensors_read.append(name)
-            return buf.view(np_dtype).reshape(info.shape)
-        data = self.read_range(info.file, info.offset, info.length)
+        # Into a 64-byte-aligned buffer where possible (_raw): a local load then copies
+        # each byte once (Qwen2.5-0.5B shape: 1.5-1.8 s instead of 3.1-3.4 s through bytes).
+        out = self._raw(info).view(np_dtype).reshape(info.shape)
         self.tensors_read.append(name)
-        return np.frombuffer(data, dtype=np_dtype).reshape(info.shape)
+        return out
 
 
 def resolve_dtype(config: ModelConfig, dtype: str | None) -> str:
@@ -448,14 +486,24 @@ def load_params(
     spec: PartitionSpec,
     dtype: str,
     weights: str = NATIVE,
+    block_kernel: str | None = None,
 ) -> PartitionParams:
     """Read a partition's tensors and put them on the device as they are (see the module
     docstring). One tensor at a time: the host holds at most one tensor's bytes.
 
+    weights="native" on CPU keeps a GGUF's block-format matrices as their bytes
+    (blocks.py; `block_kernel` "ggml" or "jax", default blocks.default_kernel(), or
+    "dequantize" for the compute dtype's arrays); on other backends they are dequantized.
     weights="int8": every matrix (embedding, head, the layers' projections) is quantized
     on the host right after it is read (quant.py), from the file's dtype."""
     spec.validate(config)
     int8 = check_weights(weights) != NATIVE
+    if block_kernel is None:
+        keep_blocks = not int8 and jax.default_backend() == "cpu"
+        kernel = blocks.default_kernel() if keep_blocks else blocks.JAX
+    else:
+        keep_blocks = not int8 and blocks.check_kernel(block_kernel) != blocks.DEQUANTIZE
+        kernel = block_kernel
     target = jnp.dtype(dtype)
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     Q, KV = config.q_size, config.kv_size
@@ -469,16 +517,25 @@ def load_params(
             return (arr if arr.dtype == target else arr.astype(target)).block_until_ready()
         return jax.block_until_ready(quantize_host(host, dtype, default_kernel()))
 
+    def kept(data: np.ndarray, block_type: str, cols: int) -> BlockMatrix:
+        return BlockMatrix(jnp.asarray(data).block_until_ready(), block_type, cols, dtype, kernel)
+
     def mat(name: str, shape: tuple[int, ...]) -> Weight:
+        found = source.read_blocks(name, shape) if keep_blocks else None
+        if found is not None:
+            return kept(*found, shape[1])
         if not int8:
             return get(name, shape)
         return device(source.read(name, shape))
 
     def rows_of(name: str, parts: tuple[int, ...]) -> list[Weight]:
         """A fused matrix (Phi-3's qkv_proj, gate_up_proj) split by rows into `parts`."""
+        bounds = list(itertools.pairwise(np.cumsum((0, *parts))))
+        found = source.read_blocks(name, (sum(parts), H)) if keep_blocks else None
+        if found is not None:
+            return [kept(found[0][a:b], found[1], H) for a, b in bounds]
         fused = source.read(name, (sum(parts), H))
-        bounds = np.cumsum((0, *parts))
-        return [device(fused[a:b]) for a, b in itertools.pairwise(bounds)]
+        return [device(fused[a:b]) for a, b in bounds]
 
     def sparse_mlp(i: int) -> MoEParams:
         kernel = default_kernel()

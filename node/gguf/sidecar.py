@@ -16,7 +16,7 @@ from pathlib import Path
 from node.gguf.config import SUPPORTED_TYPES, GGUFConfigError, hf_config
 from node.gguf.tokenizer import tokenizer_files
 from node.gguf.wordpiece import bert_tokenizer_files
-from protocol.gguf import GGUFHeader
+from protocol.gguf import GGUFHeader, hf_name
 from protocol.safetensors import TensorInfo
 
 __all__ = ["check_types", "read_sidecars", "sidecar_files", "write_sidecars"]
@@ -69,6 +69,13 @@ def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict
     dtype = "bfloat16" if plain == {"BF16"} else "float32"
     config = hf_config(header.metadata, tied="output.weight" not in names, rope_factors=factors,
                        longrope=longrope, dtype=dtype)
+    types = {}
+    for t in header.tensors:
+        name = hf_name(t.name, header.architecture)
+        if name is not None and len(t.shape) == 2 and t.dtype != "F32":
+            types[name] = t.dtype
+    if types:
+        config["gguf_matrix_types"] = types
     files = {"config.json": json.dumps(config, indent=1).encode()}
     if header.metadata.get("tokenizer.ggml.model") == "bert":
         files.update(bert_tokenizer_files(header.metadata))

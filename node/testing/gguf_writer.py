@@ -13,7 +13,8 @@ and phi3 checkpoints (config.json as transformers 4 or 5 writes it). What the co
   ``rope_factors_short.weight`` / ``rope_factors_long.weight`` with
   ``rope.scaling.original_context_length`` and ``rope.scaling.attn_factor``;
 - ``rope_freqs.weight`` for a Llama 3 rope scaling;
-- matrices in ``qtype`` (quantized with the ``gguf`` package; stacked experts too),
+- matrices in ``qtype`` (quantized with the ``gguf`` package, the K types with ggml's
+  own quantizer; stacked experts too),
   norms, biases, routers and factors F32, as llama.cpp keeps them.
 
 Where a checkpoint departs from what llama.cpp fixes in code, the writer records it in
@@ -268,10 +269,14 @@ def _checkpoint(arch: str, cfg: dict[str, Any], root: Path) -> dict[str, np.ndar
     return out
 
 
+_GGML_QUANTIZED = ("Q4_K", "Q5_K", "Q6_K")
+
+
 def write_gguf(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype: str = "F32",
                chat_template: bool = True, pre: str | None = None) -> Path:
     """Write the checkpoint in ``model_dir`` as the GGUF ``out`` with matrices in ``qtype``
-    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, ... whatever gguf.quants can quantize); ``pre``
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, ... whatever gguf.quants can quantize, and Q4_K,
+    Q5_K, Q6_K through ggml's quantizer: rows must be whole 256-value blocks); ``pre``
     overrides the byte-level tokenizer's tokenizer.ggml.pre (default: the family's)."""
     import gguf
     from gguf.quants import quantize
@@ -293,7 +298,13 @@ def write_gguf(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *
         gguf_name = _gguf_name(name, arch, cfg["num_hidden_layers"])
         router = gguf_name.endswith("ffn_gate_inp.weight")  # llama.cpp keeps routers F32
         if t.ndim >= 2 and not router and qt != gguf.GGMLQuantizationType.F32:
-            data = quantize(t.astype(np.float16) if qtype == "F16" else t, qt)
+            if qtype in _GGML_QUANTIZED:
+                # The gguf package cannot write these: ggml's own quantizer does.
+                from node.engine.ggml import quantize as ggml_quantize
+
+                data = ggml_quantize(t.reshape(-1, t.shape[-1]), int(qt)).reshape(*t.shape[:-1], -1)
+            else:
+                data = quantize(t.astype(np.float16) if qtype == "F16" else t, qt)
             w.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=qt)
         else:
             w.add_tensor(gguf_name, t)

@@ -38,8 +38,11 @@ def _gguf_config(path: Path):  # type: ignore[no-untyped-def]
     return parse_config(hf_config(header.metadata, tied="output.weight" not in names, rope_factors=factors))
 
 
-def _logits(source: WeightSource, config, spec=None) -> np.ndarray:  # type: ignore[no-untyped-def]
-    part = load_partition(source, config, spec or PartitionSpec.whole(config), max_context=64, prefill_chunk=16)
+def _logits(source: WeightSource, config, spec=None, kernel: str = "jax") -> np.ndarray:  # type: ignore[no-untyped-def]
+    """All positions' logits; a GGUF's blocks kept and decoded by `kernel` (blocks.py):
+    "jax" computes with exactly the dequantized values, as "dequantize" does."""
+    part = load_partition(source, config, spec or PartitionSpec.whole(config), max_context=64, prefill_chunk=16,
+                          block_kernel=kernel)
     _, out = part.prefill(part.new_cache(1), IDS, all_logits=True)
     return np.asarray(out)
 
@@ -91,13 +94,17 @@ def _dequantized_twin(tiny: Path, path: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
-def test_quantized_types_equal_the_gguf_package_dequantized(tiny: Path, tmp_path: Path, qtype: str) -> None:
+@pytest.mark.parametrize("kernel", ["jax", "dequantize"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_quantized_types_equal_the_gguf_package_dequantized(tiny: Path, tmp_path: Path, qtype: str,
+                                                            kernel: str) -> None:
+    """Blocks kept (decoded inside the step) or dequantized at load: the same logits as the
+    weights dequantized by the gguf package into a safetensors twin."""
     path = write_gguf(tiny, tmp_path / f"m-{qtype}.gguf", qtype=qtype)
     twin = _dequantized_twin(tiny, path, tmp_path / "twin")
     config = load_config(twin)
     want = _logits(WeightSource.from_dir(twin), config)
-    got = _logits(WeightSource.from_gguf(path), _gguf_config(path))
+    got = _logits(WeightSource.from_gguf(path), _gguf_config(path), kernel=kernel)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     # And the quantization itself is not a no-op: the originals differ.
     assert np.abs(_logits(WeightSource.from_dir(tiny), load_config(tiny)) - got).max() > 1e-4
@@ -108,7 +115,8 @@ def test_split_equals_whole(tiny: Path, tmp_path: Path) -> None:
     config = _gguf_config(path)
     whole = _logits(WeightSource.from_gguf(path), config)
     specs = [PartitionSpec(0, 1, True, False), PartitionSpec(1, 3, False, True)]
-    chain = load_chain(WeightSource.from_gguf(path), config, specs, max_context=64, prefill_chunk=16)
+    chain = load_chain(WeightSource.from_gguf(path), config, specs, max_context=64, prefill_chunk=16,
+                       block_kernel="jax")
     _, out = chain.prefill(chain.new_caches(1), IDS, all_logits=True)
     np.testing.assert_allclose(np.asarray(out), whole, atol=1e-5, rtol=0)
     # The middle partition read only its own tensors.
@@ -144,8 +152,8 @@ def test_k_quant_blocks_dequantize_like_the_gguf_package(tiny: Path, tmp_path: P
 
 
 def test_unsupported_type_is_refused_by_name(tiny: Path, tmp_path: Path) -> None:
-    path = write_gguf(tiny, tmp_path / "m.gguf", qtype="Q5_0")
-    with pytest.raises(WeightsError, match=r"Q5_0.*cannot dequantize"):
+    path = write_gguf(tiny, tmp_path / "m.gguf", qtype="MXFP4")
+    with pytest.raises(WeightsError, match=r"MXFP4.*cannot dequantize"):
         _logits(WeightSource.from_gguf(path), _gguf_config(path))
 
 
