@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from node.engine import ggml
+from node.engine.ggml import DEQUANTIZE_TARGET, MATMUL_TARGET, unavailable
 
 __all__ = ["BLOCK_KERNELS", "BLOCK_TYPES", "DEQUANTIZE", "GGML", "JAX", "BlockMatrix", "BlockType", "block_bytes", "bmatmul",
            "check_kernel", "default_kernel", "dequantize", "take_rows"]
@@ -80,7 +80,7 @@ def default_kernel(platform: str | None = None) -> str:
     """ggml's kernels on CPU where they load, else the pure-JAX path."""
     if (platform or jax.default_backend()) != "cpu":
         return JAX
-    return GGML if ggml.unavailable() is None else JAX
+    return GGML if unavailable() is None else JAX
 
 
 @jax.tree_util.register_dataclass
@@ -210,7 +210,7 @@ def decode_blocks(data: jax.Array, block_type: str, cols: int) -> jax.Array:
 
 def _ggml_call(target: str, out: jax.ShapeDtypeStruct) -> Callable[..., Any]:
     """An FFI call into ggml's kernels (loaded on first use; an error if they cannot be)."""
-    reason = ggml.unavailable()
+    reason = unavailable()
     if reason is not None:
         raise RuntimeError(f"the ggml kernel was asked for but {reason}")
     return jax.ffi.ffi_call(target, out)
@@ -218,7 +218,7 @@ def _ggml_call(target: str, out: jax.ShapeDtypeStruct) -> Callable[..., Any]:
 
 def _ggml_dequantize(data: jax.Array, t: BlockType, cols: int) -> jax.Array:
     rows = int(np.prod(data.shape[:-1], dtype=np.int64))
-    out = _ggml_call(ggml.DEQUANTIZE_TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32))(
+    out = _ggml_call(DEQUANTIZE_TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32))(
         data.reshape(rows, -1), ggml_type=np.int32(t.ggml_id), threads=np.int32(0))
     return out.reshape(*data.shape[:-1], cols)
 
@@ -244,7 +244,7 @@ def bmatmul(w: BlockMatrix, x: jax.Array, out_dtype: Any = None) -> jax.Array:
     out_dtype = out_dtype or x.dtype
     m = x.shape[1]
     if w.kernel == GGML and m <= GGML_MAX_COLUMNS and w.data.ndim == 2:
-        y = _ggml_call(ggml.MATMUL_TARGET, jax.ShapeDtypeStruct((m, w.data.shape[0]), jnp.float32))(
+        y = _ggml_call(MATMUL_TARGET, jax.ShapeDtypeStruct((m, w.data.shape[0]), jnp.float32))(
             w.data, x.T.astype(jnp.float32), ggml_type=np.int32(BLOCK_TYPES[w.block_type].ggml_id),
             threads=np.int32(0))
         return y.T.astype(out_dtype)

@@ -23,9 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from node.engine import blocks
 from node.engine.attention import attend
 from node.engine.blocks import BlockMatrix, bmatmul
+from node.engine.blocks import take_rows as take_block_rows
 from node.engine.cache import CacheGeometry
 from node.engine.config import ModelConfig
 from node.engine.moe import moe_mlp
@@ -197,7 +197,7 @@ def embed(cfg: ModelConfig, params: PartitionParams, ids: jax.Array) -> jax.Arra
     if isinstance(params.embed, QuantMatrix):
         x = take_rows(params.embed, ids).T
     elif isinstance(params.embed, BlockMatrix):
-        x = blocks.take_rows(params.embed, ids).T
+        x = take_block_rows(params.embed, ids).T
     else:
         x = jnp.take(params.embed, ids, axis=0).T
     if cfg.embed_scale is not None:

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from node.engine import blocks
-from node.engine.blocks import BLOCK_TYPES, BlockMatrix
+from node.engine.blocks import BLOCK_TYPES, DEQUANTIZE, JAX, BlockMatrix, check_kernel
+from node.engine.blocks import default_kernel as default_block_kernel
 from node.engine.config import SUPPORTED_DTYPES, ModelConfig
 from node.engine.errors import (
     MissingTensorError,
@@ -500,9 +500,9 @@ def load_params(
     int8 = check_weights(weights) != NATIVE
     if block_kernel is None:
         keep_blocks = not int8 and jax.default_backend() == "cpu"
-        kernel = blocks.default_kernel() if keep_blocks else blocks.JAX
+        kernel = default_block_kernel() if keep_blocks else JAX
     else:
-        keep_blocks = not int8 and blocks.check_kernel(block_kernel) != blocks.DEQUANTIZE
+        keep_blocks = not int8 and check_kernel(block_kernel) != DEQUANTIZE
         kernel = block_kernel
     target = jnp.dtype(dtype)
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
