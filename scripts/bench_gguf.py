@@ -8,6 +8,9 @@ llama.cpp is llama-cpp-python (scripts/llamacpp_ref.py) on the same file, n_thre
 n_threads_batch = this process's CPU affinity count (the CPUs XLA uses). Engine and
 llama.cpp measurements alternate, --rounds rounds of each: a tok/s key is the median,
 its ``_spread`` key [min, max] (this machine's speed drifts by 15-30% over minutes).
+Run it on an idle machine: llama.cpp's threads spin at every barrier, and a process
+sharing their cores slows it 10-100x where XLA loses a fraction (a note says when the
+load average was above 0.5 at the start).
 
 Keys (--json, one object; null when not measured, "notes" says why):
 - smollm2_tok_s, smollm2_llamacpp_tok_s: batch-1 greedy decode, a 32-token prompt then
@@ -28,8 +31,14 @@ Keys (--json, one object; null when not measured, "notes" says why):
   Q4_K_M file over the parameter count; shape_q4k_bandwidth_fraction: the weight bytes a
   decode step reads x tok/s / memory_bandwidth_gb_s (and the same for llama.cpp's file
   bytes, shape_q4k_llamacpp_bandwidth_fraction);
-- memory_bandwidth_gb_s: this machine's read bandwidth, measured in the same run;
-- shape_q4k_types, shape_q8_types: {tensor kind: GGUF types} the quantized files hold;
+- memory_bandwidth_gb_s: this machine's read bandwidth, measured in the same run
+  (memory_bandwidth_after_gb_s again at the end; load_average_before: the machine's);
+- shape_q4k_types, shape_q8_types: {tensor kind: GGUF types} the quantized files hold,
+  shape_q4k_file_bytes_per_param, shape_q8_...: the files' tensor bytes / parameters.
+  Hidden 896 is not a multiple of 256: llama.cpp's Q4_K_M falls back to Q5_0 (Q6_K to
+  Q8_0) for every matrix with 896-wide rows, so the file is Q5_0 but for ffn_down
+  (Q4_K/Q6_K) and token_embd (Q8_0), as real Qwen2.5-0.5B Q4_K_M files are; an engine
+  without Q5_0 cannot load it (a note says so, its keys stay null);
 - smollm2_int8_tok_s, smollm2_int8_perplexity, int8_perplexity_delta: engine int8
   weights (in the same alternating rounds). The 0.5B shape's int8 keys and SmolLM2's
   int8 peak bytes were dropped: bench_engine.py --only int8 measures them.
@@ -318,7 +327,7 @@ def smollm2(args: argparse.Namespace) -> dict[str, Any]:
 def shape(args: argparse.Namespace, bandwidth: float, notes: list[str]) -> dict[str, Any]:
     """The Qwen2.5-0.5B shape's Q4_K_M and Q8_0 files, engine against llama.cpp."""
     from bench_engine import _prompts
-    from llamacpp_ref import tensor_types
+    from llamacpp_ref import file_bytes_per_param, tensor_types
     from llamacpp_ref import weight_bytes_per_token as file_bytes_per_token
 
     from node.engine import PartitionSpec, partition_param_count
@@ -332,6 +341,7 @@ def shape(args: argparse.Namespace, bandwidth: float, notes: list[str]) -> dict[
             if path is None:
                 continue
             res[f"{name}_types"] = tensor_types(path)
+            res[f"{name}_file_bytes_per_param"] = file_bytes_per_param(path)
             try:
                 part = _load(path, files.sidecars)
             except Exception as exc:  # the engine refusing a type is a result, not a crash
@@ -431,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"no llama.cpp figures: {why}")
         args.llamacpp = False
     res: dict[str, Any] = dict.fromkeys(KEYS)
+    res["load_average_before"] = os.getloadavg()[0]
+    if res["load_average_before"] > 0.5:
+        notes.append(f"the machine was busy (load average {res['load_average_before']:.1f} before the run): "
+                     "llama.cpp's spinning threads lose far more than XLA's to a process sharing their cores "
+                     "(10-100x on a 2-core VM); compare on an idle machine")
     res["memory_bandwidth_gb_s"] = memory_bandwidth_gb_s()
     res.update(smollm2(args))
     print("  smollm2 done", file=sys.stderr, flush=True)

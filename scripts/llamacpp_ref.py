@@ -171,6 +171,14 @@ def weight_bytes_per_token(path: Path) -> int:
     return sum(int(t.n_bytes) for t in tensors if tied or t.name != "token_embd.weight")
 
 
+def file_bytes_per_param(path: Path) -> float:
+    """The file's tensor bytes over its parameter count (norms and biases included)."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    return sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
 def peak_rss(path: Path, threads: int | None = None, timeout: float = 900) -> int:
     """In a fresh process: the peak RSS growth of llama.cpp loading `path` and decoding."""
     import subprocess
