@@ -309,6 +309,17 @@ def _smollm2_engine(path: Path, side: Path, ids: list[int], args: argparse.Names
     return res
 
 
+def _llamacpp_alone(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """llama.cpp's decode tok/s on a file the engine could not load."""
+    from bench_engine import _prompts
+    from llamacpp_ref import LlamaCpp
+
+    with LlamaCpp(path, threads=_threads(), n_ctx=CONTEXT, n_batch=CHUNK) as ref:
+        prompt = _prompts(ref.n_vocab, 1, PROMPT)[0]
+        return summarize(alternate({f"{name}_llamacpp_tok_s": lambda: ref.greedy(prompt, args.new).tok_s},
+                                   args.rounds))
+
+
 def smollm2(args: argparse.Namespace) -> dict[str, Any]:
     from llamacpp_ref import LlamaCpp, peak_rss
 
@@ -351,12 +362,7 @@ def shape(args: argparse.Namespace, bandwidth: float, notes: list[str]) -> dict[
                 part = None
             if part is None:
                 if args.llamacpp:  # llama.cpp's side alone, still worth the figure
-                    from llamacpp_ref import LlamaCpp
-
-                    with LlamaCpp(path, threads=_threads(), n_ctx=CONTEXT, n_batch=CHUNK) as ref:
-                        prompt = _prompts(ref.n_vocab, 1, PROMPT)[0]
-                        res.update(summarize(alternate({f"{name}_llamacpp_tok_s": lambda r=ref, p=prompt: (
-                            r.greedy(p, args.new).tok_s)}, args.rounds)))
+                    res.update(_llamacpp_alone(name, path, args))
             else:
                 greedy_prompt = _prompts(part.config.vocab_size, 1, PROMPT, seed=2)[0]
                 res.update(compare(name, part, path, args, greedy_prompt))
