@@ -556,26 +556,12 @@ def write_gguf(raw: dict[str, Any], model_dir: Path, out: Path) -> None:
 
 
 def llamacpp_decode_tok_s(path: Path, vocab: int, prompt: int, new: int, threads: int) -> float:
-    import llama_cpp
+    """llama.cpp's batch-1 greedy decode tok/s on the GGUF at `path` after a random
+    `prompt`-token prompt (llamacpp_ref.LlamaCpp.greedy, which also returns the tokens)."""
+    from llamacpp_ref import LlamaCpp
 
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=1024,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=512,
-        verbose=False,
-    )
-    llm.eval(_prompts(vocab, 1, prompt)[0])
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    for _ in range(2):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t0 = time.perf_counter()
-    for _ in range(new):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return new / (time.perf_counter() - t0)
+    with LlamaCpp(path, threads=threads, n_ctx=1024, n_batch=512) as ref:
+        return ref.greedy(_prompts(vocab, 1, prompt)[0], new).tok_s
 
 
 # -- accelerator-only ---------------------------------------------------------------------
