@@ -8,9 +8,11 @@ missing, a CPU without the instructions the wheel was built for (x86-64: AVX2, F
 or the library refusing to load. Every caller then takes the pure-JAX path (blocks.py):
 the same numbers, slower. The reason is logged once, on the first load that needs them.
 
-Loading is lazy (first use), never at import, and registers two FFI targets on the CPU
-platform: ``enjambre_ggml_matmul`` (y [M, N] = x [M, K] @ W^T) and
-``enjambre_ggml_dequantize`` (W [N, K] in float32).
+Loading is lazy (first use), never at import, and registers three FFI targets on the CPU
+platform: ``enjambre_ggml_matmul`` (y [M, N] = x [M, K] @ W^T),
+``enjambre_ggml_matmul_many`` (several matrices of one input: x quantized once, the
+rows of all split over the threads together) and ``enjambre_ggml_dequantize``
+(W [N, K] in float32).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["DEQUANTIZE_TARGET", "MATMUL_TARGET", "dot_type", "quantize", "unavailable"]
+__all__ = ["DEQUANTIZE_TARGET", "MATMUL_MANY_TARGET", "MATMUL_TARGET", "dot_type", "quantize", "unavailable"]
 
 log = logging.getLogger("enjambre.engine")
 
 MATMUL_TARGET = "enjambre_ggml_matmul"
+MATMUL_MANY_TARGET = "enjambre_ggml_matmul_many"
 DEQUANTIZE_TARGET = "enjambre_ggml_dequantize"
 _X86_FEATURES = ("AVX2", "FMA3", "F16C")  # what libggml-python's x86-64 build assumes
 
@@ -98,6 +101,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.enjambre_ggml_dot_type.restype = ctypes.c_int
     lib.enjambre_ggml_dot_type.argtypes = [ctypes.c_int]
     jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.EnjambreGgmlMatMul), platform="cpu")
+    jax.ffi.register_ffi_target(MATMUL_MANY_TARGET, jax.ffi.pycapsule(lib.EnjambreGgmlMatMulMany),
+                                platform="cpu")
     jax.ffi.register_ffi_target(DEQUANTIZE_TARGET, jax.ffi.pycapsule(lib.EnjambreGgmlDequantize),
                                 platform="cpu")
     return lib, None

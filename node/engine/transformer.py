@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from node.engine.attention import attend
-from node.engine.blocks import BlockMatrix, bmatmul
+from node.engine.blocks import BlockMatrix, bmatmul, bmatmul_many
 from node.engine.blocks import take_rows as take_block_rows
 from node.engine.cache import CacheGeometry
 from node.engine.config import ModelConfig
@@ -80,6 +80,16 @@ def linear(w: Weight, x: jax.Array, b: jax.Array | None = None) -> jax.Array:
     else:
         y = jax.lax.dot_general(w, x, (((1,), (0,)), ((), ())))
     return y if b is None else y + b[:, None]
+
+
+def linears(ws: list[Weight], x: jax.Array, bs: list[jax.Array | None]) -> list[jax.Array]:
+    """[linear(w, x, b) for w, b], as one product where the weights are GGUF blocks
+    (blocks.bmatmul_many: q/k/v or gate/up share the activations' quantization)."""
+    blocks = [w for w in ws if isinstance(w, BlockMatrix)]
+    if len(blocks) < 2 or len(blocks) != len(ws):
+        return [linear(w, x, b) for w, b in zip(ws, bs, strict=True)]
+    ys = bmatmul_many(blocks, x)
+    return [y if b is None else y + b[:, None] for y, b in zip(ys, bs, strict=True)]
 
 
 def rope_tables(
@@ -150,12 +160,11 @@ def layer_forward(
     eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
     cos, sin = rope
     h = rms_norm(x, layer.ln1, eps, plus)
-    q = linear(layer.wq, h, layer.bq).reshape(cfg.num_heads, D, -1)
-    k = linear(layer.wk, h, layer.bk).reshape(kvh, D, -1)
+    q, k, v = linears([layer.wq, layer.wk, layer.wv], h, [layer.bq, layer.bk, layer.bv])
+    q, k, v = q.reshape(cfg.num_heads, D, -1), k.reshape(kvh, D, -1), v.reshape(kvh, D, -1)
     if layer.q_norm is not None and layer.k_norm is not None:
         q, k = head_norm(q, layer.q_norm, eps, plus), head_norm(k, layer.k_norm, eps, plus)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    v = linear(layer.wv, h, layer.bv).reshape(kvh, D, -1)
     # Scatter rows: [B*n, kvh, D] at (slot, :, write index, :).
     slot_idx = jnp.repeat(rows.slots, n)
     write = rows.write.reshape(-1)
@@ -187,7 +196,8 @@ def _mlp(cfg: ModelConfig, layer: LayerParams, h: jax.Array) -> jax.Array:
     if layer.moe is not None:
         return moe_mlp(layer.moe, h, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     assert layer.wg is not None and layer.wu is not None and layer.wd is not None
-    return linear(layer.wd, _activation(cfg, linear(layer.wg, h)) * linear(layer.wu, h))
+    gate, up = linears([layer.wg, layer.wu], h, [None, None])
+    return linear(layer.wd, _activation(cfg, gate) * up)
 
 
 def embed(cfg: ModelConfig, params: PartitionParams, ids: jax.Array) -> jax.Array:

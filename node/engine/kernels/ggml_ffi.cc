@@ -121,52 +121,77 @@ ffi::Error check_weight(ggml_type type, int64_t cols, int64_t row_bytes,
   return ffi::Error::Success();
 }
 
-// y [M, N] = x [M, K] @ W^T, W [N, row_bytes] in `type` holding K values per row.
-ffi::Error MatMulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> x,
-                      ffi::ResultBuffer<ffi::F32> y, int32_t type_id, int32_t threads) {
-  auto wd = w.dimensions();
-  auto xd = x.dimensions();
-  if (wd.size() != 2 || xd.size() != 2) return ffi::Error::InvalidArgument("w and x must be 2-D");
-  const int64_t rows = wd[0], row_bytes = wd[1], m = xd[0], cols = xd[1];
-  auto yd = y->dimensions();
-  if (yd.size() != 2 || yd[0] != m || yd[1] != rows) {
-    return ffi::Error::InvalidArgument("y must be [M, N]");
-  }
+// One weight matrix of a product: its bytes, rows and kernel, and where its outputs go.
+struct Weight {
+  const uint8_t* data = nullptr;
+  int64_t rows = 0;
+  int64_t row_bytes = 0;
+  ggml_vec_dot_t vec_dot = nullptr;
+  ggml_type dot_type = GGML_TYPE_F32;
+  const uint8_t* x = nullptr;  // the activations in dot_type, `xrow` bytes per row
+  size_t xrow = 0;
+  float* out = nullptr;  // [M, rows]
+  int64_t first = 0;  // this matrix's first row in the rows of all matrices together
+};
+
+ffi::Error describe(ffi::AnyBuffer::Dimensions wd, int32_t type_id, int64_t cols, Weight* w) {
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D");
+  w->rows = wd[0];
+  w->row_bytes = wd[1];
   const auto type = static_cast<ggml_type>(type_id);
   const ggml_type_traits* tt = nullptr;
   const ggml_type_traits_cpu* tc = nullptr;
-  if (auto err = check_weight(type, cols, row_bytes, &tt, &tc); err.failure()) return err;
+  if (auto err = check_weight(type, cols, w->row_bytes, &tt, &tc); err.failure()) return err;
   if (tc == nullptr || tc->vec_dot == nullptr) {
     return ffi::Error::InvalidArgument("ggml has no dot kernel for " + std::string(tt->type_name));
   }
-  const ggml_type dot_type = tc->vec_dot_type;
-  const float* xs = x.typed_data();
-  float* out = y->typed_data();
-  const uint8_t* wp = w.typed_data();
+  w->vec_dot = tc->vec_dot;
+  w->dot_type = tc->vec_dot_type;
+  return ffi::Error::Success();
+}
 
-  // The activations in the dot type, once per product (a few KB per row).
-  std::vector<uint8_t> xq;
-  const uint8_t* xrows = reinterpret_cast<const uint8_t*>(xs);
-  size_t xrow = static_cast<size_t>(cols) * sizeof(float);
-  if (dot_type != GGML_TYPE_F32) {
-    const ggml_type_traits_cpu* dc = traits_cpu(dot_type);
-    if (dc == nullptr || dc->from_float == nullptr) {
-      return ffi::Error::InvalidArgument("ggml cannot quantize activations for " +
-                                         std::string(tt->type_name));
+// y_i [M, N_i] = x [M, K] @ W_i^T for every matrix: x is quantized once per dot type (q, k
+// and v, or gate and up, share it), and the rows of all matrices are split together.
+ffi::Error products(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t cols,
+                    std::vector<Weight>& ws, int32_t threads) {
+  std::vector<std::pair<ggml_type, std::vector<uint8_t>>> quantized;
+  int64_t total_rows = 0, total_bytes = 0;
+  for (Weight& w : ws) {
+    w.first = total_rows;
+    total_rows += w.rows;
+    total_bytes += w.rows * w.row_bytes;
+    if (w.dot_type == GGML_TYPE_F32) {
+      w.x = reinterpret_cast<const uint8_t*>(xs);
+      w.xrow = static_cast<size_t>(cols) * sizeof(float);
+      continue;
     }
-    xrow = row_size(dot_type, cols);
-    xq.resize(xrow * static_cast<size_t>(m));
-    for (int64_t j = 0; j < m; ++j) dc->from_float(xs + j * cols, xq.data() + j * xrow, cols);
-    xrows = xq.data();
+    w.xrow = row_size(w.dot_type, cols);
+    auto found = std::find_if(quantized.begin(), quantized.end(),
+                              [&](const auto& q) { return q.first == w.dot_type; });
+    if (found == quantized.end()) {
+      const ggml_type_traits_cpu* dc = traits_cpu(w.dot_type);
+      if (dc == nullptr || dc->from_float == nullptr) {
+        return ffi::Error::InvalidArgument("ggml cannot quantize activations to type " +
+                                           std::to_string(w.dot_type));
+      }
+      std::vector<uint8_t> buf(w.xrow * static_cast<size_t>(m));
+      for (int64_t j = 0; j < m; ++j) dc->from_float(xs + j * cols, buf.data() + j * w.xrow, cols);
+      quantized.emplace_back(w.dot_type, std::move(buf));
+      found = std::prev(quantized.end());
+    }
+    w.x = found->second.data();
   }
-  const auto vec_dot = tc->vec_dot;
-  const Plan p = plan(pool, rows, rows * row_bytes, threads);
+  const Plan p = plan(pool, total_rows, total_bytes, threads);
   auto work = [&](int64_t c) {
-    const int64_t r0 = c * p.rows_per_chunk, r1 = std::min(rows, r0 + p.rows_per_chunk);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* wr = wp + r * row_bytes;
-      for (int64_t j = 0; j < m; ++j) {
-        vec_dot(static_cast<int>(cols), out + j * rows + r, 0, wr, 0, xrows + j * xrow, 0, 1);
+    const int64_t r0 = c * p.rows_per_chunk, r1 = std::min(total_rows, r0 + p.rows_per_chunk);
+    for (const Weight& w : ws) {
+      const int64_t a = std::max(r0, w.first), b = std::min(r1, w.first + w.rows);
+      for (int64_t r = a; r < b; ++r) {
+        const int64_t row = r - w.first;
+        const uint8_t* wr = w.data + row * w.row_bytes;
+        for (int64_t j = 0; j < m; ++j) {
+          w.vec_dot(static_cast<int>(cols), w.out + j * w.rows + row, 0, wr, 0, w.x + j * w.xrow, 0, 1);
+        }
       }
     }
   };
@@ -176,6 +201,48 @@ ffi::Error MatMulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::Buffer<
     parallel_chunks(pool, p.chunks, p.helpers, work);
   }
   return ffi::Error::Success();
+}
+
+// y [M, N] = x [M, K] @ W^T, W [N, row_bytes] in `type` holding K values per row.
+ffi::Error MatMulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> x,
+                      ffi::ResultBuffer<ffi::F32> y, int32_t type_id, int32_t threads) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  std::vector<Weight> ws(1);
+  if (auto err = describe(w.dimensions(), type_id, xd[1], &ws[0]); err.failure()) return err;
+  auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != ws[0].rows) {
+    return ffi::Error::InvalidArgument("y must be [M, N]");
+  }
+  ws[0].data = w.typed_data();
+  ws[0].out = y->typed_data();
+  return products(pool, x.typed_data(), xd[0], xd[1], ws, threads);
+}
+
+// y_i = x @ W_i^T for several matrices of the same input (q/k/v, gate/up).
+ffi::Error MatMulManyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets, ffi::Span<const int32_t> types, int32_t threads) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
+  const size_t n = args.size();
+  if (n == 0 || rets.size() != n || types.size() != n) {
+    return ffi::Error::InvalidArgument("one type and one result per weight matrix");
+  }
+  std::vector<Weight> ws(n);
+  for (size_t i = 0; i < n; ++i) {
+    auto w = args.get<ffi::Buffer<ffi::U8>>(i);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (w.has_error()) return w.error();
+    if (y.has_error()) return y.error();
+    if (auto err = describe(w->dimensions(), types[i], xd[1], &ws[i]); err.failure()) return err;
+    auto yd = (*y)->dimensions();
+    if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != ws[i].rows) {
+      return ffi::Error::InvalidArgument("each y must be [M, N]");
+    }
+    ws[i].data = w->typed_data();
+    ws[i].out = (*y)->typed_data();
+  }
+  return products(pool, x.typed_data(), xd[0], xd[1], ws, threads);
 }
 
 // out [N, K] float32 = W [N, row_bytes] in `type`, dequantized by ggml's own to_float.
@@ -246,6 +313,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EnjambreGgmlMatMul, MatMulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("ggml_type")
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EnjambreGgmlMatMulMany, MatMulManyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int32_t>>("ggml_types")
                                   .Attr<int32_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EnjambreGgmlDequantize, DequantizeImpl,

@@ -95,6 +95,22 @@ def test_ggml_product_is_the_dequantized_weights_times_quantized_activations(nam
         assert np.abs(got - exact).max() < 1e-2 * scale
 
 
+@pytest.mark.parametrize("types", [("Q4_K", "Q6_K", "Q6_K"), ("Q5_0", "Q8_0"), ("Q4_1", "Q8_0", "F16")])
+def test_one_call_for_several_matrices_equals_one_call_each(types: tuple[str, ...]) -> None:
+    """q/k/v (or gate/up) in one call: the activations quantized once per dot type (Q4_1's
+    Q8_1 beside Q8_0, F16's own), the rows of all matrices shared out; the same numbers."""
+    from node.engine.blocks import bmatmul_many
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((512, 3)).astype(np.float32))
+    ws = [BlockMatrix(jnp.asarray(_blocks(t, rng.standard_normal((rows, 512)).astype(np.float32))), t, 512,
+                      "float32", GGML) for t, rows in zip(types, (700, 96, 130), strict=False)]
+    together = jax.jit(bmatmul_many)(ws, x)
+    assert [y.shape for y in together] == [(w.shape[0], 3) for w in ws]
+    for w, y in zip(ws, together, strict=True):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(bmatmul)(w, x)))
+
+
 def test_wide_products_take_the_dequantized_gemm() -> None:
     """Past 16 columns (prefill chunks) ggml dequantizes and XLA multiplies: exact."""
     rng = np.random.default_rng(2)
@@ -196,6 +212,7 @@ def test_a_model_in_blocks_answers_as_ggml_arithmetic_says(tiny_dirs: dict[str, 
     to 10%: random tiny models amplify the activations' 8-bit rounding; SmolLM2 keeps its
     greedy tokens (test_smollm2.py). Split in three, exactly the whole model's; the blocks held at the
     file's size."""
+    import node.engine.blocks as blocks
     import node.engine.transformer as transformer
     from tests.node.engine.test_gguf import _gguf_config
 
@@ -206,6 +223,7 @@ def test_a_model_in_blocks_answers_as_ggml_arithmetic_says(tiny_dirs: dict[str, 
     np.testing.assert_allclose(_all_logits(path, config, GGML, SPLIT), got, rtol=0, atol=1e-5)
     jax.clear_caches()
     monkeypatch.setattr(transformer, "bmatmul", _emulated_bmatmul)
+    monkeypatch.setattr(blocks, "bmatmul", _emulated_bmatmul)  # bmatmul_many's products too
     want = _all_logits(path, config, JAX)
     monkeypatch.undo()
     jax.clear_caches()
