@@ -7,11 +7,14 @@ No networking here; the pipeline calls these public functions:
   tensors read lazily through ``read_range(file_name, offset, length) -> bytes``.
 - ``load_partition(source, config, PartitionSpec(start, end, has_embedding, has_head),
   dtype=None, max_context=4096, prefill_chunk=512, attn_block=None, weights="native",
-  kv_dtype=None) -> Partition``: reads only that partition's tensors, stored as the file stores them (no
+  kv_dtype=None, block_kernel=None) -> Partition``: reads only that partition's tensors, stored as the file stores them (no
   host transposes). ``weights="int8"`` quantizes every matrix (embedding and head
   included) per output row as it loads: 0.25x the f32 bytes, the same
   decode speed on CPU at batch 1, 1.28x at 8 slots (quant.py); ``partition.weights``
-  says which. ``split_layers(num_layers, k)`` gives k contiguous specs.
+  says which. On CPU a GGUF's block-format matrices (Q4_K, Q8_0, ...) stay as the file
+  holds them and decode through ggml's kernels (blocks.py, ggml.py);
+  ``block_kernel="dequantize"`` loads them as compute-dtype arrays instead, as on GPU.
+  ``split_layers(num_layers, k)`` gives k contiguous specs.
 - New sessions: ``cache = partition.new_cache(slots)``; a cache holds ``slots`` sessions,
   each session owns one slot index. Per layer the cache is head-major
   ``[slots, kv_heads, length, head_dim]`` in ``partition.kv_dtype`` (kv_dtype None or
