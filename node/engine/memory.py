@@ -124,7 +124,8 @@ def _matrix_shapes(config: ModelConfig, spec: PartitionSpec) -> list[tuple[int, 
 
 
 def _named_matrices(config: ModelConfig, spec: PartitionSpec) -> list[tuple[str, int, int]]:
-    """(checkpoint name, rows, cols) of the dense matrices a partition reads (experts aside)."""
+    """(checkpoint name, rows, cols) of the matrices a partition reads (a GGUF's stacked
+    experts under their stacked tensor's name)."""
     H, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     Q, KV = config.q_size, config.kv_size
     out: list[tuple[str, int, int]] = []
@@ -135,7 +136,11 @@ def _named_matrices(config: ModelConfig, spec: PartitionSpec) -> list[tuple[str,
         else:
             out += [(p + f"self_attn.{x}_proj.weight", r, H) for x, r in (("q", Q), ("k", KV), ("v", KV))]
         out.append((p + "self_attn.o_proj.weight", H, Q))
-        if not config.is_sparse(i):
+        if config.is_sparse(i):  # stacked experts, as one [E * rows, cols] matrix each
+            E, FE = config.num_experts, config.moe_intermediate_size
+            out += [(p + "mlp.experts.gate_proj", E * FE, H), (p + "mlp.experts.up_proj", E * FE, H),
+                    (p + "mlp.experts.down_proj", E * H, FE)]
+        else:
             if not config.fused:
                 out += [(p + "mlp.gate_proj.weight", F, H), (p + "mlp.up_proj.weight", F, H)]
             out.append((p + "mlp.down_proj.weight", H, F))

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from node.engine.blocks import BlockMatrix, bmatmul, bmatmul_many
 from node.engine.quant import QuantMatrix, quantize_host
 
 # Columns per block in the block form: of 8, 16, 32 and 64, 16 was fastest for 128- and
@@ -46,9 +47,10 @@ from node.engine.quant import QuantMatrix, quantize_host
 BLOCK = 16
 
 
-# Stacked experts: float, or int8; GGUF blocks are dequantized at load (blocks.py keeps
-# only dense matrices).
-Experts = jax.Array | QuantMatrix
+# Stacked experts: float, int8, or a GGUF's blocks [E, rows, row_bytes] (blocks.py).
+Dense = jax.Array | QuantMatrix
+Experts = Dense | BlockMatrix
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -72,22 +74,14 @@ def route(router: jax.Array, x: jax.Array, k: int, norm_topk_prob: bool) -> tupl
     return idx.astype(jnp.int32), top.astype(x.dtype)
 
 
-def _take(w: Experts, ids: jax.Array) -> Experts:
-    """Experts `ids` [n] of a stacked matrix: [n, rows, cols] (int8 stays int8)."""
-    if isinstance(w, QuantMatrix):
-        return QuantMatrix(jnp.take(w.q, ids, axis=0), jnp.take(w.scale, ids, axis=0),
-                           w.compute_dtype, w.kernel)
-    return jnp.take(w, ids, axis=0)
-
-
-def _one(w: Experts, e: jax.Array) -> Experts:
+def _one(w: Dense, e: jax.Array) -> Dense:
     """Expert e of a stacked matrix: [rows, cols]."""
     if isinstance(w, QuantMatrix):
         return QuantMatrix(w.q[e], w.scale[e], w.compute_dtype, w.kernel)
     return w[e]
 
 
-def _bmm(w: Experts, x: jax.Array) -> jax.Array:
+def _bmm(w: Dense, x: jax.Array) -> jax.Array:
     """Batched w [n, out, in] @ x [n, in, c] -> [n, out, c] in x's dtype."""
     dn = (((2,), (1,)), ((0,), (0,)))
     if not isinstance(w, QuantMatrix):
@@ -99,16 +93,27 @@ def _bmm(w: Experts, x: jax.Array) -> jax.Array:
     return (acc * w.scale[:, :, None]).astype(x.dtype)
 
 
-def _expand(w: Experts) -> Experts:
+def _expand(w: Dense) -> Dense:
     if isinstance(w, QuantMatrix):
         return QuantMatrix(w.q[None], w.scale[None], w.compute_dtype, w.kernel)
     return w[None]
 
 
-def _swiglu(moe: MoEParams, x: jax.Array, bmm: Callable[[Experts, jax.Array], jax.Array],
-            pick: Callable[[Experts], Experts]) -> jax.Array:
-    g, u = bmm(pick(moe.wg), x), bmm(pick(moe.wu), x)
-    return bmm(pick(moe.wd), jax.nn.silu(g) * u)
+def _expert(moe: MoEParams, e: jax.Array, x: jax.Array) -> jax.Array:
+    """Expert e's SwiGLU on x [H, c] -> [H, c]. GGUF blocks take ggml's products (gate and
+    up in one call); the others a batched product of one."""
+    if isinstance(moe.wg, BlockMatrix) and isinstance(moe.wu, BlockMatrix) and isinstance(moe.wd, BlockMatrix):
+        g, u = bmatmul_many([_one_block(moe.wg, e), _one_block(moe.wu, e)], x)
+        return bmatmul(_one_block(moe.wd, e), jax.nn.silu(g) * u)
+    assert not isinstance(moe.wg, BlockMatrix) and not isinstance(moe.wu, BlockMatrix)
+    assert not isinstance(moe.wd, BlockMatrix)
+    g = _bmm(_expand(_one(moe.wg, e)), x[None])
+    u = _bmm(_expand(_one(moe.wu, e)), x[None])
+    return _bmm(_expand(_one(moe.wd, e)), jax.nn.silu(g) * u)[0]
+
+
+def _one_block(w: BlockMatrix, e: jax.Array) -> BlockMatrix:
+    return BlockMatrix(w.data[e], w.block_type, w.cols, w.compute_dtype, w.kernel)
 
 
 def experts_blocks(moe: MoEParams, x: jax.Array, idx: jax.Array, w: jax.Array,
@@ -143,7 +148,7 @@ def experts_blocks(moe: MoEParams, x: jax.Array, idx: jax.Array, w: jax.Array,
     def body(j: jax.Array, out: jax.Array) -> jax.Array:
         e = block_expert[j]
         xb = jax.lax.dynamic_slice_in_dim(xl, j * block, block, axis=1)
-        yb = _swiglu(moe, xb[None], _bmm, lambda m: _expand(_one(m, e)))[0]
+        yb = _expert(moe, e, xb)
         return jax.lax.dynamic_update_slice_in_dim(out, yb, j * block, axis=1)
 
     yl = jax.lax.fori_loop(0, used, body, jnp.zeros((H, width), x.dtype))
@@ -164,7 +169,7 @@ def experts_loop(moe: MoEParams, x: jax.Array, idx: jax.Array, w: jax.Array) -> 
 
     def body(i: jax.Array, out: jax.Array) -> jax.Array:
         e = ids[i]
-        y = _swiglu(moe, x[None], _bmm, lambda m: _expand(_one(m, e)))[0]
+        y = _expert(moe, e, x)
         return out + y * coef[e][None, :]
 
     return jax.lax.fori_loop(0, jnp.sum(chosen), body, jnp.zeros_like(x))
@@ -214,16 +219,21 @@ def load_moe(
     shapes: tuple[int, int, int],
     put: Callable[[np.ndarray], jax.Array],
     quantize: Callable[[np.ndarray], QuantMatrix] | None,
+    blocks: Callable[[str, tuple[int, int, int]], BlockMatrix | None] | None = None,
 ) -> MoEParams:
     """Read one sparse layer's MLP (prefix "model.layers.N.mlp."): the router, and each
     expert matrix stacked [E, rows, cols] from the stacked tensor when the checkpoint has
     it, else from the per-expert ones (stacked on the host: one stacked matrix at a time).
     `read(name, shape)` returns the host array, `put` moves one to the device in the
-    compute dtype, `quantize` (int8 weights) quantizes it per expert and row instead."""
+    compute dtype, `quantize` (int8 weights) quantizes it per expert and row instead,
+    `blocks(name, shape)` keeps a stacked GGUF tensor's blocks (None: not kept)."""
     E, H, F = shapes
 
     def matrix(proj: str, rows: int, cols: int) -> Experts:
         stacked = prefix + f"experts.{proj}"
+        kept = blocks(stacked, (E, rows, cols)) if blocks is not None and has(stacked) else None
+        if kept is not None:
+            return kept
         if has(stacked):
             host = read(stacked, (E, rows, cols))
         else:

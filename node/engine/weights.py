@@ -369,21 +369,23 @@ class WeightSource:
         return np.frombuffer(self.read_range(info.file, info.offset, info.length), np.uint8)
 
     def read_blocks(self, name: str, expected_shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
-        """A GGUF matrix as its block bytes, uint8 [rows, row_bytes], and its block type;
+        """A GGUF matrix as its block bytes, uint8 [rows, row_bytes] (stacked experts
+        [E, rows, row_bytes]), and its block type;
         None when the tensor is not one the engine keeps as blocks (not from a GGUF, not a
         block type, rows not whole blocks, or values to restore): read() then decodes it.
         Q/K rows llama.cpp permuted are unpermuted as whole rows of blocks."""
         info = self.index.get(name)
         if info is None or name not in self.gguf_names or info.dtype not in BLOCK_TYPES:
             return None
-        if len(expected_shape) != 2 or info.shape != expected_shape:
+        if len(expected_shape) not in (2, 3) or info.shape != expected_shape:
             return None
         t = BLOCK_TYPES[info.dtype]
-        rows, cols = expected_shape
+        cols = expected_shape[-1]
+        rows = int(np.prod(expected_shape[:-1]))
         how = self.restore.get(name)
         if cols % t.block_size or info.length != rows * t.row_bytes(cols) or (how is not None and how.offset):
             return None
-        data = self._raw(info).reshape(rows, t.row_bytes(cols))
+        data = self._raw(info).reshape(*expected_shape[:-1], t.row_bytes(cols))
         if how is not None and how.heads is not None:
             data = unpermute(data, how.heads)
         self.tensors_read.append(name)
@@ -537,13 +539,18 @@ def load_params(
         fused = source.read(name, (sum(parts), H))
         return [device(fused[a:b]) for a, b in bounds]
 
+    def stacked_blocks(name: str, shape: tuple[int, int, int]) -> BlockMatrix | None:
+        found = source.read_blocks(name, shape)
+        return None if found is None else kept(*found, shape[2])
+
     def sparse_mlp(i: int) -> MoEParams:
-        kernel = default_kernel()
+        int8_kernel = default_kernel()
         return load_moe(
             source.read, lambda name: name in source.index, f"model.layers.{i}.mlp.",
             (config.num_experts, H, config.moe_intermediate_size),
             lambda host: _put(host, target),
-            (lambda host: quantize_experts(host, dtype, kernel)) if int8 else None,
+            (lambda host: quantize_experts(host, dtype, int8_kernel)) if int8 else None,
+            stacked_blocks if keep_blocks else None,
         )
 
     def layer(i: int) -> LayerParams:

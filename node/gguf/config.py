@@ -45,7 +45,7 @@ ARCHITECTURES = {
 _MODEL_TYPES = {"qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
 _MEAN_POOLING = 1  # llama.cpp's pooling_type: 0 none, 1 mean, 2 cls, 3 last
 # The tensor types the engine dequantizes (node/engine/gguf.py).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _MAX_INT = 2**31 - 1  # sizes and counts become int32 shapes and indices in the engine
 
 

@@ -72,7 +72,7 @@ def sidecar_files(header: GGUFHeader, read: Callable[[int, int], bytes]) -> dict
     types = {}
     for t in header.tensors:
         name = hf_name(t.name, header.architecture)
-        if name is not None and len(t.shape) == 2 and t.dtype != "F32":
+        if name is not None and len(t.shape) in (2, 3) and t.dtype != "F32":
             types[name] = t.dtype
     if types:
         config["gguf_matrix_types"] = types

@@ -237,3 +237,27 @@ def test_a_model_in_blocks_answers_as_ggml_arithmetic_says(tiny_dirs: dict[str, 
     assert kept and all(w.block_type == qtype for w in kept)
     matrices = sum(int(np.prod(w.shape)) for w in kept)
     assert sum(w.nbytes for w in kept) == matrices // BLOCK_TYPES[qtype].block_size * BLOCK_TYPES[qtype].type_bytes
+
+
+def test_a_mixture_of_experts_keeps_its_experts_as_blocks(tmp_path: Path) -> None:
+    """Qwen3-MoE's stacked experts [E, F, H] stay blocks; decoded in JAX they give the
+    dequantized model's logits, through ggml's products close to them."""
+    from node.engine import load_config
+    from node.gguf.sidecar import write_sidecars
+    from tests.helpers.tiny_archs import make_tiny_arch
+
+    path = write_gguf(make_tiny_arch("qwen3moe", tmp_path / "hf"), tmp_path / "m.gguf", qtype="Q8_0")
+    config = load_config(write_sidecars(path, tmp_path / "side"))
+    assert any(name.endswith("mlp.experts.gate_proj") for name, _ in config.matrix_types)
+    want = _all_logits(path, config, "dequantize")
+    np.testing.assert_allclose(_all_logits(path, config, JAX), want, rtol=0, atol=1e-4)
+    got = _all_logits(path, config, GGML)
+    assert 0 < np.abs(got - want).max() < 0.1 * np.ptp(want)
+    part = load_partition(WeightSource.from_gguf(path), config, PartitionSpec.whole(config), max_context=64,
+                          prefill_chunk=16, block_kernel=GGML)
+    moe = next(layer.moe for layer in part.params.layers if layer.moe is not None)
+    assert isinstance(moe.wg, BlockMatrix) and moe.wg.shape == (config.num_experts, config.moe_intermediate_size,
+                                                                 config.hidden_size)
+    from node.engine.memory import partition_weight_bytes
+
+    assert partition_weight_bytes(config, PartitionSpec.whole(config), "float32") == part.params.nbytes
