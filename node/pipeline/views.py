@@ -9,6 +9,7 @@ what only it knows: a model being recovered right now. ``models_view`` is pure.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +74,7 @@ def models_view(members: Mapping[str, Mapping[str, Any]], local: Mapping[str, Mo
             "size": sum(_count(e, "memory") or 0 for _, e in plan), "size_vram": 0,
             "expires_at": _iso(max(expires, default=now)),
             "details": {"family": family, "parameter_size": "",
-                        "quantization_level": "int8" if weights == "int8" else str(m.dtype if m else "")},
+                        "quantization_level": _quantization(weights, m)},
             "context_length": _count(head, "context", 1 << 24) or (m.max_context if m else 0),
             "weights": weights, "sessions": _count(head, "sessions", 1 << 16) or 0,
             "epoch": m.epoch if m is not None and m.plan.stages else _count(head, "epoch", 1 << 62) or 0,
@@ -82,6 +83,17 @@ def models_view(members: Mapping[str, Mapping[str, Any]], local: Mapping[str, Mo
                       "memory": _count(e, "memory") or 0} for nid, e in plan],
         })
     return out
+
+
+def _quantization(weights: str, m: Model | None) -> str:
+    """int8, else a GGUF's commonest matrix type (its blocks are what the nodes hold, on CPU),
+    else the compute dtype."""
+    if weights == "int8":
+        return "int8"
+    if m is None:
+        return ""
+    types = Counter(t for _, t in getattr(m.config, "matrix_types", ()))  # BERT's config has none
+    return types.most_common(1)[0][0] if types else str(m.dtype)
 
 
 def _complete(by_epoch: Mapping[int, list[tuple[str, Mapping[str, Any]]]],

@@ -45,3 +45,18 @@ def test_bad_entries_and_leaving_nodes_are_skipped() -> None:
     gone = members((A, "n0", [serving(0, 6)]))
     gone[A]["state"] = "leaving"
     assert models_view(gone, {}, now=0.0) == []
+
+
+def test_quantization_level_is_the_gguf_blocks_the_nodes_hold() -> None:
+    from types import SimpleNamespace
+
+    from node.pipeline.views import _quantization
+
+    gguf = SimpleNamespace(config=SimpleNamespace(matrix_types=(("a", "Q4_K"), ("b", "Q6_K"), ("c", "Q4_K"))),
+                           dtype="float32")
+    assert _quantization("native", gguf) == "Q4_K"  # type: ignore[arg-type]
+    assert _quantization("int8", gguf) == "int8"  # type: ignore[arg-type]
+    plain = SimpleNamespace(config=SimpleNamespace(matrix_types=()), dtype="bfloat16")
+    assert _quantization("native", plain) == "bfloat16"  # type: ignore[arg-type]
+    assert _quantization("native", SimpleNamespace(config=object(), dtype="float32")) == "float32"  # type: ignore[arg-type]
+    assert _quantization("native", None) == ""
