@@ -6,17 +6,20 @@ block a few scales and packed integers (ggml's layout, which the file stores). A
 ``BlockMatrix`` keeps those bytes on the device, so a Q4_K_M model holds ~0.56-0.6 bytes
 per parameter instead of 4 (float32) or 1 (int8).
 
-Two kernels, chosen per matrix when the weights are loaded (``default_kernel``):
+Blocks are kept on CPU (weights.load_params); other backends dequantize at load. Two
+kernels, chosen when the weights are loaded (``default_kernel``; "dequantize" asks for
+no blocks at all):
 
-- "ggml" (CPU, when ggml.py can load the kernels): at decode widths (up to
+- "ggml" (when ggml.py can load the kernels): at decode widths (up to
   ``GGML_MAX_COLUMNS`` columns) an XLA FFI call into ggml's own dot kernels
   (kernels/ggml_ffi.cc): each activation row is quantized once to the type's dot type
-  (Q8_0/Q8_1/Q8_K), as llama.cpp does. Wider (prefill chunks): ggml dequantizes the
+  (Q8_0/Q8_1/Q8_K), as llama.cpp does; ``bmatmul_many`` does q/k/v (or gate/up) in one
+  call, the activations quantized once. Wider (prefill chunks): ggml dequantizes the
   matrix to float32, then XLA's GEMM.
-- "jax" (no kernels, or another backend): the blocks are dequantized inside the step by
-  the pure-JAX decoders below (the ``gguf`` package's numpy reference, in jnp), then
-  the product in the compute dtype. The same values as "ggml"'s wide path; slower at
-  decode (XLA CPU writes the float32 matrix first).
+- "jax" (the kernels cannot load): the blocks are dequantized inside the step by the
+  pure-JAX decoders below (the ``gguf`` package's numpy reference, in jnp), then the
+  product in the compute dtype. The same values as "ggml"'s wide path; ~10x slower than
+  float32 weights at decode (XLA CPU writes the float32 matrix first).
 
 At prefill, the dequantized matrix waits for the layer's input (an optimization
 barrier ties them), so XLA cannot hoist every layer's float32 copy to the start of the
@@ -35,8 +38,8 @@ import numpy as np
 
 from node.engine.ggml import DEQUANTIZE_TARGET, MATMUL_MANY_TARGET, MATMUL_TARGET, unavailable
 
-__all__ = ["BLOCK_KERNELS", "BLOCK_TYPES", "DEQUANTIZE", "GGML", "JAX", "BlockMatrix", "BlockType", "block_bytes", "bmatmul", "bmatmul_many",
-           "check_kernel", "default_kernel", "dequantize", "take_rows"]
+__all__ = ["BLOCK_KERNELS", "BLOCK_TYPES", "DEQUANTIZE", "GGML", "JAX", "BlockMatrix", "BlockType", "bmatmul",
+           "bmatmul_many", "check_kernel", "decode_blocks", "default_kernel", "dequantize", "take_rows"]
 
 GGML, JAX, DEQUANTIZE = "ggml", "jax", "dequantize"
 BLOCK_KERNELS = (GGML, JAX, DEQUANTIZE)  # DEQUANTIZE: no blocks kept (load_params)
@@ -63,11 +66,6 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q4_K", 12, 256, 144), BlockType("Q5_K", 13, 256, 176),
     BlockType("Q6_K", 14, 256, 210),
 )}
-
-
-def block_bytes(block_type: str, rows: int, cols: int) -> int:
-    """Bytes of a [rows, cols] matrix in a block type."""
-    return rows * BLOCK_TYPES[block_type].row_bytes(cols)
 
 
 def check_kernel(kernel: str) -> str:
