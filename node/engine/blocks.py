@@ -45,6 +45,8 @@ GGML, JAX, DEQUANTIZE = "ggml", "jax", "dequantize"
 BLOCK_KERNELS = (GGML, JAX, DEQUANTIZE)  # DEQUANTIZE: no blocks kept (load_params)
 # Columns up to which a product calls ggml's dot kernels; wider ones dequantize and GEMM.
 GGML_MAX_COLUMNS = 16
+# Threads a ggml call may use: 0 is XLA's intra-op pool (this machine's cores).
+GGML_THREADS = 0
 _DN = (((1,), (0,)), ((), ()))
 
 
@@ -217,7 +219,7 @@ def _ggml_call(target: str, out: Any) -> Callable[..., Any]:
 def _ggml_dequantize(data: jax.Array, t: BlockType, cols: int) -> jax.Array:
     rows = int(np.prod(data.shape[:-1], dtype=np.int64))
     out = _ggml_call(DEQUANTIZE_TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32))(
-        data.reshape(rows, -1), ggml_type=np.int32(t.ggml_id), threads=np.int32(0))
+        data.reshape(rows, -1), ggml_type=np.int32(t.ggml_id), threads=np.int32(GGML_THREADS))
     return out.reshape(*data.shape[:-1], cols)
 
 
@@ -244,7 +246,7 @@ def bmatmul(w: BlockMatrix, x: jax.Array, out_dtype: Any = None) -> jax.Array:
     if w.kernel == GGML and m <= GGML_MAX_COLUMNS and w.data.ndim == 2:
         y = _ggml_call(MATMUL_TARGET, jax.ShapeDtypeStruct((m, w.data.shape[0]), jnp.float32))(
             w.data, x.T.astype(jnp.float32), ggml_type=np.int32(BLOCK_TYPES[w.block_type].ggml_id),
-            threads=np.int32(0))
+            threads=np.int32(GGML_THREADS))
         return y.T.astype(out_dtype)
     # The float32 matrix may only be computed once x is (see the module docstring).
     data, x = jax.lax.optimization_barrier((w.data, x))
@@ -261,5 +263,5 @@ def bmatmul_many(ws: list[BlockMatrix], x: jax.Array, out_dtype: Any = None) -> 
         return [bmatmul(w, x, out_dtype) for w in ws]
     outs = _ggml_call(MATMUL_MANY_TARGET, [jax.ShapeDtypeStruct((m, w.data.shape[0]), jnp.float32) for w in ws])(
         x.T.astype(jnp.float32), *(w.data for w in ws),
-        ggml_types=np.array([BLOCK_TYPES[w.block_type].ggml_id for w in ws], np.int32), threads=np.int32(0))
+        ggml_types=np.array([BLOCK_TYPES[w.block_type].ggml_id for w in ws], np.int32), threads=np.int32(GGML_THREADS))
     return [y.T.astype(out_dtype or x.dtype) for y in outs]
