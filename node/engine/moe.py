@@ -219,7 +219,7 @@ def load_moe(
     shapes: tuple[int, int, int],
     put: Callable[[np.ndarray], jax.Array],
     quantize: Callable[[np.ndarray], QuantMatrix] | None,
-    blocks: Callable[[str, tuple[int, int, int]], BlockMatrix | None] | None = None,
+    blocks: Callable[[str, tuple[int, ...]], BlockMatrix | None] | None = None,
 ) -> MoEParams:
     """Read one sparse layer's MLP (prefix "model.layers.N.mlp."): the router, and each
     expert matrix stacked [E, rows, cols] from the stacked tensor when the checkpoint has

@@ -369,11 +369,10 @@ class WeightSource:
         return np.frombuffer(self.read_range(info.file, info.offset, info.length), np.uint8)
 
     def read_blocks(self, name: str, expected_shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
-        """A GGUF matrix as its block bytes, uint8 [rows, row_bytes] (stacked experts
-        [E, rows, row_bytes]), and its block type;
-        None when the tensor is not one the engine keeps as blocks (not from a GGUF, not a
-        block type, rows not whole blocks, or values to restore): read() then decodes it.
-        Q/K rows llama.cpp permuted are unpermuted as whole rows of blocks."""
+        """A GGUF matrix's block bytes, uint8 [rows, row_bytes] ([E, rows, row_bytes] for
+        stacked experts), and its block type; None when the engine does not keep it as
+        blocks (not a GGUF block type, rows not whole blocks, values to restore): read()
+        then decodes it. Q/K rows llama.cpp permuted are unpermuted as whole block rows."""
         info = self.index.get(name)
         if info is None or name not in self.gguf_names or info.dtype not in BLOCK_TYPES:
             return None
@@ -519,13 +518,17 @@ def load_params(
             return (arr if arr.dtype == target else arr.astype(target)).block_until_ready()
         return jax.block_until_ready(quantize_host(host, dtype, default_kernel()))
 
-    def kept(data: np.ndarray, block_type: str, cols: int) -> BlockMatrix:
-        return BlockMatrix(jnp.asarray(data).block_until_ready(), block_type, cols, dtype, kernel)
+    def blocks_of(name: str, shape: tuple[int, ...]) -> BlockMatrix | None:
+        """The GGUF tensor's blocks, kept as they are (None: not kept; read() gives values)."""
+        found = source.read_blocks(name, shape) if keep_blocks else None
+        if found is None:
+            return None
+        return BlockMatrix(jnp.asarray(found[0]).block_until_ready(), found[1], shape[-1], dtype, kernel)
 
     def mat(name: str, shape: tuple[int, ...]) -> Weight:
-        found = source.read_blocks(name, shape) if keep_blocks else None
-        if found is not None:
-            return kept(*found, shape[1])
+        kept = blocks_of(name, shape)
+        if kept is not None:
+            return kept
         if not int8:
             return get(name, shape)
         return device(source.read(name, shape))
@@ -533,15 +536,11 @@ def load_params(
     def rows_of(name: str, parts: tuple[int, ...]) -> list[Weight]:
         """A fused matrix (Phi-3's qkv_proj, gate_up_proj) split by rows into `parts`."""
         bounds = list(itertools.pairwise(np.cumsum((0, *parts))))
-        found = source.read_blocks(name, (sum(parts), H)) if keep_blocks else None
-        if found is not None:
-            return [kept(found[0][a:b], found[1], H) for a, b in bounds]
+        kept = blocks_of(name, (sum(parts), H))
+        if kept is not None:
+            return [BlockMatrix(kept.data[a:b], kept.block_type, H, dtype, kernel) for a, b in bounds]
         fused = source.read(name, (sum(parts), H))
         return [device(fused[a:b]) for a, b in bounds]
-
-    def stacked_blocks(name: str, shape: tuple[int, int, int]) -> BlockMatrix | None:
-        found = source.read_blocks(name, shape)
-        return None if found is None else kept(*found, shape[2])
 
     def sparse_mlp(i: int) -> MoEParams:
         int8_kernel = default_kernel()
@@ -550,7 +549,7 @@ def load_params(
             (config.num_experts, H, config.moe_intermediate_size),
             lambda host: _put(host, target),
             (lambda host: quantize_experts(host, dtype, int8_kernel)) if int8 else None,
-            stacked_blocks if keep_blocks else None,
+            blocks_of,
         )
 
     def layer(i: int) -> LayerParams:

@@ -98,8 +98,12 @@ def _quantization(weights: str, m: Model | None) -> str:
 
 def _complete(by_epoch: Mapping[int, list[tuple[str, Mapping[str, Any]]]],
               m: Model | None) -> list[tuple[str, Mapping[str, Any]]] | None:
-    """The newest epoch whose stages tile the model's layers, in layer order."""
+    """The newest epoch whose stages tile the model's layers, in layer order; on the node
+    that drives the model, none older than its own plan (a dead member's record outlives
+    it by the record TTL, and its epoch still tiles: ps would show the plan it left)."""
     for epoch in sorted(by_epoch, reverse=True):
+        if m is not None and m.plan.stages and epoch < m.epoch:
+            break
         chain = sorted(by_epoch[epoch], key=lambda x: int(x[1]["start"]))
         layers = _count(chain[-1][1], "layers") or (m.config.num_layers if m is not None else None)
         at = 0

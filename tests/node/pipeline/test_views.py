@@ -60,3 +60,18 @@ def test_quantization_level_is_the_gguf_blocks_the_nodes_hold() -> None:
     assert _quantization("native", plain) == "bfloat16"  # type: ignore[arg-type]
     assert _quantization("native", SimpleNamespace(config=object(), dtype="float32")) == "float32"  # type: ignore[arg-type]
     assert _quantization("native", None) == ""
+
+
+def test_the_driving_node_shows_its_own_plan_not_an_older_epoch_that_still_tiles() -> None:
+    """A dead member's record stays in the directory for the record TTL, and its epoch still
+    tiles the layers: the node that re-planned shows its own, newer plan."""
+    from types import SimpleNamespace
+
+    from node.pipeline.views import _complete
+
+    old = {7: [(A, serving(0, 2)), (B, serving(2, 6))]}
+    driver = SimpleNamespace(plan=SimpleNamespace(stages=[object()]), epoch=8, config=SimpleNamespace(num_layers=6))
+    assert _complete(old, driver) is None  # type: ignore[arg-type]  (models_view then takes the driver's plan)
+    assert _complete(old, None) == old[7]  # another node: the newest complete epoch it sees
+    newer = {**old, 8: [(C, serving(0, 6, epoch=8))]}
+    assert _complete(newer, driver) == newer[8]  # type: ignore[arg-type]
