@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 __all__ = ["LEASE_TTL", "DriverError", "GenerationError", "LoadedModels", "Model", "ModelNotFound", "QueueFull"]
 
 log = structlog.get_logger("node.pipeline")
+# Pauses (s) before each read of the cluster's name records while a name is unknown here.
+NAME_RETRIES = (0.0, 0.5, 1.0)
 
 LOAD_TIMEOUT = 1800.0
 RECOVERY_TIMEOUT = 300.0
@@ -175,7 +177,13 @@ class LoadedModels:
 
     async def resolve(self, name: str) -> str:
         model_id = self.service.store.resolve(name)
-        if model_id is None:
+        # The cluster's name records, asked again after a pause when nothing answers: on a
+        # lossy link one DHT read can lose every answer (the netns chaos trial got a 404 for
+        # a model the cluster was serving).
+        for pause in NAME_RETRIES:
+            if model_id is not None:
+                break
+            await asyncio.sleep(pause)
             try:
                 model_id = await self.service.resolve_in_cluster(name)
             except ModelUnknown as exc:  # a name two models claim: say so
