@@ -29,7 +29,7 @@ them row by row like any matrix.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from node.engine.errors import WeightsError
 from protocol.gguf import GGUFError, GGUFHeader, hf_name, parse_gguf
 from protocol.safetensors import TensorInfo
 
-__all__ = ["DEQUANTIZED", "GGUF_MAGIC", "GGUFWeights", "Restore", "decode", "gguf_index", "restore", "unpermute"]
+__all__ = ["DEQUANTIZED", "GGUF_MAGIC", "GGUFWeights", "Restore", "check_matrix_types", "decode", "gguf_index", "restore", "unpermute"]
 
 GGUF_MAGIC = b"GGUF"
 _PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -97,6 +97,18 @@ def gguf_index(read_range: Callable[[str, int, int], bytes], file_name: str, siz
     except GGUFError as exc:
         raise WeightsError(str(exc)) from None
     return GGUFWeights(header)
+
+
+def check_matrix_types(claimed: Iterable[tuple[str, str]], index: Mapping[str, TensorInfo],
+                       from_gguf: Container[str]) -> None:
+    """The GGUF types config.json claims (gguf_matrix_types, what the memory figures were
+    planned from) against the file's own header: a member cannot make a plan count Q4
+    bytes for matrices the file holds at F16."""
+    for name, typ in claimed:
+        info = index.get(name)
+        if info is not None and name in from_gguf and info.dtype != typ:
+            raise WeightsError(f"config.json's gguf_matrix_types says {name} is {typ[:16]!r}; the file holds "
+                               f"{info.dtype}")
 
 
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -49,6 +49,7 @@ from node.engine.gguf import (
     GGUF_MAGIC,
     GGUFWeights,
     Restore,
+    check_matrix_types,
     decode,
     gguf_index,
     restore,
@@ -360,8 +361,7 @@ class WeightSource:
         return cls(read_range, list(files))
 
     def _raw(self, info: TensorInfo) -> np.ndarray:
-        """A tensor's bytes as uint8; into a 64-byte-aligned buffer when read_into is given
-        (JAX on CPU adopts such an array without a copy)."""
+        """A tensor's bytes as uint8, 64-byte aligned with read_into (JAX CPU adopts them)."""
         if self.read_into is not None:
             buf = _aligned_bytes(info.length)
             self.read_into(info.file, info.offset, memoryview(buf.data))
@@ -498,6 +498,7 @@ def load_params(
     weights="int8": every matrix (embedding, head, the layers' projections) is quantized
     on the host right after it is read (quant.py), from the file's dtype."""
     spec.validate(config)
+    check_matrix_types(config.matrix_types, source.index, source.gguf_names)
     int8 = check_weights(weights) != NATIVE
     if block_kernel is None:
         keep_blocks = not int8 and jax.default_backend() == "cpu"
@@ -518,8 +519,7 @@ def load_params(
             return (arr if arr.dtype == target else arr.astype(target)).block_until_ready()
         return jax.block_until_ready(quantize_host(host, dtype, default_kernel()))
 
-    def blocks_of(name: str, shape: tuple[int, ...]) -> BlockMatrix | None:
-        """The GGUF tensor's blocks, kept as they are (None: not kept; read() gives values)."""
+    def blocks_of(name: str, shape: tuple[int, ...]) -> BlockMatrix | None:  # None: read() it
         found = source.read_blocks(name, shape) if keep_blocks else None
         if found is None:
             return None

@@ -263,3 +263,21 @@ def test_a_mixture_of_experts_keeps_its_experts_as_blocks(tmp_path: Path) -> Non
     from node.engine.memory import partition_weight_bytes
 
     assert partition_weight_bytes(config, PartitionSpec.whole(config), "float32") == part.params.nbytes
+
+
+def test_a_config_that_lies_about_the_files_types_is_refused(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The memory figures are planned from config.json's gguf_matrix_types: a member's
+    sidecar claiming Q4_0 for matrices the file holds at Q8_0 is refused at load."""
+    import dataclasses
+
+    from node.engine import load_config
+    from node.engine.errors import WeightsError
+    from node.gguf.sidecar import write_sidecars
+
+    path = write_gguf(tiny_dirs["narrow"], tmp_path / "m.gguf", qtype="Q8_0")
+    config = load_config(write_sidecars(path, tmp_path / "side"))
+    assert config.matrix_types and all(t == "Q8_0" for _, t in config.matrix_types)
+    lying = dataclasses.replace(config, matrix_types=tuple((n, "Q4_0") for n, _ in config.matrix_types))
+    with pytest.raises(WeightsError, match=r"gguf_matrix_types says .* is 'Q4_0'; the file holds Q8_0"):
+        load_partition(WeightSource.from_gguf(path), lying, PartitionSpec.whole(lying), max_context=64,
+                       prefill_chunk=16)
